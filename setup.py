@@ -1,0 +1,27 @@
+from setuptools import setup
+
+with open("README.rst", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="zaichik",
+    version="0.1.0",
+    description="A small, fast pub/sub message broker on Twisted",
+    long_description=long_description,
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.10",
+    # twisted.plugins is a namespace shared with Twisted: it has no
+    # __init__.py here and must be listed by hand.
+    packages=["zaichik", "twisted.plugins"],
+    package_data={"twisted.plugins": ["zaichik_plugin.py"]},
+    install_requires=["Twisted>=23.8", "zope.interface>=5"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)

@@ -1,0 +1,642 @@
+"""
+The zaichik wire protocol, version 1: frames to bytes and back.
+
+This module is the only place that knows the byte layout of a frame (see
+``docs/protocol.rst`` and ``protocol-v1.md``).  It has no networking in it, so
+the broker, the client library, the tests and the benchmarks all share it.
+
+A frame on the wire is a 4-byte big-endian length, then the body.  The
+functions here deal in bodies; L{frame} adds the length prefix.
+
+Decoding a request body returns one of the request classes below or raises
+L{DecodeError}, which carries the error code and request id that the broker
+must answer with.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import List, Optional, Tuple, Union
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+MAX_TOPIC_LENGTH = 249
+
+
+class Opcode(IntEnum):
+    HELLO = 0x01
+    CREATE_TOPIC = 0x02
+    SUBSCRIBE = 0x03
+    UNSUBSCRIBE = 0x04
+    PUBLISH = 0x05
+    COMMIT = 0x06
+    CLOSE = 0x07
+    PING = 0x08
+    LIST_TOPICS = 0x09
+    PUBLISH_BATCH = 0x0A
+
+    OK = 0x80
+    ERROR = 0x81
+    MESSAGE = 0x82
+    PUBLISHED = 0x83
+    TOPICS = 0x84
+    PUBLISHED_BATCH = 0x85
+
+
+class ErrorCode(IntEnum):
+    BAD_FRAME = 1
+    UNKNOWN_OPCODE = 2
+    FRAME_TOO_LARGE = 3
+    BAD_TOPIC = 4
+    TOPIC_EXISTS = 5
+    NOT_SUBSCRIBED = 6
+    BAD_OFFSET = 7
+    UNSUPPORTED_VERSION = 8
+    NOT_AUTHORIZED = 9
+    ALREADY_SUBSCRIBED = 10
+    LIMIT = 11
+    PROTOCOL = 12
+    INTERNAL = 13
+
+
+class Start(IntEnum):
+    """Where a subscription begins."""
+
+    DEFAULT = 0
+    LATEST = 1
+    OFFSET = 2
+    EARLIEST = 3
+
+
+class DecodeError(Exception):
+    """
+    A body that cannot be decoded.
+
+    @ivar code: the L{ErrorCode} to answer with.
+    @ivar rid: the request id to answer with (0 when the body is too short
+        to hold one).
+    @ivar message: a human-readable explanation.
+    """
+
+    def __init__(self, code: ErrorCode, rid: int, message: str) -> None:
+        super().__init__(code, rid, message)
+        self.code = code
+        self.rid = rid
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+_TOPIC_RE = re.compile(rb"[A-Za-z0-9._/-]{1,%d}\Z" % MAX_TOPIC_LENGTH)
+
+
+def is_valid_topic(name: str) -> bool:
+    """
+    Is C{name} a legal topic name: 1 to 249 bytes of C{A-Z a-z 0-9 . _ - /}?
+    """
+    try:
+        raw = name.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return _TOPIC_RE.match(raw) is not None
+
+
+# --- primitive encoders ------------------------------------------------------
+
+_u8 = struct.Struct(">B")
+_u16 = struct.Struct(">H")
+_u32 = struct.Struct(">I")
+_u64 = struct.Struct(">Q")
+_op_rid = struct.Struct(">BI")
+_offset_dup = struct.Struct(">QB")
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise ValueError("string longer than 65535 bytes")
+    return _u16.pack(len(raw)) + raw
+
+
+def _key(value: Optional[bytes]) -> bytes:
+    if not value:
+        return b"\x00\x00"
+    if len(value) > 0xFFFF:
+        raise ValueError("key longer than 65535 bytes")
+    return _u16.pack(len(value)) + value
+
+
+def _blob(value: bytes) -> bytes:
+    return _u32.pack(len(value)) + value
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix C{body} with its 4-byte big-endian length."""
+    return _u32.pack(len(body)) + body
+
+
+# --- primitive decoder -------------------------------------------------------
+
+
+class _Reader:
+    """
+    Reads fields from a body, raising L{DecodeError} for BAD_FRAME on any
+    shortfall.  C{rid} is filled in as soon as it has been read so that errors
+    after it carry it.
+    """
+
+    __slots__ = ("data", "pos", "rid")
+
+    def __init__(self, data: bytes, pos: int = 1) -> None:
+        self.data = data
+        self.pos = pos
+        self.rid = 0
+
+    def fail(self, why: str) -> DecodeError:
+        return DecodeError(ErrorCode.BAD_FRAME, self.rid, why)
+
+    def _take(self, s: struct.Struct, what: str) -> int:
+        end = self.pos + s.size
+        if end > len(self.data):
+            raise self.fail(f"truncated {what}")
+        (value,) = s.unpack_from(self.data, self.pos)
+        self.pos = end
+        return value
+
+    def u8(self, what: str) -> int:
+        return self._take(_u8, what)
+
+    def u16(self, what: str) -> int:
+        return self._take(_u16, what)
+
+    def u32(self, what: str) -> int:
+        return self._take(_u32, what)
+
+    def u64(self, what: str) -> int:
+        return self._take(_u64, what)
+
+    def read_rid(self) -> int:
+        self.rid = self.u32("request id")
+        return self.rid
+
+    def raw(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise self.fail(f"truncated {what}")
+        value = self.data[self.pos : end]
+        self.pos = end
+        return value
+
+    def string(self, what: str) -> str:
+        raw = self.raw(self.u16(what + " length"), what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def key(self) -> Optional[bytes]:
+        n = self.u16("key length")
+        return self.raw(n, "key") if n else None
+
+    def blob(self, what: str) -> bytes:
+        return self.raw(self.u32(what + " length"), what)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise self.fail(f"{len(self.data) - self.pos} trailing bytes")
+
+
+# --- requests (client to broker) ---------------------------------------------
+
+
+@dataclass(slots=True)
+class Hello:
+    rid: int
+    client_id: str = ""
+    token: str = ""
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.HELLO, self.rid)
+            + _u16.pack(self.version)
+            + _string(self.client_id)
+            + _string(self.token)
+        )
+
+
+@dataclass(slots=True)
+class CreateTopic:
+    rid: int
+    topic: str
+    retention_ttl: int = 0
+    compaction_window: int = 0
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.CREATE_TOPIC, self.rid)
+            + _string(self.topic)
+            + _u64.pack(self.retention_ttl)
+            + _u64.pack(self.compaction_window)
+        )
+
+
+@dataclass(slots=True)
+class Subscribe:
+    rid: int
+    topic: str
+    start: Start = Start.DEFAULT
+    offset: int = 0
+    max_inflight: int = 0
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.SUBSCRIBE, self.rid)
+            + _string(self.topic)
+            + _u8.pack(self.start)
+            + _u64.pack(self.offset)
+            + _u32.pack(self.max_inflight)
+        )
+
+
+@dataclass(slots=True)
+class Unsubscribe:
+    rid: int
+    topic: str
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.UNSUBSCRIBE, self.rid) + _string(self.topic)
+
+
+@dataclass(slots=True)
+class Publish:
+    rid: int
+    topic: str
+    value: bytes
+    key: Optional[bytes] = None
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.PUBLISH, self.rid)
+            + _string(self.topic)
+            + _key(self.key)
+            + _blob(self.value)
+        )
+
+
+@dataclass(slots=True)
+class Commit:
+    rid: int
+    topic: str
+    offset: int
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.COMMIT, self.rid)
+            + _string(self.topic)
+            + _u64.pack(self.offset)
+        )
+
+
+@dataclass(slots=True)
+class Close:
+    rid: int
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.CLOSE, self.rid)
+
+
+@dataclass(slots=True)
+class Ping:
+    rid: int
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.PING, self.rid)
+
+
+@dataclass(slots=True)
+class ListTopics:
+    rid: int
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.LIST_TOPICS, self.rid)
+
+
+@dataclass(slots=True)
+class PublishBatch:
+    """
+    C{entries} is a list of C{(key, value)} pairs; a key of C{None} is no key.
+    """
+
+    rid: int
+    topic: str
+    entries: List[Tuple[Optional[bytes], bytes]]
+
+    def encode(self) -> bytes:
+        parts = [
+            _op_rid.pack(Opcode.PUBLISH_BATCH, self.rid),
+            _string(self.topic),
+            _u32.pack(len(self.entries)),
+        ]
+        for key, value in self.entries:
+            parts.append(_key(key))
+            parts.append(_blob(value))
+        return b"".join(parts)
+
+
+Request = Union[
+    Hello,
+    CreateTopic,
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    Commit,
+    Close,
+    Ping,
+    ListTopics,
+    PublishBatch,
+]
+
+
+def _decode_hello(r: _Reader) -> Hello:
+    rid = r.read_rid()
+    version = r.u16("version")
+    client_id = r.string("client_id")
+    token = r.string("token")
+    return Hello(rid, client_id, token, version)
+
+
+def _decode_create(r: _Reader) -> CreateTopic:
+    rid = r.read_rid()
+    return CreateTopic(rid, r.string("topic"), r.u64("retention_ttl"), r.u64("compaction_window"))
+
+
+def _decode_subscribe(r: _Reader) -> Subscribe:
+    rid = r.read_rid()
+    topic = r.string("topic")
+    start = r.u8("start")
+    offset = r.u64("offset")
+    max_inflight = r.u32("max_inflight")
+    if start > Start.EARLIEST:
+        raise r.fail(f"unknown start {start}")
+    return Subscribe(rid, topic, Start(start), offset, max_inflight)
+
+
+def _decode_unsubscribe(r: _Reader) -> Unsubscribe:
+    rid = r.read_rid()
+    return Unsubscribe(rid, r.string("topic"))
+
+
+def _decode_publish(r: _Reader) -> Publish:
+    rid = r.read_rid()
+    topic = r.string("topic")
+    key = r.key()
+    value = r.blob("value")
+    return Publish(rid, topic, value, key)
+
+
+def _decode_commit(r: _Reader) -> Commit:
+    rid = r.read_rid()
+    return Commit(rid, r.string("topic"), r.u64("offset"))
+
+
+def _decode_publish_batch(r: _Reader) -> PublishBatch:
+    rid = r.read_rid()
+    topic = r.string("topic")
+    count = r.u32("count")
+    if count == 0:
+        raise r.fail("a batch must hold at least one message")
+    # Each entry is at least 6 bytes: refuse an impossible count before
+    # looping over it, so a hostile count costs nothing.
+    if count * 6 > len(r.data) - r.pos:
+        raise r.fail(f"count {count} does not fit in the frame")
+    entries = []
+    for _ in range(count):
+        key = r.key()
+        entries.append((key, r.blob("value")))
+    return PublishBatch(rid, topic, entries)
+
+
+_REQUEST_DECODERS = {
+    Opcode.HELLO: _decode_hello,
+    Opcode.CREATE_TOPIC: _decode_create,
+    Opcode.SUBSCRIBE: _decode_subscribe,
+    Opcode.UNSUBSCRIBE: _decode_unsubscribe,
+    Opcode.PUBLISH: _decode_publish,
+    Opcode.COMMIT: _decode_commit,
+    Opcode.CLOSE: lambda r: Close(r.read_rid()),
+    Opcode.PING: lambda r: Ping(r.read_rid()),
+    Opcode.LIST_TOPICS: lambda r: ListTopics(r.read_rid()),
+    Opcode.PUBLISH_BATCH: _decode_publish_batch,
+}
+
+
+def _rid_or_zero(body: bytes) -> int:
+    return _u32.unpack_from(body, 1)[0] if len(body) >= 5 else 0
+
+
+def decode_request(body: bytes) -> Request:
+    """
+    Decode one client-to-broker frame body.
+
+    @raise DecodeError: BAD_FRAME for a body that does not parse,
+        UNKNOWN_OPCODE for an opcode that is not a request.  For an unknown
+        opcode the rid is read from bytes 1-4 when present, since every
+        request starts with one.
+    """
+    if not body:
+        raise DecodeError(ErrorCode.BAD_FRAME, 0, "empty frame")
+    decoder = _REQUEST_DECODERS.get(body[0])
+    if decoder is None:
+        raise DecodeError(
+            ErrorCode.UNKNOWN_OPCODE, _rid_or_zero(body), f"unknown opcode 0x{body[0]:02x}"
+        )
+    r = _Reader(body)
+    request = decoder(r)
+    r.end()
+    return request
+
+
+# --- replies (broker to client) ----------------------------------------------
+
+
+@dataclass(slots=True)
+class Ok:
+    rid: int
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.OK, self.rid)
+
+
+@dataclass(slots=True)
+class Error:
+    rid: int
+    code: int
+    message: str = ""
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.ERROR, self.rid) + _u16.pack(self.code) + _string(self.message)
+
+
+@dataclass(slots=True)
+class Message:
+    topic: str
+    offset: int
+    timestamp: int
+    value: bytes
+    key: Optional[bytes] = None
+
+    def encode(self) -> bytes:
+        return message_body(topic_prefix(self.topic), self.offset, self.timestamp, self.key, self.value)
+
+
+@dataclass(slots=True)
+class Published:
+    rid: int
+    offset: int
+    duplicate: bool = False
+
+    def encode(self) -> bytes:
+        return _op_rid.pack(Opcode.PUBLISHED, self.rid) + _offset_dup.pack(
+            self.offset, 1 if self.duplicate else 0
+        )
+
+
+@dataclass(slots=True)
+class TopicInfo:
+    name: str
+    retention_ttl: int
+    compaction_window: int
+    next_offset: int
+    retained: int
+    subscribers: int
+
+
+_topic_info_tail = struct.Struct(">QQQQI")
+
+
+@dataclass(slots=True)
+class Topics:
+    rid: int
+    topics: List[TopicInfo] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        parts = [_op_rid.pack(Opcode.TOPICS, self.rid), _u32.pack(len(self.topics))]
+        for t in self.topics:
+            parts.append(_string(t.name))
+            parts.append(
+                _topic_info_tail.pack(
+                    t.retention_ttl, t.compaction_window, t.next_offset, t.retained, t.subscribers
+                )
+            )
+        return b"".join(parts)
+
+
+@dataclass(slots=True)
+class PublishedBatch:
+    """C{results} is a list of C{(offset, duplicate)} pairs, in publish order."""
+
+    rid: int
+    results: List[Tuple[int, bool]] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        parts = [_op_rid.pack(Opcode.PUBLISHED_BATCH, self.rid), _u32.pack(len(self.results))]
+        pack = _offset_dup.pack
+        parts.extend(pack(offset, 1 if dup else 0) for offset, dup in self.results)
+        return b"".join(parts)
+
+
+Reply = Union[Ok, Error, Message, Published, Topics, PublishedBatch]
+
+
+def topic_prefix(topic: str) -> bytes:
+    """The MESSAGE opcode and topic string: the same for every message of a topic."""
+    return _u8.pack(Opcode.MESSAGE) + _string(topic)
+
+
+_message_fixed = struct.Struct(">QQ")
+
+
+def message_body(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:
+    """
+    Encode a MESSAGE body from a L{topic_prefix}.  The broker calls this once
+    per stored message and hands the same bytes to every subscriber.
+    """
+    return b"".join((prefix, _message_fixed.pack(offset, timestamp), _key(key), _blob(value)))
+
+
+def _decode_message(r: _Reader) -> Message:
+    topic = r.string("topic")
+    offset = r.u64("offset")
+    timestamp = r.u64("timestamp")
+    key = r.key()
+    value = r.blob("value")
+    return Message(topic, offset, timestamp, value, key)
+
+
+def _decode_error(r: _Reader) -> Error:
+    rid = r.read_rid()
+    return Error(rid, r.u16("code"), r.string("message"))
+
+
+def _decode_published(r: _Reader) -> Published:
+    rid = r.read_rid()
+    offset = r.u64("offset")
+    return Published(rid, offset, bool(r.u8("duplicate")))
+
+
+def _decode_topics(r: _Reader) -> Topics:
+    rid = r.read_rid()
+    count = r.u32("count")
+    topics = []
+    for _ in range(count):
+        name = r.string("topic")
+        topics.append(
+            TopicInfo(name, r.u64("retention_ttl"), r.u64("compaction_window"),
+                      r.u64("next_offset"), r.u64("retained"), r.u32("subscribers"))
+        )
+    return Topics(rid, topics)
+
+
+def _decode_published_batch(r: _Reader) -> PublishedBatch:
+    rid = r.read_rid()
+    count = r.u32("count")
+    if count * _offset_dup.size > len(r.data) - r.pos:
+        raise r.fail(f"count {count} does not fit in the frame")
+    results = []
+    for _ in range(count):
+        offset = r.u64("offset")
+        results.append((offset, bool(r.u8("duplicate"))))
+    return PublishedBatch(rid, results)
+
+
+_REPLY_DECODERS = {
+    Opcode.OK: lambda r: Ok(r.read_rid()),
+    Opcode.ERROR: _decode_error,
+    Opcode.MESSAGE: _decode_message,
+    Opcode.PUBLISHED: _decode_published,
+    Opcode.TOPICS: _decode_topics,
+    Opcode.PUBLISHED_BATCH: _decode_published_batch,
+}
+
+
+def decode_reply(body: bytes) -> Reply:
+    """
+    Decode one broker-to-client frame body.
+
+    @raise DecodeError: for a body that does not parse or an opcode that is
+        not a reply.
+    """
+    if not body:
+        raise DecodeError(ErrorCode.BAD_FRAME, 0, "empty frame")
+    decoder = _REPLY_DECODERS.get(body[0])
+    if decoder is None:
+        raise DecodeError(ErrorCode.UNKNOWN_OPCODE, 0, f"unknown opcode 0x{body[0]:02x}")
+    r = _Reader(body)
+    reply = decoder(r)
+    r.end()
+    return reply

@@ -1,0 +1,97 @@
+"""
+The network edge of the broker: one L{BrokerProtocol} per connection turns
+frames into requests for its L{Session} and replies back into frames.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from zaichik import codec
+from zaichik.codec import ErrorCode
+from zaichik.errors import ZaichikError
+from zaichik.service import BrokerService
+from zaichik.session import Session
+
+_log = Logger()
+
+
+class BrokerProtocol(Int32StringReceiver):
+    """
+    Frames in, frames out.  Requests are handled one at a time, in order: a
+    request whose answer is asynchronous (HELLO, when authentication is)
+    pauses reading until it is answered.
+    """
+
+    session: Session
+    _closing = False
+
+    def __init__(self, service: BrokerService, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.service = service
+        self.MAX_LENGTH = max_frame_size
+
+    def connectionMade(self) -> None:
+        self.session = Session(self.service, self._sendReply, self.transport.write, self._disconnect)
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+
+    def connectionLost(self, reason) -> None:
+        self._closing = True
+        self.session.end()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._closing:
+            super().dataReceived(data)
+
+    def stringReceived(self, body: bytes) -> None:
+        try:
+            request = codec.decode_request(body)
+        except codec.DecodeError as e:
+            self.session.fail(e.rid, ZaichikError(e.code, e.message))
+            return
+        waiting = self.session.handle(request)
+        if waiting is not None and not self._closing:
+            self.pauseProducing()
+            waiting.addBoth(self._answered)
+
+    def _answered(self, _) -> None:
+        if not self._closing:
+            self.resumeProducing()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.session.fail(
+            0,
+            ZaichikError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"frame of {length} bytes is over the limit of {self.MAX_LENGTH} bytes",
+            ),
+        )
+
+    def _sendReply(self, reply) -> None:
+        if not self._closing:
+            self.sendString(reply.encode())
+
+    def _disconnect(self) -> None:
+        """Stop reading requests; close once what is buffered is written."""
+        if not self._closing:
+            self._closing = True
+            self.paused = True  # the frame loop in dataReceived stops here
+            self.transport.loseConnection()
+
+
+class BrokerFactory(Factory):
+    """Builds a L{BrokerProtocol} for each connection to one L{BrokerService}."""
+
+    noisy = False
+
+    def __init__(self, service: BrokerService, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.service = service
+        self.max_frame_size = max_frame_size
+
+    def buildProtocol(self, addr) -> BrokerProtocol:
+        protocol = BrokerProtocol(self.service, self.max_frame_size)
+        protocol.factory = self
+        return protocol

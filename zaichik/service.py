@@ -1,0 +1,144 @@
+"""
+The broker service: owns the topics, the durable client positions, and the
+retention sweep.  Connections (see L{zaichik.session}) call into it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from zaichik.auth import AllowAll, IAuthenticator
+from zaichik.codec import ErrorCode, TopicInfo
+from zaichik.errors import ZaichikError
+from zaichik.storage import IStorage, MemoryStorage
+from zaichik.topic import Topic
+
+_log = Logger()
+
+
+class BrokerService(Service):
+    """
+    @ivar topics: the topics by name.
+    @ivar sweep_interval: seconds between retention sweeps.  Reads expire
+        lazily as well, so this only bounds how long expired messages hold
+        memory, not what subscribers see.
+    """
+
+    name = "zaichik-broker"
+
+    def __init__(
+        self,
+        storage: Optional[IStorage] = None,
+        authenticator: Optional[IAuthenticator] = None,
+        clock=None,
+        default_retention: int = 0,
+        default_compaction_window: int = 0,
+        max_retained_bytes: int = 0,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.storage = IStorage(storage if storage is not None else MemoryStorage())
+        self.authenticator = IAuthenticator(authenticator if authenticator is not None else AllowAll())
+        self.default_retention = default_retention
+        self.default_compaction_window = default_compaction_window
+        self.max_retained_bytes = max_retained_bytes
+        self.sweep_interval = sweep_interval
+        self.topics: Dict[str, Topic] = {}
+        self._durable_sessions: Dict[str, object] = {}
+        self._sweeper: Optional[LoopingCall] = None
+        for name, retention, window, next_offset in self.storage.topics():
+            self._open(name, retention, window, next_offset)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(self.sweep_interval, now=False)
+
+    def stopService(self):
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+        return super().stopService()
+
+    def sweep(self) -> int:
+        """
+        Expire retained messages on every topic.  Never raises: an error in
+        one topic is logged and the others are still swept, and the
+        LoopingCall that runs this keeps running.
+        """
+        expired = 0
+        for topic in list(self.topics.values()):
+            try:
+                expired += topic.expire()
+            except Exception:
+                _log.failure("Retention sweep failed on {topic}", topic=topic.name)
+        return expired
+
+    # -- topics --------------------------------------------------------------
+
+    def _open(self, name: str, retention: int, window: int, next_offset: int = 0) -> Topic:
+        log = self.storage.open_log(name, retention, window)
+        topic = Topic(name, log, self.clock, retention, window, self.max_retained_bytes, next_offset)
+        self.topics[name] = topic
+        return topic
+
+    def create_topic(self, name: str, retention_ttl: int, compaction_window: int) -> Topic:
+        """
+        Create a topic, or return the existing one if its settings match.
+
+        @raise ZaichikError: C{TOPIC_EXISTS} if it exists with other settings.
+        """
+        topic = self.topics.get(name)
+        if topic is None:
+            _log.info("Created topic {topic} (retention {retention} ms, compaction window {window} ms)",
+                      topic=name, retention=retention_ttl, window=compaction_window)
+            return self._open(name, retention_ttl, compaction_window)
+        if (topic.retention_ttl, topic.compaction_window) != (retention_ttl, compaction_window):
+            raise ZaichikError(
+                ErrorCode.TOPIC_EXISTS,
+                f"topic {name} exists with retention_ttl={topic.retention_ttl} "
+                f"compaction_window={topic.compaction_window}",
+            )
+        return topic
+
+    def topic(self, name: str) -> Topic:
+        """The topic C{name}, created with the broker's defaults if it is new."""
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = self.create_topic(name, self.default_retention, self.default_compaction_window)
+        return topic
+
+    def list_topics(self) -> List[TopicInfo]:
+        return [self.topics[name].info() for name in sorted(self.topics)]
+
+    # -- durable clients ---------------------------------------------------------
+
+    def attach(self, client_id: str, session) -> None:
+        """
+        Bind durable C{client_id} to C{session}; a session that held it
+        before is taken over (closed).
+        """
+        previous = self._durable_sessions.get(client_id)
+        self._durable_sessions[client_id] = session
+        if previous is not None and previous is not session:
+            _log.info("Client {client_id} taken over by a new connection", client_id=client_id)
+            previous.taken_over()
+
+    def detach(self, client_id: str, session) -> None:
+        if self._durable_sessions.get(client_id) is session:
+            del self._durable_sessions[client_id]
+
+    def committed(self, client_id: str, topic: str) -> Optional[int]:
+        return self.storage.commits().get(client_id, {}).get(topic)
+
+    def record_commit(self, client_id: str, topic: str, offset: int) -> None:
+        self.storage.record_commit(client_id, topic, offset)

@@ -1,0 +1,232 @@
+"""
+One client connection's state and the meaning of each request.
+
+A L{Session} knows nothing of sockets or bytes on the wire: the protocol
+hands it decoded requests and gives it three callables, to send a reply, to
+write an already encoded frame, and to close the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+from zaichik import codec
+from zaichik.codec import ErrorCode
+from zaichik.errors import ZaichikError
+from zaichik.service import BrokerService
+from zaichik.subscription import Subscription
+
+_log = Logger()
+
+
+def _check_topic(name: str) -> None:
+    if not codec.is_valid_topic(name):
+        raise ZaichikError(ErrorCode.BAD_TOPIC,
+                           "a topic name is 1 to 249 bytes of A-Z a-z 0-9 . _ - /")
+
+
+class Session:
+    """
+    @ivar client_id: the durable client id given by HELLO, or "".
+    @ivar subscriptions: this connection's subscriptions by topic name.
+    """
+
+    def __init__(
+        self,
+        service: BrokerService,
+        reply: Callable[[object], None],
+        write: Callable[[bytes], None],
+        disconnect: Callable[[], None],
+    ) -> None:
+        self.service = service
+        self.client_id = ""
+        self.identity: object = None
+        self.subscriptions: Dict[str, Subscription] = {}
+        self.ended = False
+        self._reply = reply
+        self._write = write
+        self._disconnect = disconnect
+        self._requests = 0
+        self._hello_seen = False
+        self._commits: Dict[str, int] = {}
+        self._last_sent: Dict[str, int] = {}
+        self._handlers = {
+            codec.Hello: self._hello,
+            codec.CreateTopic: self._create_topic,
+            codec.Subscribe: self._subscribe,
+            codec.Unsubscribe: self._unsubscribe,
+            codec.Publish: self._publish,
+            codec.Commit: self._commit,
+            codec.Close: self._close,
+            codec.Ping: self._ping,
+            codec.ListTopics: self._list_topics,
+            codec.PublishBatch: self._publish_batch,
+        }
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def handle(self, request) -> Optional[Deferred]:
+        """
+        Carry out one request and send its reply.
+
+        @return: None when the reply has been sent, or a Deferred that fires
+            once it has: the caller must not hand over the next request
+            before then, so that replies keep the order of requests.
+        """
+        if self.ended:
+            return None
+        self._requests += 1
+        try:
+            result = self._handlers[type(request)](request)
+        except ZaichikError as e:
+            self.fail(request.rid, e)
+            return None
+        except Exception:
+            _log.failure("Internal error handling {request!r}", request=request)
+            self.fail(request.rid, ZaichikError(ErrorCode.INTERNAL, "internal error"))
+            return None
+        if isinstance(result, Deferred):
+            return result.addErrback(self._asyncFailed, request.rid)
+        return None
+
+    def fail(self, rid: int, error: ZaichikError) -> None:
+        """Answer with an ERROR frame, closing the connection where the protocol says so."""
+        self._reply(codec.Error(rid, int(error.code), error.message))
+        if error.code in (ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FRAME_TOO_LARGE):
+            self.end()
+            self._disconnect()
+
+    def _asyncFailed(self, failure, rid: int) -> None:
+        if failure.check(ZaichikError):
+            self.fail(rid, failure.value)
+        else:
+            _log.failure("Internal error in an asynchronous request", failure)
+            self.fail(rid, ZaichikError(ErrorCode.INTERNAL, "internal error"))
+
+    # -- connection lifecycle ----------------------------------------------------
+
+    def end(self) -> None:
+        """The connection is gone (or going): end its subscriptions."""
+        if self.ended:
+            return
+        self.ended = True
+        for subscription in self.subscriptions.values():
+            subscription.cancel()
+        self.subscriptions.clear()
+        if self.client_id:
+            self.service.detach(self.client_id, self)
+
+    def taken_over(self) -> None:
+        """Another connection has claimed this one's client_id."""
+        self.end()
+        self._disconnect()
+
+    # -- commits -------------------------------------------------------------
+
+    def committed(self, topic: str) -> Optional[int]:
+        if self.client_id:
+            return self.service.committed(self.client_id, topic)
+        return self._commits.get(topic)
+
+    def _record_commit(self, topic: str, offset: int) -> None:
+        if self.client_id:
+            self.service.record_commit(self.client_id, topic, offset)
+        else:
+            self._commits[topic] = offset
+
+    # -- requests ------------------------------------------------------------
+
+    def _hello(self, request: codec.Hello) -> Optional[Deferred]:
+        if self._hello_seen:
+            raise ZaichikError(ErrorCode.PROTOCOL, "a second HELLO")
+        self._hello_seen = True
+        if self._requests > 1:
+            raise ZaichikError(ErrorCode.PROTOCOL, "HELLO must be the first request")
+        if request.version != codec.PROTOCOL_VERSION:
+            raise ZaichikError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"version {request.version} is not supported; this broker speaks {codec.PROTOCOL_VERSION}",
+            )
+        d = maybeDeferred(self.service.authenticator.authenticate, request.client_id, request.token)
+        return d.addCallback(self._authenticated, request)
+
+    def _authenticated(self, identity: object, request: codec.Hello) -> None:
+        if self.ended:
+            return
+        self.identity = identity
+        if request.client_id:
+            self.client_id = request.client_id
+            self.service.attach(request.client_id, self)
+        self._reply(codec.Ok(request.rid))
+
+    def _create_topic(self, request: codec.CreateTopic) -> None:
+        _check_topic(request.topic)
+        self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
+        self._reply(codec.Ok(request.rid))
+
+    def _subscribe(self, request: codec.Subscribe) -> None:
+        name = request.topic
+        _check_topic(name)
+        if name in self.subscriptions:
+            raise ZaichikError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
+        topic = self.service.topic(name)
+        first = topic.start_offset(request.start, request.offset, self.committed(name))
+        subscription = Subscription(topic, self._write, request.max_inflight, self._last_sent.get(name))
+        backlog = topic.subscribe(subscription, first)
+        self.subscriptions[name] = subscription
+        self._reply(codec.Ok(request.rid))
+        subscription.deliver(backlog)
+
+    def _unsubscribe(self, request: codec.Unsubscribe) -> None:
+        _check_topic(request.topic)
+        subscription = self.subscriptions.pop(request.topic, None)
+        if subscription is None:
+            raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.topic}")
+        subscription.cancel()
+        if subscription.last_sent is not None:
+            self._last_sent[request.topic] = subscription.last_sent
+        self._reply(codec.Ok(request.rid))
+
+    def _publish(self, request: codec.Publish) -> None:
+        _check_topic(request.topic)
+        offset, duplicate = self.service.topic(request.topic).publish(request.key, request.value)
+        if request.rid:
+            self._reply(codec.Published(request.rid, offset, duplicate))
+
+    def _publish_batch(self, request: codec.PublishBatch) -> None:
+        _check_topic(request.topic)
+        results = self.service.topic(request.topic).publish_many(request.entries)
+        if request.rid:
+            self._reply(codec.PublishedBatch(request.rid, results))
+
+    def _commit(self, request: codec.Commit) -> None:
+        name = request.topic
+        _check_topic(name)
+        subscription = self.subscriptions.get(name)
+        if subscription is None:
+            raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {name}")
+        last = self.committed(name)
+        if last is None or request.offset > last:
+            if subscription.last_sent is None or request.offset > subscription.last_sent:
+                raise ZaichikError(
+                    ErrorCode.BAD_OFFSET,
+                    f"offset {request.offset} has not been sent on {name} "
+                    f"(highest sent: {subscription.last_sent})",
+                )
+            self._record_commit(name, request.offset)
+            subscription.acknowledge(request.offset)
+        self._reply(codec.Ok(request.rid))
+
+    def _close(self, request: codec.Close) -> None:
+        self._reply(codec.Ok(request.rid))
+        self.end()
+        self._disconnect()
+
+    def _ping(self, request: codec.Ping) -> None:
+        self._reply(codec.Ok(request.rid))
+
+    def _list_topics(self, request: codec.ListTopics) -> None:
+        self._reply(codec.Topics(request.rid, self.service.list_topics()))

@@ -1,0 +1,95 @@
+"""
+C{twistd zaichik}: command-line options and the service they build.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from zaichik import codec
+from zaichik.protocol import BrokerFactory
+from zaichik.service import BrokerService
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
+_UNIT_MS = {"ms": 1, None: 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration(text: str) -> int:
+    """
+    Milliseconds from C{"500"} (plain numbers are milliseconds), C{"500ms"},
+    C{"60s"}, C{"5m"}, C{"2h"} or C{"7d"}.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise usage.UsageError(f"not a duration: {text!r} (try 500ms, 60s, 5m, 2h)")
+    return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+
+
+def endpoint_description(port: str) -> str:
+    """A bare port number becomes C{tcp:PORT}; anything else is a strports description."""
+    return f"tcp:{port}" if port.strip().isdigit() else port
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run the zaichik pub/sub broker."
+
+    optParameters = [
+        ["max-frame-size", None, codec.DEFAULT_MAX_FRAME_SIZE,
+         "Largest frame body accepted, in bytes.", _non_negative_int],
+        ["default-retention", None, 0,
+         "retention_ttl of topics created by PUBLISH or SUBSCRIBE (ms, or 60s, 5m...).", parse_duration],
+        ["default-compaction-window", None, 0,
+         "compaction_window of topics created by PUBLISH or SUBSCRIBE.", parse_duration],
+        ["max-retained-bytes", None, 0,
+         "Bound on each topic's retained key+value bytes; oldest expire first (0: no bound).",
+         _non_negative_int],
+        ["sweep-interval", None, 1000,
+         "How often expired messages are swept from memory (default 1s).", parse_duration],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["port"] = []
+
+    def opt_port(self, port: str) -> None:
+        """
+        Listen on this port number or strports endpoint description
+        (tcp:8889:interface=127.0.0.1, unix:/path, ssl:...).  May be given
+        more than once.  Default: tcp:8889.
+        """
+        self["port"].append(endpoint_description(port))
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        if not self["port"]:
+            self["port"] = ["tcp:8889"]
+        if self["sweep-interval"] <= 0:
+            raise usage.UsageError("--sweep-interval must be positive")
+
+
+def makeService(config: Options) -> MultiService:
+    top = MultiService()
+    broker = BrokerService(
+        default_retention=config["default-retention"],
+        default_compaction_window=config["default-compaction-window"],
+        max_retained_bytes=config["max-retained-bytes"],
+        sweep_interval=config["sweep-interval"] / 1000.0,
+    )
+    broker.setServiceParent(top)
+    factory = BrokerFactory(broker, config["max-frame-size"])
+    for description in config["port"]:
+        strports.service(description, factory).setServiceParent(top)
+    return top
