@@ -1,0 +1,122 @@
+"""
+Test support: a real C{twistd zaichik} process on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+from zaichik import codec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BrokerProcess:
+    """
+    C{twistd -n zaichik} in a subprocess, listening on 127.0.0.1:C{port}.
+
+    The repository root goes first on C{PYTHONPATH}, so the broker under test
+    is this tree's (its plugin is found in C{twisted/plugins/} there).
+    """
+
+    def __init__(self, *options: str) -> None:
+        self.options = list(options)
+        self.port = 0
+        self.process: Optional[subprocess.Popen] = None
+        self.log_path = ""
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "BrokerProcess":
+        self.port = free_port()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
+        argv: List[str] = TWISTD + ["-n", "--pidfile=", "zaichik",
+                                   "--port", f"tcp:{self.port}:interface=127.0.0.1"] + self.options
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
+        os.close(fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.process.returncode}:\n{self.log()}")
+            if self._answers_ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"broker did not listen within {timeout} s:\n{self.log()}")
+
+    def _answers_ping(self) -> bool:
+        """
+        Ready means the reactor runs (a listening port alone is not: twistd
+        listens before it installs its signal handlers).
+        """
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(codec.frame(codec.Ping(1).encode()))
+                answer = b""
+                while len(answer) < 9:
+                    chunk = s.recv(9 - len(answer))
+                    if not chunk:
+                        return False
+                    answer += chunk
+                return codec.decode_reply(answer[4:]) == codec.Ok(1)
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> int:
+        """SIGTERM, wait, and return the exit code (killing it if it hangs)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.log_path and os.path.exists(self.log_path):
+            os.unlink(self.log_path)
+
+
+_shared: dict = {}
+
+
+def shared_broker(*options: str) -> BrokerProcess:
+    """
+    One broker per set of options for the whole test run, started on first
+    use and stopped at exit.  (Trial has no C{setUpClass}; this works the same
+    under trial and pytest.)
+    """
+    broker = _shared.get(options)
+    if broker is None or broker.process is None or broker.process.poll() is not None:
+        broker = _shared[options] = BrokerProcess(*options).start()
+        atexit.register(broker.cleanup)
+    return broker
