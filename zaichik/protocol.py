@@ -53,7 +53,10 @@ class BrokerProtocol(Int32StringReceiver):
             self.session.fail(e.rid, ZaichikError(e.code, e.message))
             return
         waiting = self.session.handle(request)
-        if waiting is not None and not self._closing:
+        # Pause only for an answer still to come: resuming calls
+        # dataReceived, which must not happen inside this frame loop (the
+        # frames of the current read would be handled twice).
+        if waiting is not None and not waiting.called and not self._closing:
             self.pauseProducing()
             waiting.addBoth(self._answered)
 
