@@ -15,9 +15,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from tests.support import ROOT, TWISTD, BrokerProcess, shared_broker
+from zaichik.testing import TWISTD, BrokerProcess, shared_broker
 from zaichik.client import Start, ZaichikError, connect
 from zaichik.codec import ErrorCode
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def unique(prefix: str) -> str:

@@ -1,5 +1,7 @@
 """
-Test support: a real C{twistd zaichik} process on a free loopback port.
+Helpers for testing against a real broker: C{twistd zaichik} in a
+subprocess on a free loopback port.  Used by zaichik's own end-to-end tests
+and benchmarks; usable by applications' tests too.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class BrokerProcess:
     """
     C{twistd -n zaichik} in a subprocess, listening on 127.0.0.1:C{port}.
 
-    The repository root goes first on C{PYTHONPATH}, so the broker under test
-    is this tree's (its plugin is found in C{twisted/plugins/} there).
+    The directory holding this C{zaichik} package goes first on
+    C{PYTHONPATH}, so the broker is the same code as the caller's (its plugin
+    is found in C{twisted/plugins/} beside it, in a checkout or an install).
     """
 
     def __init__(self, *options: str) -> None:
@@ -111,7 +114,7 @@ _shared: dict = {}
 
 def shared_broker(*options: str) -> BrokerProcess:
     """
-    One broker per set of options for the whole test run, started on first
+    One broker per set of options for the whole process, started on first
     use and stopped at exit.  (Trial has no C{setUpClass}; this works the same
     under trial and pytest.)
     """

@@ -1,0 +1,490 @@
+"""
+zaichik's benchmark: every scenario against zaichik and, in the same run, the
+bare-Twisted baseline forwarder (``benchmarks/baseline.py``), printed as one
+table with ratios to the baseline.
+
+    python benchmarks/bench.py            # the full run (a few minutes)
+    python benchmarks/bench.py --quick    # a short run (under a minute), as CI does
+
+The load generator uses raw sockets and zaichik's codec.  Publishers send
+pre-encoded frames in large writes (pipelined); subscribers count frames by
+bytes (every frame of a scenario has the same size), so the generator stays
+cheap: its CPU time is printed beside the broker's.  Latency comes from a
+``time.monotonic_ns()`` stamp in the first 8 bytes of each payload (the
+monotonic clock is shared by all processes on Linux).
+
+Each scenario gets a fresh broker process, so its peak RSS is its own.
+Figures are from one machine at one time: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from zaichik import codec  # noqa: E402
+from zaichik.testing import BrokerProcess, free_port  # noqa: E402
+
+PAYLOAD = 100
+_u32 = struct.Struct(">I")
+_q = struct.Struct(">Q")
+
+
+# --- servers -------------------------------------------------------------------
+
+
+class Server:
+    name = ""
+    pid = 0
+    port = 0
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+
+class Zaichik(Server):
+    name = "zaichik"
+
+    def __init__(self) -> None:
+        self.broker = BrokerProcess().start()
+        self.pid = self.broker.process.pid
+        self.port = self.broker.port
+
+    def stop(self) -> None:
+        self.broker.cleanup()
+
+
+class Baseline(Server):
+    name = "baseline"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), str(self.port)])
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("baseline did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+# --- load generator ----------------------------------------------------------------
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _request(s: socket.socket, request) -> None:
+    """Send one request and read its (small) reply."""
+    s.sendall(codec.frame(request.encode()))
+    header = _recv_exact(s, 4)
+    _recv_exact(s, _u32.unpack(header)[0])
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _payload(stamp: int = 0) -> bytes:
+    return _q.pack(stamp) + b"x" * (PAYLOAD - 8)
+
+
+def subscriber_main(port, topics, subs_per_topic, expected, start, measure_latency, ready, results, timeout):
+    """
+    Subscribe C{subs_per_topic} connections to each topic, say ready, then
+    read until C{expected} messages arrived in all.
+    """
+    import selectors
+
+    socks = []
+    for topic in topics:
+        for _ in range(subs_per_topic):
+            s = _connect(port)
+            _request(s, codec.Subscribe(1, topic, start))
+            s.setblocking(False)
+            socks.append(s)
+    ready.send(True)
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ, bytearray())
+    total = 0
+    frame_size = 0
+    first = last = 0.0
+    latencies: List[int] = []
+    deadline = time.monotonic() + timeout
+    nbytes = 0
+    while total < expected and time.monotonic() < deadline:
+        for key, _ in sel.select(0.5):
+            s, buf = key.fileobj, key.data
+            try:
+                data = s.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(s)
+                continue
+            now = time.monotonic_ns()
+            if not first:
+                first = now
+            last = now
+            if measure_latency:
+                buf += data
+                pos = 0
+                while len(buf) - pos >= 4:
+                    (n,) = _u32.unpack_from(buf, pos)
+                    end = pos + 4 + n
+                    if end > len(buf):
+                        break
+                    latencies.append(now - _q.unpack_from(buf, end - PAYLOAD)[0])
+                    total += 1
+                    pos = end
+                del buf[:pos]
+            else:
+                if not frame_size:
+                    frame_size = 4 + _u32.unpack_from(data, 0)[0]
+                nbytes += len(data)
+                total = nbytes // frame_size
+    cpu = os.times()
+    results.put({"received": total, "first": first, "last": last, "latencies": latencies,
+                 "cpu": cpu.user + cpu.system})
+
+
+def publisher_main(port, topics, count, mode, batch, rate, keyed, results):
+    """Publish C{count} messages round-robin over C{topics}."""
+    s = _connect(port)
+    t0 = time.monotonic_ns()
+    per_write = 1000
+    if rate:
+        # Paced: a small burst every millisecond, each stamped as it is sent.
+        interval = 0.001
+        per_tick = max(1, int(rate * interval))
+        sent = 0
+        next_tick = time.monotonic()
+        while sent < count:
+            frames = []
+            stamp = time.monotonic_ns()
+            for i in range(min(per_tick, count - sent)):
+                frames.append(codec.frame(codec.Publish(0, topics[(sent + i) % len(topics)],
+                                                        _payload(stamp)).encode()))
+            s.sendall(b"".join(frames))
+            sent += len(frames)
+            next_tick += interval
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    elif mode == "batch":
+        chunks = {t: codec.frame(codec.PublishBatch(0, t, [(None, _payload())] * batch).encode()) for t in topics}
+        sent = 0
+        i = 0
+        while sent < count:
+            s.sendall(chunks[topics[i % len(topics)]] * 10)
+            sent += batch * 10
+            i += 1
+    elif mode == "acked":
+        window = 1000
+        reply_size = 18  # PUBLISHED: 4-byte length + 14-byte body
+        frame = codec.frame(codec.Publish(1, topics[0], _payload()).encode())
+        s.sendall(frame * window)
+        sent = window
+        acked = 0
+        pending = 0
+        while acked < count:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            pending += len(data)
+            new = pending // reply_size
+            pending -= new * reply_size
+            acked += new
+            more = min(new, count - sent)
+            if more > 0:
+                s.sendall(frame * more)
+                sent += more
+    else:
+        counter = 0
+
+        def keyed_frame(topic):
+            nonlocal counter
+            counter += 1
+            return codec.frame(codec.Publish(0, topic, _payload(), b"%016d" % counter).encode())
+
+        sent = 0
+        if keyed:
+            while sent < count:
+                s.sendall(b"".join(keyed_frame(topics[(sent + i) % len(topics)]) for i in range(per_write)))
+                sent += per_write
+        else:
+            chunk = b"".join(codec.frame(codec.Publish(0, topics[i % len(topics)], _payload()).encode())
+                             for i in range(per_write))
+            while sent < count:
+                s.sendall(chunk)
+                sent += per_write
+    cpu = os.times()
+    results.put({"start": t0, "cpu": cpu.user + cpu.system})
+    # Keep the connection open until the subscriber is done: closing could
+    # race with the broker still reading what was sent.
+    time.sleep(0.2)
+    s.close()
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    name: str
+    count: int
+    topics: int = 1
+    subs: int = 1
+    mode: str = "fire"  # fire, batch, acked
+    rate: int = 0  # messages/s; 0 = as fast as possible
+    retention: int = 0
+    compaction: int = 0
+    keyed: bool = False
+    baseline: Optional[str] = "same"  # "same": the baseline runs this scenario too
+    ratio_to: Optional[str] = None  # else: the name of the baseline row to compare with
+
+
+@dataclass
+class Row:
+    scenario: str
+    server: str
+    rate: float = 0.0
+    received: int = 0
+    expected: int = 0
+    p50: float = 0.0
+    p99: float = 0.0
+    p999: float = 0.0
+    cpu: float = 0.0
+    rss: float = 0.0
+    gen_cpu: float = 0.0
+    wall: float = 0.0
+    note: str = ""
+    ratio_to: Optional[str] = None
+
+
+def _percentile(values: List[int], p: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] / 1e6
+
+
+def run_scenario(server: Server, sc: Scenario) -> Row:
+    topics = [f"bench{i:03d}" for i in range(sc.topics)]
+    if isinstance(server, Zaichik) and (sc.retention or sc.compaction):
+        s = _connect(server.port)
+        for t in topics:
+            _request(s, codec.CreateTopic(1, t, sc.retention, sc.compaction))
+        s.close()
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    ready_recv, ready_send = ctx.Pipe(False)
+    expected = sc.count * sc.subs
+    sub = ctx.Process(target=subscriber_main, args=(server.port, topics, sc.subs, expected, codec.Start.LATEST,
+                                                    bool(sc.rate), ready_send, results, 120))
+    sub.start()
+    ready_recv.recv()
+    cpu0 = server.cpu_seconds()
+    pub = ctx.Process(target=publisher_main, args=(server.port, topics, sc.count, sc.mode, 100, sc.rate,
+                                                   sc.keyed, results))
+    wall0 = time.monotonic()
+    pub.start()
+    got = [results.get(timeout=180), results.get(timeout=180)]
+    pub.join()
+    sub.join()
+    wall = time.monotonic() - wall0
+    pub_result = next(r for r in got if "start" in r)
+    sub_result = next(r for r in got if "received" in r)
+    elapsed = (sub_result["last"] - pub_result["start"]) / 1e9 if sub_result["last"] else 0
+    lat = sub_result["latencies"]
+    return Row(
+        sc.name, server.name,
+        rate=sub_result["received"] / elapsed if elapsed > 0 else 0.0,
+        received=sub_result["received"], expected=expected,
+        p50=_percentile(lat, 0.5), p99=_percentile(lat, 0.99), p999=_percentile(lat, 0.999),
+        cpu=server.cpu_seconds() - cpu0, rss=server.peak_rss_mb(),
+        gen_cpu=pub_result["cpu"] + sub_result["cpu"], wall=wall,
+    )
+
+
+def run_retained(count: int) -> List[Row]:
+    """
+    Load C{count} retained 100-byte messages with 16-byte keys into one topic;
+    report the broker's RSS, then the time a new subscriber takes to receive
+    them all (EARLIEST).
+    """
+    server = Zaichik()
+    try:
+        s = _connect(server.port)
+        _request(s, codec.CreateTopic(1, "retained", 3_600_000, 0))
+        rss0 = server.rss_mb()
+        t0 = time.monotonic()
+        batch = 1000
+        n = 0
+        while n < count:
+            entries = [(b"%016d" % (n + i), _payload()) for i in range(batch)]
+            _request(s, codec.PublishBatch(1, "retained", entries))
+            n += batch
+        load = time.monotonic() - t0
+        rss = server.rss_mb()
+        s.close()
+        # The join: one subscriber from the oldest retained message.
+        sub = _connect(server.port)
+        cpu0 = server.cpu_seconds()
+        t0 = time.monotonic()
+        sub.sendall(codec.frame(codec.Subscribe(1, "retained", codec.Start.EARLIEST).encode()))
+        frame_size = 4 + len(codec.Message("retained", 0, 0, _payload(), b"%016d" % 0).encode())
+        want = 9 + frame_size * count
+        got = 0
+        while got < want:
+            data = sub.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        join = time.monotonic() - t0
+        received = (got - 9) // frame_size
+        sub.close()
+        return [
+            Row("1M retained: RSS (MB)" if count == 1_000_000 else f"{count} retained: RSS (MB)",
+                "zaichik", rss=server.peak_rss_mb(), received=count, expected=count,
+                note=f"RSS {rss:.0f} MB after load ({rss - rss0:.0f} MB for the messages), "
+                     f"load {count / load:,.0f} msg/s"),
+            Row("subscriber joins retained topic", "zaichik", rate=received / join, received=received,
+                expected=count, cpu=server.cpu_seconds() - cpu0, wall=join,
+                note=f"all {received:,} in {join:.2f} s"),
+        ]
+    finally:
+        server.stop()
+
+
+def scenarios(quick: bool) -> List[Scenario]:
+    n = 100_000 if quick else 1_000_000
+    lat = 2 if quick else 5  # seconds of paced sending
+    return [
+        Scenario("1->1 PUBLISH", n),
+        Scenario("1->1 PUBLISH_BATCH x100", n * 2, mode="batch", baseline=None, ratio_to="1->1 PUBLISH"),
+        Scenario("1->1 acked, 1000 in flight", n // 2, mode="acked", baseline=None, ratio_to="1->1 PUBLISH"),
+        Scenario("1->1 retention 60s + compaction", n, retention=60_000, compaction=10_000, keyed=True,
+                 baseline=None, ratio_to="1->1 PUBLISH"),
+        Scenario("fan-out 1->10", n // 5, subs=10),
+        Scenario("100 topics x 10 subscribers", n // 10, topics=100, subs=10),
+        Scenario("latency @ 2,000/s", 2_000 * lat, rate=2_000),
+        Scenario("latency @ 20,000/s", 20_000 * lat, rate=20_000),
+    ]
+
+
+def peers_line() -> str:
+    found = [p for p in ("redis-server", "mosquitto", "nats-server") if shutil.which(p)]
+    missing = [p for p in ("redis-server", "mosquitto", "nats-server") if not shutil.which(p)]
+    line = ""
+    if missing:
+        line += "not on PATH, not measured: " + ", ".join(missing)
+    if found:
+        line += ("; " if line else "") + "on PATH but not yet measured by this script: " + ", ".join(found)
+    return line
+
+
+def fmt_table(rows: List[Row]) -> str:
+    base: Dict[str, Row] = {r.scenario: r for r in rows if r.server == "baseline"}
+    header = (f"{'scenario':34} {'server':9} {'msgs/s':>11} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'p999 ms':>8} {'lat ratio':>9} {'cpu s':>6} {'gen cpu':>7} {'peak MB':>8} {'lost':>5}")
+    out = [header, "-" * len(header)]
+    for r in rows:
+        ref = base.get(r.ratio_to or r.scenario) if r.server != "baseline" else None
+        ratio = f"{r.rate / ref.rate:.2f}" if ref and ref.rate and r.rate else ""
+        lat_ratio = f"{r.p99 / ref.p99:.2f}" if ref and ref.p99 and r.p99 else ""
+        lost = r.expected - r.received
+        out.append(
+            f"{r.scenario:34} {r.server:9} {r.rate:>11,.0f} {ratio:>6} "
+            f"{(f'{r.p50:.2f}' if r.p99 else ''):>7} {(f'{r.p99:.2f}' if r.p99 else ''):>7} "
+            f"{(f'{r.p999:.2f}' if r.p99 else ''):>8} {lat_ratio:>9} {r.cpu:>6.2f} {r.gen_cpu:>7.2f} "
+            f"{r.rss:>8.1f} {lost:>5}" + (f"  {r.note}" if r.note else "")
+        )
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--only", help="run only scenarios whose name contains this")
+    args = parser.parse_args(argv)
+
+    t0 = time.monotonic()
+    rows: List[Row] = []
+    for sc in scenarios(args.quick):
+        if args.only and args.only not in sc.name:
+            continue
+        sc_rows = []
+        for cls in ([Baseline] if sc.baseline else []) + [Zaichik]:
+            server = cls()
+            try:
+                row = run_scenario(server, sc)
+            finally:
+                server.stop()
+            row.scenario = sc.name
+            if cls is Zaichik:
+                # ratio_to names the baseline row to compare with.
+                row.ratio_to = sc.ratio_to
+            sc_rows.append(row)
+            print(f"  {sc.name} / {row.server}: {row.rate:,.0f} msgs/s", file=sys.stderr, flush=True)
+        rows.extend(sc_rows)
+    if not args.only or "retained" in args.only:
+        rows.extend(run_retained(100_000 if args.quick else 1_000_000))
+
+    print()
+    print(f"zaichik benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, "
+          f"python {sys.version.split()[0]}; ratio = zaichik / baseline forwarder in this run")
+    print(fmt_table(rows))
+    print(f"peers: {peers_line()}")
+    print(f"total time {time.monotonic() - t0:.0f} s")
+    lost = sum(r.expected - r.received for r in rows)
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
