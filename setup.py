@@ -15,6 +15,7 @@ setup(
     # __init__.py here and must be listed by hand.
     packages=["zaichik", "twisted.plugins"],
     package_data={"twisted.plugins": ["zaichik_plugin.py"]},
+    entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     install_requires=["Twisted>=23.8", "zope.interface>=5"],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],

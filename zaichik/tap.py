@@ -4,29 +4,19 @@ C{twistd zaichik}: command-line options and the service they build.
 
 from __future__ import annotations
 
-import re
-
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from zaichik import codec
+from zaichik import codec, units
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
-_UNIT_MS = {"ms": 1, None: 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
 def parse_duration(text: str) -> int:
-    """
-    Milliseconds from C{"500"} (plain numbers are milliseconds), C{"500ms"},
-    C{"60s"}, C{"5m"}, C{"2h"} or C{"7d"}.
-    """
-    match = _DURATION.match(text)
-    if match is None:
-        raise usage.UsageError(f"not a duration: {text!r} (try 500ms, 60s, 5m, 2h)")
-    return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    try:
+        return units.parse_duration(text)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def endpoint_description(port: str) -> str:
