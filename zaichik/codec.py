@@ -559,6 +559,27 @@ def topic_prefix(topic: str) -> bytes:
 
 
 _message_fixed = struct.Struct(">QQ")
+_message_head = struct.Struct(">IB")
+
+
+def message_frame_offsets(topic: str) -> Tuple[int, int]:
+    """
+    Where the offset and the timestamp sit in every MESSAGE frame (length
+    prefix included) of C{topic}: storage reads them back from the frame
+    rather than keeping them twice.
+    """
+    at = 4 + len(topic_prefix(topic))
+    return at, at + 8
+
+
+def message_frame(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:
+    """A whole MESSAGE frame, length prefix included (see L{message_body})."""
+    key_len = len(key) if key else 0
+    size = len(prefix) + 16 + 2 + key_len + 4 + len(value)
+    return b"".join((
+        _u32.pack(size), prefix, _message_fixed.pack(offset, timestamp),
+        _u16.pack(key_len), key or b"", _u32.pack(len(value)), value,
+    ))
 
 
 def message_body(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:

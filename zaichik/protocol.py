@@ -5,9 +5,11 @@ frames into requests for its L{Session} and replies back into frames.
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 from zaichik import codec
 from zaichik.codec import ErrorCode
@@ -16,6 +18,27 @@ from zaichik.service import BrokerService
 from zaichik.session import Session
 
 _log = Logger()
+
+
+@implementer(IPushProducer)
+class _OutputProducer:
+    """
+    Registered with the transport so that it tells us when its write buffer
+    is full (and drained again): the session's subscriptions then hold back
+    rather than buffer without bound.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        self.session.pause_output()
+
+    def resumeProducing(self) -> None:
+        self.session.resume_output()
+
+    def stopProducing(self) -> None:
+        self.session.end()
 
 
 class BrokerProtocol(Int32StringReceiver):
@@ -34,6 +57,7 @@ class BrokerProtocol(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         self.session = Session(self.service, self._sendReply, self.transport.write, self._disconnect)
+        self.transport.registerProducer(_OutputProducer(self.session), True)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
@@ -44,7 +68,10 @@ class BrokerProtocol(Int32StringReceiver):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._closing:
-            super().dataReceived(data)
+            # Messages published in this read reach each subscriber in one
+            # delivery per topic when it ends.
+            with self.service.batch:
+                super().dataReceived(data)
 
     def stringReceived(self, body: bytes) -> None:
         try:
@@ -82,6 +109,9 @@ class BrokerProtocol(Int32StringReceiver):
         if not self._closing:
             self._closing = True
             self.paused = True  # the frame loop in dataReceived stops here
+            # With a producer registered the transport would wait for it
+            # instead of closing once its buffer is written.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
 

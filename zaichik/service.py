@@ -15,7 +15,7 @@ from zaichik.auth import AllowAll, IAuthenticator
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
 from zaichik.storage import IStorage, MemoryStorage
-from zaichik.topic import Topic
+from zaichik.topic import Batch, Topic
 
 _log = Logger()
 
@@ -26,6 +26,11 @@ class BrokerService(Service):
     @ivar sweep_interval: seconds between retention sweeps.  Reads expire
         lazily as well, so this only bounds how long expired messages hold
         memory, not what subscribers see.
+    @ivar max_output_buffer: bytes a subscription on a topic that retains
+        nothing may hold for a connection that does not read, before the
+        connection is closed as a slow consumer (0: no bound).
+    @ivar batch: the L{Batch} that connections wrap their reads in, so
+        that fan-out happens once per read rather than once per message.
     """
 
     name = "zaichik-broker"
@@ -39,6 +44,7 @@ class BrokerService(Service):
         default_compaction_window: int = 0,
         max_retained_bytes: int = 0,
         sweep_interval: float = 1.0,
+        max_output_buffer: int = 16 * 1024 * 1024,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -49,6 +55,8 @@ class BrokerService(Service):
         self.default_compaction_window = default_compaction_window
         self.max_retained_bytes = max_retained_bytes
         self.sweep_interval = sweep_interval
+        self.max_output_buffer = max_output_buffer
+        self.batch = Batch()
         self.topics: Dict[str, Topic] = {}
         self._durable_sessions: Dict[str, object] = {}
         self._sweeper: Optional[LoopingCall] = None
@@ -87,7 +95,8 @@ class BrokerService(Service):
 
     def _open(self, name: str, retention: int, window: int, next_offset: int = 0) -> Topic:
         log = self.storage.open_log(name, retention, window)
-        topic = Topic(name, log, self.clock, retention, window, self.max_retained_bytes, next_offset)
+        topic = Topic(name, log, self.clock, retention, window, self.max_retained_bytes, next_offset,
+                      self.batch)
         self.topics[name] = topic
         return topic
 

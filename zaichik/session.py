@@ -17,7 +17,7 @@ from zaichik import codec
 from zaichik.codec import ErrorCode
 from zaichik.errors import ZaichikError
 from zaichik.service import BrokerService
-from zaichik.subscription import Subscription
+from zaichik.subscription import Output, Subscription
 
 _log = Logger()
 
@@ -46,8 +46,8 @@ class Session:
         self.identity: object = None
         self.subscriptions: Dict[str, Subscription] = {}
         self.ended = False
+        self.output = Output(write)
         self._reply = reply
-        self._write = write
         self._disconnect = disconnect
         self._requests = 0
         self._hello_seen = False
@@ -124,6 +124,28 @@ class Session:
         self.end()
         self._disconnect()
 
+    # -- output flow control ---------------------------------------------------
+
+    def pause_output(self) -> None:
+        """The connection's output buffer is full: subscriptions hold back."""
+        self.output.paused = True
+
+    def resume_output(self) -> None:
+        """The output buffer has drained: subscriptions send what waits."""
+        self.output.paused = False
+        for subscription in list(self.subscriptions.values()):
+            subscription.drain()
+            if self.output.paused:
+                break
+
+    def _overflowed(self, subscription: Subscription) -> None:
+        """A subscription's queue passed the output limit: a slow consumer."""
+        _log.warn("Slow consumer on {topic}: {pending} bytes waiting; disconnecting",
+                  topic=subscription.topic.name, pending=subscription.pending_bytes)
+        self.fail(0, ZaichikError(ErrorCode.LIMIT, "slow consumer"))
+        self.end()
+        self._disconnect()
+
     # -- commits -------------------------------------------------------------
 
     def committed(self, topic: str) -> Optional[int]:
@@ -174,11 +196,12 @@ class Session:
             raise ZaichikError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
         topic = self.service.topic(name)
         first = topic.start_offset(request.start, request.offset, self.committed(name))
-        subscription = Subscription(topic, self._write, request.max_inflight, self._last_sent.get(name))
-        backlog = topic.subscribe(subscription, first)
+        subscription = Subscription(topic, self.output, request.max_inflight, self._last_sent.get(name),
+                                    first, self.service.max_output_buffer, self._overflowed)
+        topic.subscribe(subscription)
         self.subscriptions[name] = subscription
         self._reply(codec.Ok(request.rid))
-        subscription.deliver(backlog)
+        subscription.drain()
 
     def _unsubscribe(self, request: codec.Unsubscribe) -> None:
         _check_topic(request.topic)

@@ -2,7 +2,7 @@
 Where a topic's retained messages and the broker's durable state live.
 
 Two interfaces form the seam: L{IMessageLog} holds one topic's retained
-records in offset order; L{IStorage} creates those logs, remembers topics and
+messages in offset order; L{IStorage} creates those logs, remembers topics and
 their settings, and keeps durable clients' committed offsets.  The topic code
 only talks to these interfaces.  This module has the in-memory
 implementations; an on-disk one is another implementation of the same two.
@@ -10,66 +10,49 @@ implementations; an on-disk one is another implementation of the same two.
 
 from __future__ import annotations
 
+import struct
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from zope.interface import Attribute, Interface, implementer
 
-
-class Record:
-    """
-    One stored message.
-
-    The MESSAGE frame (length prefix included) is encoded once, when the
-    message is stored, and the same bytes go to every subscriber.
-
-    @ivar expired: set when retention removes the record, so that a
-        subscriber that queued it behind its C{max_inflight} window skips it.
-    """
-
-    __slots__ = ("offset", "timestamp", "key", "size", "frame", "expired")
-
-    def __init__(self, offset: int, timestamp: int, key: Optional[bytes], size: int, frame: bytes) -> None:
-        self.offset = offset
-        self.timestamp = timestamp
-        self.key = key
-        self.size = size
-        self.frame = frame
-        self.expired = False
-
-    def __repr__(self) -> str:
-        return f"<Record offset={self.offset} timestamp={self.timestamp} key={self.key!r}>"
+from zaichik import codec
 
 
 class IMessageLog(Interface):
     """
-    The retained records of one topic, oldest first, with contiguous offsets.
+    The retained messages of one topic, oldest first, with contiguous
+    offsets.  A message is kept as its encoded MESSAGE frame (length prefix
+    included): the bytes every subscriber is sent.
     """
 
-    nbytes = Attribute("Sum of the retained records' key and value sizes.")
+    nbytes = Attribute("Sum of the retained frames' sizes, in bytes.")
 
     def __len__() -> int:
-        """The number of retained records."""
+        """The number of retained messages."""
 
     def first_offset() -> Optional[int]:
-        """The offset of the oldest retained record, or None when empty."""
+        """The offset of the oldest retained message, or None when empty."""
 
-    def append(record: Record) -> None:
-        """Retain C{record}, whose offset follows the newest one's."""
+    def append(offset: int, timestamp: int, frame: bytes) -> None:
+        """Retain a message whose offset follows the newest one's."""
 
     def expire(cutoff: int) -> int:
         """
-        Drop records whose timestamp is at or before C{cutoff} (milliseconds),
-        marking each as expired.  Returns how many were dropped.
+        Drop messages whose timestamp is at or before C{cutoff}
+        (milliseconds).  Returns how many were dropped.
         """
 
     def trim(max_bytes: int) -> int:
         """
-        Drop the oldest records until C{nbytes} is at most C{max_bytes},
-        marking each as expired.  Returns how many were dropped.
+        Drop the oldest messages until C{nbytes} is at most C{max_bytes}.
+        Returns how many were dropped.
         """
 
-    def since(offset: int) -> List[Record]:
-        """The retained records with an offset at or after C{offset}."""
+    def read(offset: int, limit: int) -> Tuple[int, List[bytes]]:
+        """
+        Up to C{limit} frames from C{offset} on (from the oldest retained one
+        if C{offset} is older), and the offset of the first of them.
+        """
 
 
 class IStorage(Interface):
@@ -97,69 +80,79 @@ class IStorage(Interface):
 @implementer(IMessageLog)
 class MemoryLog:
     """
-    A list with a moving head: O(1) append, amortised O(1) removal of the
-    oldest record, and O(1) lookup by offset (offsets are contiguous).
+    A list of frames with a moving head: O(1) append, amortised O(1) removal
+    of the oldest message, O(1) lookup by offset.  Offsets and timestamps are
+    not stored twice: the offset is the position, the timestamp is read from
+    the frame (C{timestamp_at} is its position there), so a retained message
+    costs its frame and a list slot.
     """
 
     _COMPACT_AT = 4096
 
-    def __init__(self) -> None:
-        self._records: List[Record] = []
+    def __init__(self, timestamp_at: int) -> None:
+        self._frames: List[bytes] = []
         self._head = 0
+        self._first = 0  # the offset of self._frames[self._head]
+        self._timestamp = struct.Struct(">Q")
+        self._timestamp_at = timestamp_at
         self.nbytes = 0
 
     def __len__(self) -> int:
-        return len(self._records) - self._head
+        return len(self._frames) - self._head
 
     def first_offset(self) -> Optional[int]:
-        if self._head < len(self._records):
-            return self._records[self._head].offset
-        return None
+        return self._first if self._head < len(self._frames) else None
 
-    def append(self, record: Record) -> None:
-        self._records.append(record)
-        self.nbytes += record.size
+    def append(self, offset: int, timestamp: int, frame: bytes) -> None:
+        if self._head == len(self._frames):
+            self._first = offset
+        self._frames.append(frame)
+        self.nbytes += len(frame)
 
-    def _drop_oldest(self) -> None:
-        record = self._records[self._head]
-        record.expired = True
-        self.nbytes -= record.size
-        self._records[self._head] = None  # type: ignore[call-overload]
-        self._head += 1
-
-    def _compact(self) -> None:
-        if self._head == len(self._records):
-            self._records = []
+    def _drop(self, count: int) -> None:
+        frames = self._frames
+        head = self._head
+        self.nbytes -= sum(map(len, frames[head : head + count]))
+        self._head = head + count
+        self._first += count
+        if self._head == len(frames):
+            self._frames = []
             self._head = 0
-        elif self._head >= self._COMPACT_AT and self._head * 2 >= len(self._records):
-            del self._records[: self._head]
+        elif self._head >= self._COMPACT_AT and self._head * 2 >= len(frames):
+            del frames[: self._head]
             self._head = 0
 
     def expire(self, cutoff: int) -> int:
-        records = self._records
-        start = self._head
-        while self._head < len(records) and records[self._head].timestamp <= cutoff:
-            self._drop_oldest()
-        dropped = self._head - start
-        if dropped:
-            self._compact()
-        return dropped
+        frames = self._frames
+        unpack = self._timestamp.unpack_from
+        at = self._timestamp_at
+        end = self._head
+        # Timestamps only grow along the log: find the first one kept.
+        while end < len(frames) and unpack(frames[end], at)[0] <= cutoff:
+            end += 1
+        count = end - self._head
+        if count:
+            self._drop(count)
+        return count
 
     def trim(self, max_bytes: int) -> int:
-        start = self._head
-        while self.nbytes > max_bytes and self._head < len(self._records):
-            self._drop_oldest()
-        dropped = self._head - start
-        if dropped:
-            self._compact()
-        return dropped
+        frames = self._frames
+        excess = self.nbytes - max_bytes
+        end = self._head
+        while excess > 0 and end < len(frames):
+            excess -= len(frames[end])
+            end += 1
+        count = end - self._head
+        if count:
+            self._drop(count)
+        return count
 
-    def since(self, offset: int) -> List[Record]:
-        first = self.first_offset()
-        if first is None:
-            return []
-        index = self._head + max(0, offset - first)
-        return self._records[index:]
+    def read(self, offset: int, limit: int) -> Tuple[int, List[bytes]]:
+        first = max(offset, self._first)
+        start = self._head + (first - self._first)
+        if self._head == len(self._frames) or start >= len(self._frames):
+            return first, []
+        return first, self._frames[start : start + limit]
 
 
 @implementer(IStorage)
@@ -173,7 +166,7 @@ class MemoryStorage:
         return iter(())
 
     def open_log(self, name: str, retention_ttl: int, compaction_window: int) -> MemoryLog:
-        return MemoryLog()
+        return MemoryLog(codec.message_frame_offsets(name)[1])
 
     def commits(self) -> Dict[str, Dict[str, int]]:
         return self._commits

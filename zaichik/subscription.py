@@ -10,19 +10,43 @@ from typing import Callable, Deque, List, Optional
 
 from zope.interface import implementer
 
-from zaichik.storage import Record
 from zaichik.topic import ISubscriber, Topic
+
+# How many retained messages one read from the log hands over at most.
+READ_CHUNK = 1024
+
+
+class Output:
+    """
+    A connection's output, shared by its subscriptions: where their frames
+    are written, and whether the connection's buffer is full (C{paused}).
+    """
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+        self.paused = False
 
 
 @implementer(ISubscriber)
 class Subscription:
     """
-    Sends a topic's records to one connection, in offset order.
+    Sends a topic's messages to one connection, in offset order, from
+    offset C{next} on.
 
-    With C{max_inflight} M > 0, at most M records are sent and not yet
-    acknowledged; the rest wait in C{pending} (a queued record that retention
-    expires meanwhile is skipped, since it is gone).
+    It sends while it may: while the connection's L{Output} is not paused
+    and, with C{max_inflight} M > 0, while fewer than M messages
+    are sent and not yet acknowledged.  When it may not, what it has not sent
+    waits:
 
+      - on a topic that retains messages, in the topic's log: the
+        subscription only remembers its position and reads on from there
+        later, so a slow reader costs no memory (and skips what expires
+        meanwhile);
+      - on a topic that retains nothing, in the subscription's own queue,
+        whose size in bytes is watched: past C{max_pending_bytes} (when set)
+        C{on_overflow} is called.
+
+    @ivar next: the offset of the next message to send.
     @ivar last_sent: the highest offset sent to the connection on this topic
         (carried over from earlier subscriptions of the same connection), or
         None.
@@ -31,67 +55,116 @@ class Subscription:
     def __init__(
         self,
         topic: Topic,
-        write: Callable[[bytes], None],
+        output: Output,
         max_inflight: int = 0,
         last_sent: Optional[int] = None,
+        start: Optional[int] = None,
+        max_pending_bytes: int = 0,
+        on_overflow: Optional[Callable[["Subscription"], None]] = None,
     ) -> None:
         self.topic = topic
         self.max_inflight = max_inflight
         self.last_sent = last_sent
+        self.next = topic.next_offset if start is None else start
         self.active = True
-        self._write = write
-        self._pending: Deque[Record] = deque()
+        self.max_pending_bytes = max_pending_bytes
+        self._on_overflow = on_overflow
+        self._output = output
+        self._pending: Deque[bytes] = deque()  # frames from offset self.next on
+        self.pending_bytes = 0
         self._inflight: Deque[int] = deque()
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.topic.name} last_sent={self.last_sent} pending={len(self._pending)}>"
+        return (f"<Subscription {self.topic.name} next={self.next} "
+                f"inflight={len(self._inflight)} pending={len(self._pending)}>")
 
     @property
     def inflight(self) -> int:
-        """How many records are sent and not yet acknowledged."""
+        """How many messages are sent and not yet acknowledged."""
         return len(self._inflight)
 
     @property
     def pending(self) -> int:
-        """How many records wait for room in the window."""
+        """How many messages wait in this subscription's own queue."""
         return len(self._pending)
 
-    def deliver(self, records: List[Record]) -> None:
-        if not self.active or not records:
-            return
-        if not self.max_inflight and not self._pending:
-            write = self._write
-            for record in records:
-                write(record.frame)
-            self.last_sent = records[-1].offset
-            return
-        self._pending.extend(records)
-        self._drain()
+    def _room(self) -> int:
+        if self._output.paused or not self.active:
+            return 0
+        if not self.max_inflight:
+            return 1 << 62
+        return self.max_inflight - len(self._inflight)
 
-    def _drain(self) -> None:
-        limit = self.max_inflight
-        pending = self._pending
-        inflight = self._inflight
-        while pending and (not limit or len(inflight) < limit):
-            record = pending.popleft()
-            if record.expired:
-                continue
-            self._write(record.frame)
-            self.last_sent = record.offset
-            if limit:
-                inflight.append(record.offset)
+    def _send(self, first: int, frames: List[bytes]) -> None:
+        count = len(frames)
+        self.next = first + count
+        self.last_sent = first + count - 1
+        if self.max_inflight:
+            self._inflight.extend(range(first, first + count))
+        # One write per batch; the transport may pause us inside it.
+        self._output.write(frames[0] if count == 1 else b"".join(frames))
+
+    # -- ISubscriber ---------------------------------------------------------------
+
+    def deliver(self, first: int, frames: List[bytes]) -> None:
+        if not self.active:
+            return
+        skip = self.next - first
+        if skip > 0:
+            # Already sent (from the log, when this subscription started
+            # inside the batch that delivers them now).
+            if skip >= len(frames):
+                return
+            frames = frames[skip:]
+            first = self.next
+        if self.topic.retains:
+            if first == self.next and len(frames) <= self._room():
+                self._send(first, frames)
+            else:
+                self.drain()  # behind, or out of room: the log has them
+            return
+        if not self._pending and len(frames) <= self._room():
+            self._send(first, frames)
+            return
+        self._pending.extend(frames)
+        self.pending_bytes += sum(map(len, frames))
+        self.drain()
+        if self.max_pending_bytes and self.pending_bytes > self.max_pending_bytes and self._on_overflow:
+            self._on_overflow(self)
+
+    # -- flow ------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Send what is waiting, as far as the window and the connection allow."""
+        while True:
+            room = self._room()
+            if room <= 0:
+                return
+            if self.topic.retains:
+                first, frames = self.topic.read(self.next, min(room, READ_CHUNK))
+                if not frames:
+                    return
+            else:
+                pending = self._pending
+                if not pending:
+                    return
+                first = self.next
+                take = min(room, len(pending), READ_CHUNK)
+                frames = [pending.popleft() for _ in range(take)]
+                self.pending_bytes -= sum(map(len, frames))
+            self._send(first, frames)
 
     def acknowledge(self, offset: int) -> None:
         """Everything up to and including C{offset} is committed: open the window."""
         inflight = self._inflight
         while inflight and inflight[0] <= offset:
             inflight.popleft()
-        if self._pending:
-            self._drain()
+        self.drain()
 
     def cancel(self) -> None:
         """Stop delivery; nothing more is written."""
         self.active = False
         self.topic.unsubscribe(self)
         self._pending.clear()
+        self.pending_bytes = 0
         self._inflight.clear()

@@ -17,7 +17,7 @@ from zope.interface import Interface
 
 from zaichik import codec
 from zaichik.codec import Start
-from zaichik.storage import IMessageLog, Record
+from zaichik.storage import IMessageLog
 
 _log = Logger()
 
@@ -25,11 +25,45 @@ _log = Logger()
 class ISubscriber(Interface):
     """Something that receives a topic's messages."""
 
-    def deliver(records: List[Record]) -> object:
+    def deliver(first_offset: int, frames: List[bytes]) -> object:
         """
-        New records, in offset order.  May return a Deferred; a failure (raised
-        or as a Deferred) removes the subscriber from the topic.
+        New messages, as encoded MESSAGE frames with consecutive offsets from
+        C{first_offset}.  May return a Deferred; a failure (raised or as a
+        Deferred) removes the subscriber from the topic.
         """
+
+
+class Batch:
+    """
+    Collects the fan-out of one stretch of work (a connection's read) so
+    that each subscriber gets one C{deliver} call per topic for all the
+    messages published in it, rather than one per message.
+
+    Use as a context manager; nested uses flush when the outermost ends.
+    Outside one, topics deliver at once.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self._dirty: List["Topic"] = []
+
+    def dirty(self, topic: "Topic") -> None:
+        self._dirty.append(topic)
+
+    def __enter__(self) -> "Batch":
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for topic in dirty:
+                topic.flush()
 
 
 class Topic:
@@ -49,6 +83,7 @@ class Topic:
         compaction_window: int = 0,
         max_retained_bytes: int = 0,
         next_offset: int = 0,
+        batch: Optional[Batch] = None,
     ) -> None:
         self.name = name
         self.retention_ttl = retention_ttl
@@ -58,6 +93,11 @@ class Topic:
         self.subscribers: List[ISubscriber] = []
         self._log = log
         self._clock = clock
+        self._batch = batch
+        # Stored and not yet delivered (see Batch): frames from offset
+        # self._unsent_first on.
+        self._unsent: List[bytes] = []
+        self._unsent_first = 0
         self._prefix = codec.topic_prefix(name)
         self._last_timestamp = 0
         # Compaction: the last stored timestamp and offset of each key still
@@ -82,6 +122,11 @@ class Topic:
 
     # -- publishing -------------------------------------------------------------
 
+    @property
+    def retains(self) -> bool:
+        """Does this topic keep messages after they are published?"""
+        return self.retention_ttl > 0
+
     def publish(self, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
         """
         Store one message and deliver it.
@@ -89,10 +134,10 @@ class Topic:
         @return: C{(offset, duplicate)}: for a duplicate dropped by
             compaction, the offset of the stored message it duplicates.
         """
-        record, offset = self._store(self.now(), key, value)
-        if record is not None:
-            self._stored([record])
-        return offset, record is None
+        offset, duplicate = self._store(self.now(), key, value)
+        if not duplicate:
+            self._stored()
+        return offset, duplicate
 
     def publish_many(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> List[Tuple[int, bool]]:
         """
@@ -100,50 +145,58 @@ class Topic:
         deliver the stored ones to each subscriber in one call.
         """
         now = self.now()
-        results = []
-        stored = []
-        for key, value in entries:
-            record, offset = self._store(now, key, value)
-            if record is None:
-                results.append((offset, True))
-            else:
-                stored.append(record)
-                results.append((offset, False))
-        if stored:
-            self._stored(stored)
+        store = self._store
+        results = [store(now, key, value) for key, value in entries]
+        if self._unsent:
+            self._stored()
         return results
 
-    def _store(self, now: int, key: Optional[bytes], value: bytes) -> Tuple[Optional[Record], int]:
+    def _store(self, now: int, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
         window = self.compaction_window
         if key and window:
             seen = self._keys.get(key)
             if seen is not None and now - seen[0] < window:
-                return None, seen[1]
+                return seen[1], True
             if len(self._key_order) > 2 * len(self._keys) + 64:
                 # Keys stored again after their window leave stale entries
                 # behind; forget those before the deque outgrows the keys.
                 self._forget_keys(now)
+            self._keys[key] = (now, self.next_offset)
+            self._key_order.append((now, key))
         offset = self.next_offset
         self.next_offset = offset + 1
         self._last_timestamp = now
-        body = codec.message_body(self._prefix, offset, now, key, value)
-        record = Record(offset, now, key, len(value) + (len(key) if key else 0),
-                        codec.frame(body))
-        if key and window:
-            self._keys[key] = (now, offset)
-            self._key_order.append((now, key))
-        return record, offset
-
-    def _stored(self, records: List[Record]) -> None:
-        log = self._log
+        frame = codec.message_frame(self._prefix, offset, now, key, value)
         if self.retention_ttl:
-            for record in records:
-                log.append(record)
+            self._log.append(offset, now, frame)
+        if not self._unsent:
+            self._unsent_first = offset
+        self._unsent.append(frame)
+        return offset, False
+
+    _dirty = False
+
+    def _stored(self) -> None:
+        batch = self._batch
+        if batch is None or not batch.depth:
+            self.flush()
+        elif not self._dirty:
+            self._dirty = True
+            batch.dirty(self)
+
+    def flush(self) -> None:
+        """Deliver what was stored and not yet delivered."""
+        self._dirty = False
+        frames = self._unsent
+        if not frames:
+            return
+        self._unsent = []
+        first = self._unsent_first
         for subscriber in list(self.subscribers):
-            d = maybeDeferred(subscriber.deliver, records)
-            d.addErrback(self._deliveryFailed, subscriber)
+            maybeDeferred(subscriber.deliver, first, frames).addErrback(self._deliveryFailed, subscriber)
         # Trim after the fan-out: a subscriber present at publish gets the
         # message even when it is too big to be retained.
+        log = self._log
         if self.max_retained_bytes and log.nbytes > self.max_retained_bytes:
             log.trim(self.max_retained_bytes)
 
@@ -209,13 +262,20 @@ class Topic:
             return oldest
         return min(max(wanted, oldest), self.next_offset)
 
-    def subscribe(self, subscriber: ISubscriber, first: int) -> List[Record]:
+    def subscribe(self, subscriber: ISubscriber) -> None:
         """
-        Add C{subscriber} and return the retained records from offset
-        C{first} on, which it must be sent before anything delivered later.
+        Add C{subscriber}: from now on it is given every message stored.
+        What it should get of the retained messages, it reads with L{read}.
         """
         self.subscribers.append(subscriber)
-        return self._log.since(first) if first < self.next_offset else []
+
+    def read(self, offset: int, limit: int) -> Tuple[int, List[bytes]]:
+        """
+        Up to C{limit} retained frames from C{offset} on (from the oldest
+        retained one when C{offset} has expired), and the first one's offset.
+        """
+        self.expire()
+        return self._log.read(offset, limit)
 
     def unsubscribe(self, subscriber: ISubscriber) -> None:
         try:
