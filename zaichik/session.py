@@ -213,15 +213,22 @@ class Session:
             self._last_sent[request.topic] = subscription.last_sent
         self._reply(codec.Ok(request.rid))
 
+    def _topic(self, name: str):
+        """The topic C{name}, created with the defaults if new (the hot path: a
+        known topic's name needs no checking)."""
+        topic = self.service.topics.get(name)
+        if topic is None:
+            _check_topic(name)
+            topic = self.service.topic(name)
+        return topic
+
     def _publish(self, request: codec.Publish) -> None:
-        _check_topic(request.topic)
-        offset, duplicate = self.service.topic(request.topic).publish(request.key, request.value)
+        offset, duplicate = self._topic(request.topic).publish(request.key, request.value)
         if request.rid:
             self._reply(codec.Published(request.rid, offset, duplicate))
 
     def _publish_batch(self, request: codec.PublishBatch) -> None:
-        _check_topic(request.topic)
-        results = self.service.topic(request.topic).publish_many(request.entries)
+        results = self._topic(request.topic).publish_many(request.entries)
         if request.rid:
             self._reply(codec.PublishedBatch(request.rid, results))
 
