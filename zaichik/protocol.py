@@ -5,6 +5,8 @@ frames into requests for its L{Session} and replies back into frames.
 
 from __future__ import annotations
 
+import struct
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -18,6 +20,7 @@ from zaichik.service import BrokerService
 from zaichik.session import Session
 
 _log = Logger()
+_length = struct.Struct(">I")
 
 
 @implementer(IPushProducer)
@@ -67,11 +70,35 @@ class BrokerProtocol(Int32StringReceiver):
         self.session.end()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._closing:
-            # Messages published in this read reach each subscriber in one
-            # delivery per topic when it ends.
-            with self.service.batch:
-                super().dataReceived(data)
+        """
+        Split the stream into frames (as C{Int32StringReceiver} does, with
+        less work per frame: this is the broker's innermost loop).  Messages
+        published in one read reach each subscriber in one delivery per topic
+        when the read is done.
+        """
+        if self._closing:
+            return
+        if self._unprocessed:
+            data = self._unprocessed + data
+        end = len(data)
+        at = 0
+        limit = self.MAX_LENGTH
+        unpack = _length.unpack_from
+        handle = self.stringReceived
+        with self.service.batch:
+            while end - at >= 4 and not self.paused:
+                (length,) = unpack(data, at)
+                if length > limit:
+                    self._unprocessed = b""
+                    self.lengthLimitExceeded(length)
+                    return
+                start = at + 4
+                at = start + length
+                if at > end:
+                    at = start - 4
+                    break
+                handle(data[start:at])
+        self._unprocessed = data[at:] if at else data
 
     def stringReceived(self, body: bytes) -> None:
         try:

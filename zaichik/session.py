@@ -88,7 +88,7 @@ class Session:
             _log.failure("Internal error handling {request!r}", request=request)
             self.fail(request.rid, ZaichikError(ErrorCode.INTERNAL, "internal error"))
             return None
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):
             return result.addErrback(self._asyncFailed, request.rid)
         return None
 

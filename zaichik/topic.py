@@ -45,12 +45,15 @@ class Batch:
 
     def __init__(self) -> None:
         self.depth = 0
+        self.now = 0  # see Topic.now: the time, read once per batch
         self._dirty: List["Topic"] = []
 
     def dirty(self, topic: "Topic") -> None:
         self._dirty.append(topic)
 
     def __enter__(self) -> "Batch":
+        if not self.depth:
+            self.now = 0
         self.depth += 1
         return self
 
@@ -117,7 +120,15 @@ class Topic:
         last stored message's (so timestamps do not go backwards in a topic
         when the system clock is stepped).
         """
-        now = int(self._clock.seconds() * 1000)
+        batch = self._batch
+        if batch is not None and batch.depth:
+            # One reading of the clock serves a whole batch (one read from
+            # a connection: well under a millisecond of work).
+            now = batch.now
+            if not now:
+                now = batch.now = int(self._clock.seconds() * 1000)
+        else:
+            now = int(self._clock.seconds() * 1000)
         return now if now > self._last_timestamp else self._last_timestamp
 
     # -- publishing -------------------------------------------------------------
