@@ -22,6 +22,9 @@ from zaichik.session import Session
 _log = Logger()
 _length = struct.Struct(">I")
 
+# Seconds a closing connection has to read what it is still owed.
+CLOSE_GRACE = 10.0
+
 
 @implementer(IPushProducer)
 class _OutputProducer:
@@ -64,10 +67,31 @@ class BrokerProtocol(Int32StringReceiver):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        limits = self.service.limits
+        self.factory.connections += 1
+        if self.factory.connections > limits.max_connections:
+            self.session.fail(0, ZaichikError(
+                ErrorCode.LIMIT, f"connection limit of {limits.max_connections} reached"))
+            self._disconnect()
+            return
+        if limits.idle_timeout:
+            self._idle = self.factory.clock.callLater(limits.idle_timeout, self._idleTimeout)
 
     def connectionLost(self, reason) -> None:
         self._closing = True
+        self.factory.connections -= 1
+        for call in (self._idle, self._abort):
+            if call is not None and call.active():
+                call.cancel()
         self.session.end()
+
+    _idle = None
+    _abort = None
+
+    def _idleTimeout(self) -> None:
+        timeout = self.service.limits.idle_timeout
+        self.session.fail(0, ZaichikError(ErrorCode.LIMIT, f"idle for {timeout:g} s"))
+        self._disconnect()
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -78,6 +102,8 @@ class BrokerProtocol(Int32StringReceiver):
         """
         if self._closing:
             return
+        if self._idle is not None and data:
+            self._idle.reset(self.service.limits.idle_timeout)
         if self._unprocessed:
             data = self._unprocessed + data
         end = len(data)
@@ -140,6 +166,9 @@ class BrokerProtocol(Int32StringReceiver):
             # instead of closing once its buffer is written.
             self.transport.unregisterProducer()
             self.transport.loseConnection()
+            # A peer that does not read would keep the connection (and its
+            # buffer) forever: give it a few seconds to take what is written.
+            self._abort = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
 
 class BrokerFactory(Factory):
@@ -150,6 +179,8 @@ class BrokerFactory(Factory):
     def __init__(self, service: BrokerService, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
         self.service = service
         self.max_frame_size = max_frame_size
+        self.clock = service.clock
+        self.connections = 0
 
     def buildProtocol(self, addr) -> BrokerProtocol:
         protocol = BrokerProtocol(self.service, self.max_frame_size)

@@ -5,6 +5,7 @@ retention sweep.  Connections (see L{zaichik.session}) call into it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from twisted.application.service import Service
@@ -20,15 +21,46 @@ from zaichik.topic import Batch, Topic
 _log = Logger()
 
 
+@dataclass
+class Limits:
+    """
+    What one broker allows; each is a C{twistd zaichik} option.  Reaching a
+    limit is answered with C{ERROR(LIMIT)}.
+
+    @ivar max_connections: open connections; one more is told LIMIT and closed.
+    @ivar max_topics: topics in all.
+    @ivar max_subscriptions: subscriptions of one connection.
+    @ivar max_retained_bytes: retained bytes (encoded frames) of one topic;
+        0 for no bound.
+    @ivar retained_bytes_policy: C{"expire"}: the oldest messages make
+        room; C{"reject"}: a publish that does not fit is refused.
+    @ivar max_output_buffer: bytes queued for one connection's subscription
+        that it does not read (on a topic that retains nothing) before the
+        C{slow_consumer} policy applies; 0 for no bound.
+    @ivar slow_consumer: C{"disconnect"}: the connection gets
+        C{ERROR(0, LIMIT, "slow consumer")} and is closed; C{"block"}: the
+        topic's publishers are not read until the subscriber drains.
+    @ivar idle_timeout: seconds a connection may send nothing before it is
+        told LIMIT and closed (PING keeps it alive); 0 for none.
+    """
+
+    max_connections: int = 10_000
+    max_topics: int = 100_000
+    max_subscriptions: int = 1_000
+    max_retained_bytes: int = 0
+    retained_bytes_policy: str = "expire"
+    max_output_buffer: int = 16 * 1024 * 1024
+    slow_consumer: str = "disconnect"
+    idle_timeout: float = 300.0
+
+
 class BrokerService(Service):
     """
     @ivar topics: the topics by name.
     @ivar sweep_interval: seconds between retention sweeps.  Reads expire
         lazily as well, so this only bounds how long expired messages hold
         memory, not what subscribers see.
-    @ivar max_output_buffer: bytes a subscription on a topic that retains
-        nothing may hold for a connection that does not read, before the
-        connection is closed as a slow consumer (0: no bound).
+    @ivar limits: the L{Limits} in force.
     @ivar batch: the L{Batch} that connections wrap their reads in, so
         that fan-out happens once per read rather than once per message.
     """
@@ -42,9 +74,8 @@ class BrokerService(Service):
         clock=None,
         default_retention: int = 0,
         default_compaction_window: int = 0,
-        max_retained_bytes: int = 0,
         sweep_interval: float = 1.0,
-        max_output_buffer: int = 16 * 1024 * 1024,
+        limits: Optional[Limits] = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -53,9 +84,8 @@ class BrokerService(Service):
         self.authenticator = IAuthenticator(authenticator if authenticator is not None else AllowAll())
         self.default_retention = default_retention
         self.default_compaction_window = default_compaction_window
-        self.max_retained_bytes = max_retained_bytes
         self.sweep_interval = sweep_interval
-        self.max_output_buffer = max_output_buffer
+        self.limits = limits if limits is not None else Limits()
         self.batch = Batch()
         self.topics: Dict[str, Topic] = {}
         self._durable_sessions: Dict[str, object] = {}
@@ -95,8 +125,9 @@ class BrokerService(Service):
 
     def _open(self, name: str, retention: int, window: int, next_offset: int = 0) -> Topic:
         log = self.storage.open_log(name, retention, window)
-        topic = Topic(name, log, self.clock, retention, window, self.max_retained_bytes, next_offset,
-                      self.batch)
+        limits = self.limits
+        topic = Topic(name, log, self.clock, retention, window, limits.max_retained_bytes, next_offset,
+                      self.batch, reject_over_bytes=limits.retained_bytes_policy == "reject")
         self.topics[name] = topic
         return topic
 
@@ -108,6 +139,8 @@ class BrokerService(Service):
         """
         topic = self.topics.get(name)
         if topic is None:
+            if len(self.topics) >= self.limits.max_topics:
+                raise ZaichikError(ErrorCode.LIMIT, f"topic limit of {self.limits.max_topics} reached")
             _log.info("Created topic {topic} (retention {retention} ms, compaction window {window} ms)",
                       topic=name, retention=retention_ttl, window=compaction_window)
             return self._open(name, retention_ttl, compaction_window)

@@ -140,6 +140,10 @@ class Session:
 
     def _overflowed(self, subscription: Subscription) -> None:
         """A subscription's queue passed the output limit: a slow consumer."""
+        if self.service.limits.slow_consumer == "block":
+            subscription.blocking = True
+            subscription.topic.block(subscription)
+            return
         _log.warn("Slow consumer on {topic}: {pending} bytes waiting; disconnecting",
                   topic=subscription.topic.name, pending=subscription.pending_bytes)
         self.fail(0, ZaichikError(ErrorCode.LIMIT, "slow consumer"))
@@ -194,10 +198,13 @@ class Session:
         _check_topic(name)
         if name in self.subscriptions:
             raise ZaichikError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
+        limit = self.service.limits.max_subscriptions
+        if len(self.subscriptions) >= limit:
+            raise ZaichikError(ErrorCode.LIMIT, f"subscription limit of {limit} per connection reached")
         topic = self.service.topic(name)
         first = topic.start_offset(request.start, request.offset, self.committed(name))
         subscription = Subscription(topic, self.output, request.max_inflight, self._last_sent.get(name),
-                                    first, self.service.max_output_buffer, self._overflowed)
+                                    first, self.service.limits.max_output_buffer, self._overflowed)
         topic.subscribe(subscription)
         self.subscriptions[name] = subscription
         self._reply(codec.Ok(request.rid))
@@ -222,15 +229,23 @@ class Session:
             topic = self.service.topic(name)
         return topic
 
-    def _publish(self, request: codec.Publish) -> None:
-        offset, duplicate = self._topic(request.topic).publish(request.key, request.value)
+    def _publish(self, request: codec.Publish) -> Optional[Deferred]:
+        topic = self._topic(request.topic)
+        offset, duplicate = topic.publish(request.key, request.value)
         if request.rid:
             self._reply(codec.Published(request.rid, offset, duplicate))
+        if topic.blocked:
+            # Backpressure: read nothing more from this publisher until the
+            # topic's slow subscribers have drained.
+            return topic.when_unblocked()
+        return None
 
-    def _publish_batch(self, request: codec.PublishBatch) -> None:
-        results = self._topic(request.topic).publish_many(request.entries)
+    def _publish_batch(self, request: codec.PublishBatch) -> Optional[Deferred]:
+        topic = self._topic(request.topic)
+        results = topic.publish_many(request.entries)
         if request.rid:
             self._reply(codec.PublishedBatch(request.rid, results))
+        return topic.when_unblocked() if topic.blocked else None
 
     def _commit(self, request: codec.Commit) -> None:
         name = request.topic

@@ -72,6 +72,9 @@ class Subscription:
         self._output = output
         self._pending: Deque[bytes] = deque()  # frames from offset self.next on
         self.pending_bytes = 0
+        # Set while this subscription holds its topic's publishers back
+        # (the "block" policy), until its queue is down to half the limit.
+        self.blocking = False
         self._inflight: Deque[int] = deque()
 
     def __repr__(self) -> str:
@@ -129,7 +132,8 @@ class Subscription:
         self._pending.extend(frames)
         self.pending_bytes += sum(map(len, frames))
         self.drain()
-        if self.max_pending_bytes and self.pending_bytes > self.max_pending_bytes and self._on_overflow:
+        if (self.max_pending_bytes and self.pending_bytes > self.max_pending_bytes
+                and self._on_overflow and not self.blocking):
             self._on_overflow(self)
 
     # -- flow ------------------------------------------------------------------
@@ -152,6 +156,9 @@ class Subscription:
                 take = min(room, len(pending), READ_CHUNK)
                 frames = [pending.popleft() for _ in range(take)]
                 self.pending_bytes -= sum(map(len, frames))
+                if self.blocking and self.pending_bytes <= self.max_pending_bytes // 2:
+                    self.blocking = False
+                    self.topic.unblock(self)
             self._send(first, frames)
 
     def acknowledge(self, offset: int) -> None:

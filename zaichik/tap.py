@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from zaichik import codec, units
 from zaichik.protocol import BrokerFactory
-from zaichik.service import BrokerService
+from zaichik.service import BrokerService, Limits
 
 def parse_duration(text: str) -> int:
     try:
@@ -43,10 +43,23 @@ class Options(usage.Options):
         ["default-compaction-window", None, 0,
          "compaction_window of topics created by PUBLISH or SUBSCRIBE.", parse_duration],
         ["max-retained-bytes", None, 0,
-         "Bound on each topic's retained key+value bytes; oldest expire first (0: no bound).",
-         _non_negative_int],
+         "Bound on each topic's retained bytes (encoded messages); 0: no bound.", _non_negative_int],
+        ["retained-bytes-policy", None, "expire",
+         "At --max-retained-bytes: expire (the oldest make room) or reject (LIMIT)."],
         ["sweep-interval", None, 1000,
          "How often expired messages are swept from memory (default 1s).", parse_duration],
+        ["max-connections", None, Limits.max_connections, "Open connections at most.", _non_negative_int],
+        ["max-topics", None, Limits.max_topics, "Topics at most.", _non_negative_int],
+        ["max-subscriptions", None, Limits.max_subscriptions,
+         "Subscriptions of one connection at most.", _non_negative_int],
+        ["max-output-buffer", None, Limits.max_output_buffer,
+         "Bytes queued for a subscriber that does not read before --slow-consumer applies.",
+         _non_negative_int],
+        ["slow-consumer", None, "disconnect",
+         "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
+        ["idle-timeout", None, int(Limits.idle_timeout * 1000),
+         "Close connections that send nothing for this long; PING keeps them alive (0: never).",
+         parse_duration],
     ]
 
     def __init__(self) -> None:
@@ -68,15 +81,29 @@ class Options(usage.Options):
             self["port"] = ["tcp:8889"]
         if self["sweep-interval"] <= 0:
             raise usage.UsageError("--sweep-interval must be positive")
+        if self["retained-bytes-policy"] not in ("expire", "reject"):
+            raise usage.UsageError("--retained-bytes-policy is expire or reject")
+        if self["slow-consumer"] not in ("disconnect", "block"):
+            raise usage.UsageError("--slow-consumer is disconnect or block")
 
 
 def makeService(config: Options) -> MultiService:
     top = MultiService()
+    limits = Limits(
+        max_connections=config["max-connections"],
+        max_topics=config["max-topics"],
+        max_subscriptions=config["max-subscriptions"],
+        max_retained_bytes=config["max-retained-bytes"],
+        retained_bytes_policy=config["retained-bytes-policy"],
+        max_output_buffer=config["max-output-buffer"],
+        slow_consumer=config["slow-consumer"],
+        idle_timeout=config["idle-timeout"] / 1000.0,
+    )
     broker = BrokerService(
         default_retention=config["default-retention"],
         default_compaction_window=config["default-compaction-window"],
-        max_retained_bytes=config["max-retained-bytes"],
         sweep_interval=config["sweep-interval"] / 1000.0,
+        limits=limits,
     )
     broker.setServiceParent(top)
     factory = BrokerFactory(broker, config["max-frame-size"])

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface
 
 from zaichik import codec
-from zaichik.codec import Start
+from zaichik.codec import ErrorCode, Start
+from zaichik.errors import ZaichikError
 from zaichik.storage import IMessageLog
 
 _log = Logger()
@@ -87,11 +88,15 @@ class Topic:
         max_retained_bytes: int = 0,
         next_offset: int = 0,
         batch: Optional[Batch] = None,
+        reject_over_bytes: bool = False,
     ) -> None:
         self.name = name
         self.retention_ttl = retention_ttl
         self.compaction_window = compaction_window
         self.max_retained_bytes = max_retained_bytes
+        # With a byte bound: refuse what does not fit (True) or expire the
+        # oldest to make room (False).
+        self.reject_over_bytes = reject_over_bytes
         self.next_offset = next_offset
         self.subscribers: List[ISubscriber] = []
         self._log = log
@@ -108,6 +113,37 @@ class Topic:
         # that the ones whose window has passed can be forgotten cheaply.
         self._keys: Dict[bytes, Tuple[int, int]] = {}
         self._key_order: Deque[Tuple[int, bytes]] = deque()
+
+    # -- backpressure (the "block" slow-consumer policy) ----------------------
+
+    _blockers: Optional[set] = None
+
+    @property
+    def blocked(self) -> bool:
+        """Does a subscriber that cannot keep up hold the publishers back?"""
+        return bool(self._blockers)
+
+    def block(self, subscriber: ISubscriber) -> None:
+        if self._blockers is None:
+            self._blockers = set()
+            self._waiting: List[Deferred] = []
+        self._blockers.add(subscriber)
+
+    def unblock(self, subscriber: ISubscriber) -> None:
+        if self._blockers:
+            self._blockers.discard(subscriber)
+            if not self._blockers:
+                waiting, self._waiting = self._waiting, []
+                for d in waiting:
+                    d.callback(None)
+
+    def when_unblocked(self) -> Deferred:
+        """A Deferred that fires once no subscriber blocks the topic."""
+        if not self.blocked:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
 
     def __repr__(self) -> str:
         return f"<Topic {self.name} next_offset={self.next_offset} retained={len(self._log)}>"
@@ -145,7 +181,10 @@ class Topic:
         @return: C{(offset, duplicate)}: for a duplicate dropped by
             compaction, the offset of the stored message it duplicates.
         """
-        offset, duplicate = self._store(self.now(), key, value)
+        now = self.now()
+        if self.reject_over_bytes:
+            self._check_room(now, [(key, value)])
+        offset, duplicate = self._store(now, key, value)
         if not duplicate:
             self._stored()
         return offset, duplicate
@@ -156,11 +195,32 @@ class Topic:
         deliver the stored ones to each subscriber in one call.
         """
         now = self.now()
+        if self.reject_over_bytes:
+            entries = list(entries)
+            self._check_room(now, entries)
         store = self._store
         results = [store(now, key, value) for key, value in entries]
         if self._unsent:
             self._stored()
         return results
+
+    def _check_room(self, now: int, entries: List[Tuple[Optional[bytes], bytes]]) -> None:
+        """
+        Under the C{reject} policy, refuse (all of) C{entries} unless they fit
+        in the retained-bytes bound once expired messages are gone.  Sizes
+        are counted as if none were a duplicate.
+        """
+        if not (self.retention_ttl and self.max_retained_bytes):
+            return
+        overhead = len(self._prefix) + 26
+        size = sum(overhead + len(value) + (len(key) if key else 0) for key, value in entries)
+        if self._log.nbytes + size > self.max_retained_bytes:
+            self._log.expire(now - self.retention_ttl)
+            if self._log.nbytes + size > self.max_retained_bytes:
+                raise ZaichikError(
+                    ErrorCode.LIMIT,
+                    f"topic {self.name} would retain more than {self.max_retained_bytes} bytes",
+                )
 
     def _store(self, now: int, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
         window = self.compaction_window
@@ -293,6 +353,7 @@ class Topic:
             self.subscribers.remove(subscriber)
         except ValueError:
             pass
+        self.unblock(subscriber)
 
     def info(self) -> codec.TopicInfo:
         self.expire()
