@@ -156,10 +156,12 @@ class Subscription:
                 take = min(room, len(pending), READ_CHUNK)
                 frames = [pending.popleft() for _ in range(take)]
                 self.pending_bytes -= sum(map(len, frames))
-                if self.blocking and self.pending_bytes <= self.max_pending_bytes // 2:
-                    self.blocking = False
-                    self.topic.unblock(self)
             self._send(first, frames)
+            if self.blocking and self.pending_bytes <= self.max_pending_bytes // 2:
+                # After the send: unblocking lets publishers run (and deliver
+                # to us) at once, and they must find our position current.
+                self.blocking = False
+                self.topic.unblock(self)
 
     def acknowledge(self, offset: int) -> None:
         """Everything up to and including C{offset} is committed: open the window."""
