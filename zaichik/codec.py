@@ -636,10 +636,17 @@ def _decode_error(r: _Reader) -> Error:
     return Error(rid, r.u16("code"), r.string("message"))
 
 
+def _duplicate(r: _Reader) -> bool:
+    flag = r.u8("duplicate")
+    if flag > 1:
+        raise r.fail(f"duplicate flag {flag} is neither 0 nor 1")
+    return flag == 1
+
+
 def _decode_published(r: _Reader) -> Published:
     rid = r.read_rid()
     offset = r.u64("offset")
-    return Published(rid, offset, bool(r.u8("duplicate")))
+    return Published(rid, offset, _duplicate(r))
 
 
 def _decode_topics(r: _Reader) -> Topics:
@@ -663,7 +670,7 @@ def _decode_published_batch(r: _Reader) -> PublishedBatch:
     results = []
     for _ in range(count):
         offset = r.u64("offset")
-        results.append((offset, bool(r.u8("duplicate"))))
+        results.append((offset, _duplicate(r)))
     return PublishedBatch(rid, results)
 
 
