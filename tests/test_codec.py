@@ -19,9 +19,8 @@ broker must answer with.
 from __future__ import annotations
 
 import struct
-import time
 
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -743,14 +742,23 @@ class RejectionTests(SynchronousTestCase):
         body = base + H("00000001") + one + one
         assertDecodeError(self, decode_request, body, ErrorCode.BAD_FRAME, 6)
 
+    def count_reads(self, method: str):
+        """Count calls of one of the decoder's field readers during a test."""
+        calls = []
+        original = getattr(codec._Reader, method)
+
+        def counting(reader, *args):
+            calls.append(args)
+            return original(reader, *args)
+
+        self.patch(codec._Reader, method, counting)
+        return calls
+
     def test_publish_batch_hostile_count_fails_fast(self):
         """
         A count that cannot fit fails at once, without walking the entries,
-        even with a max-size frame of valid-looking entries behind it.
-
-        Walking 1 MiB of 6-byte entries before noticing takes ~0.1 s; the
-        up-front size check takes microseconds.  Best of three against a
-        20 ms bound keeps this free of scheduler noise.
+        even with a max-size frame of valid-looking entries behind it: no
+        entry is read.  (Structural, not timed: the suite asserts no speeds.)
         """
         filler = b"\x00" * (codec.DEFAULT_MAX_FRAME_SIZE - 12)  # 174760 empty entries + 4
         cases = [
@@ -760,13 +768,10 @@ class RejectionTests(SynchronousTestCase):
             H("0a 00000007 0001 74") + struct.pack(">I", codec.DEFAULT_MAX_FRAME_SIZE) + filler,
             H("0a 00000007 0001 74") + struct.pack(">I", len(filler) // 6 + 1) + filler,
         ]
+        keys_read = self.count_reads("key")
         for body in cases:
-            best = float("inf")
-            for _ in range(3):
-                began = time.perf_counter()
-                assertDecodeError(self, decode_request, body, ErrorCode.BAD_FRAME, 7)
-                best = min(best, time.perf_counter() - began)
-            self.assertLess(best, 0.02, body[:12].hex())
+            assertDecodeError(self, decode_request, body, ErrorCode.BAD_FRAME, 7)
+        self.assertEqual(keys_read, [])
 
     def test_publish_batch_of_minimal_entries(self):
         """Entries are at least 6 bytes (empty key + empty value); exactly that many fit."""
@@ -775,21 +780,25 @@ class RejectionTests(SynchronousTestCase):
         self.assertEqual(req, PublishBatch(7, "t", [(None, b"")] * 1000))
 
     def test_published_batch_hostile_count_fails_fast(self):
+        """The client's decoder also refuses an impossible count up front (see above)."""
+        filler = b"\x00" * (codec.DEFAULT_MAX_FRAME_SIZE - 9)
+        offsets_read = self.count_reads("u64")
         for body in (
             H("85 00000007 ffffffff"),
-            H("85 00000007 ffffffff") + b"\x00" * (codec.DEFAULT_MAX_FRAME_SIZE - 9),
+            H("85 00000007 ffffffff") + filler,
+            H("85 00000007") + struct.pack(">I", len(filler) // 9 + 1) + filler,
         ):
-            began = time.perf_counter()
             e = self.assertRaises(DecodeError, decode_reply, body)
-            self.assertEqual(e.code, ErrorCode.BAD_FRAME)
-            self.assertLess(time.perf_counter() - began, 0.5)
+            self.assertEqual((e.code, e.rid), (ErrorCode.BAD_FRAME, 7))
+        self.assertEqual(offsets_read, [])
 
-    def test_topics_hostile_count_fails_fast(self):
+    def test_topics_hostile_count_fails(self):
+        """A TOPICS count larger than its entries fails once the body runs out."""
         body = H("84 00000007 ffffffff") + b"\x00" * 1000
-        began = time.perf_counter()
+        names_read = self.count_reads("string")
         e = self.assertRaises(DecodeError, decode_reply, body)
         self.assertEqual(e.code, ErrorCode.BAD_FRAME)
-        self.assertLess(time.perf_counter() - began, 0.5)
+        self.assertLessEqual(len(names_read), 1000 // 2)
 
     def test_length_fields_beyond_body(self):
         """A string, key or blob length past the end of the body is BAD_FRAME."""
@@ -824,6 +833,23 @@ class RejectionTests(SynchronousTestCase):
                           ErrorCode.BAD_FRAME, 9)
         assertDecodeError(self, decode_request, H("05 00000009 0001 ff 0000 00000000"),
                           ErrorCode.BAD_FRAME, 9)
+
+    def test_duplicate_flag_must_be_0_or_1(self):
+        """PUBLISHED / PUBLISHED_BATCH duplicate is a u8 that is 0 or 1; anything else is BAD_FRAME."""
+        self.assertIs(decode_reply(H("83 00000007 0000000000000001 01")).duplicate, True)
+        self.assertIs(decode_reply(H("83 00000007 0000000000000001 00")).duplicate, False)
+        self.assertEqual(
+            decode_reply(H("85 00000007 00000002 0000000000000001 01 0000000000000002 00")).results,
+            [(1, True), (2, False)],
+        )
+        for flag in (2, 0x83, 0xFF):
+            for body in (
+                H("83 00000007 0000000000000001") + bytes([flag]),
+                H("85 00000007 00000001 0000000000000001") + bytes([flag]),
+                H("85 00000007 00000002 0000000000000001 00 0000000000000002") + bytes([flag]),
+            ):
+                e = self.assertRaises(DecodeError, decode_reply, body)
+                self.assertEqual((e.code, e.rid), (ErrorCode.BAD_FRAME, 7))
 
     def test_decode_error_attributes(self):
         e = DecodeError(ErrorCode.BAD_TOPIC, 42, "no")
@@ -906,7 +932,8 @@ class FuzzTests(SynchronousTestCase):
             self.assertIn(e.code, (ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_OPCODE))
         else:
             self.assertIn(type(rep), (Ok, Error, Message, Published, Topics, PublishedBatch))
-            self.assertEqual(body[0], rep.encode()[0])
+            # Reply encodings are canonical too (duplicate flags are 0 or 1).
+            self.assertEqual(rep.encode(), body)
 
 
 class TopicNameTests(SynchronousTestCase):

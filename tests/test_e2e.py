@@ -36,6 +36,7 @@ class BrokerTestCase(TestCase):
         self.broker = shared_broker(*self.broker_options)
 
     async def connect(self, **kwargs):
+        kwargs.setdefault("keepalive", 0)
         client = await connect(reactor, self.broker.address, **kwargs)
         self.addCleanup(lambda: ensureDeferred(self._close(client)))
         return client
@@ -167,3 +168,23 @@ class ProcessTests(TestCase):
                               capture_output=True, text=True, timeout=60)
         self.assertNotEqual(done.returncode, 0)
         self.assertIn("not a duration", done.stdout + done.stderr)
+
+
+class IdleTimeoutTests(BrokerTestCase):
+    """The broker closes quiet connections; the client library's keepalive prevents it."""
+
+    broker_options = ("--idle-timeout", "1s")
+
+    @async_test
+    async def test_keepalive_keeps_a_listener_connected(self):
+        from twisted.internet.task import deferLater
+
+        kept = await self.connect(keepalive=0.3)
+        quiet = await self.connect(keepalive=0)
+        errors = []
+        quiet.on_error = errors.append
+        await deferLater(reactor, 1.6, lambda: None)
+        self.assertTrue(quiet.closed.called)
+        self.assertEqual([e.code for e in errors], [ErrorCode.LIMIT])
+        self.assertFalse(kept.closed.called)
+        self.assertIsNone(await kept.ping())

@@ -32,6 +32,7 @@ from typing import Callable, Deque, Dict, Iterable, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
@@ -320,6 +321,10 @@ class Client:
         d.addCallback(lambda _: self.closed)
         return d
 
+    def _keepalive(self) -> None:
+        if self._protocol._lost is None:
+            self.ping().addErrback(lambda failure: None)
+
     def abort(self) -> None:
         """Drop the connection at once."""
         self._protocol.transport.abortConnection()
@@ -338,13 +343,23 @@ def client_endpoint(reactor, server: str):
     return clientFromString(reactor, server)
 
 
-async def connect(reactor, server: str = "localhost:8889", client_id: str = "", token: str = "") -> Client:
+async def connect(reactor, server: str = "localhost:8889", client_id: str = "", token: str = "",
+                  keepalive: float = 60.0) -> Client:
     """
     Connect to a broker (see L{client_endpoint} for C{server}), and say
     HELLO when a C{client_id} or C{token} is given.
+
+    @param keepalive: seconds between PINGs that keep an otherwise quiet
+        connection (a subscriber that only listens) inside the broker's
+        idle timeout; 0 for none.
     """
     protocol = await connectProtocol(client_endpoint(reactor, server), _ClientProtocol())
     client = Client(protocol)
+    if keepalive:
+        pinger = LoopingCall(client._keepalive)
+        pinger.clock = reactor
+        pinger.start(keepalive, now=False)
+        client.closed.addBoth(lambda result: (pinger.stop(), result)[1])
     if client_id or token:
         try:
             await client.hello(client_id, token)
