@@ -317,9 +317,15 @@ class Client:
         """Ask the broker to close; fires once the connection is closed."""
         if self._protocol._lost is not None:
             return succeed(None)
-        d = self._request(codec.Close)
-        d.addCallback(lambda _: self.closed)
-        return d
+        if not self._closing:
+            self._closing = True
+            d = self._request(codec.Close)
+            d.addErrback(lambda failure: None)  # a connection lost meanwhile is closed too
+        waiter: Deferred = Deferred()
+        self.closed.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
+
+    _closing = False
 
     def _keepalive(self) -> None:
         if self._protocol._lost is None:

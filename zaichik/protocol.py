@@ -62,14 +62,14 @@ class BrokerProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_size
 
     def connectionMade(self) -> None:
-        self.session = Session(self.service, self._sendReply, self.transport.write, self._disconnect)
+        self.session = Session(self.service, self._sendReply, self._write, self._disconnect)
         self.transport.registerProducer(_OutputProducer(self.session), True)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
         limits = self.service.limits
-        self.factory.connections += 1
-        if self.factory.connections > limits.max_connections:
+        self.service.connections += 1
+        if self.service.connections > limits.max_connections:
             self.session.fail(0, ZaichikError(
                 ErrorCode.LIMIT, f"connection limit of {limits.max_connections} reached"))
             self._disconnect()
@@ -79,7 +79,7 @@ class BrokerProtocol(Int32StringReceiver):
 
     def connectionLost(self, reason) -> None:
         self._closing = True
-        self.factory.connections -= 1
+        self.service.connections -= 1
         for call in (self._idle, self._abort):
             if call is not None and call.active():
                 call.cancel()
@@ -102,6 +102,7 @@ class BrokerProtocol(Int32StringReceiver):
         """
         if self._closing:
             return
+        self.service.stats.bytes_in += len(data)
         if self._idle is not None and data:
             self._idle.reset(self.service.limits.idle_timeout)
         if self._unprocessed:
@@ -153,9 +154,14 @@ class BrokerProtocol(Int32StringReceiver):
             ),
         )
 
+    def _write(self, data: bytes) -> None:
+        self.service.stats.bytes_out += len(data)
+        self.transport.write(data)
+
     def _sendReply(self, reply) -> None:
         if not self._closing:
-            self.sendString(reply.encode())
+            body = reply.encode()
+            self._write(_length.pack(len(body)) + body)
 
     def _disconnect(self) -> None:
         """Stop reading requests; close once what is buffered is written."""
@@ -180,7 +186,6 @@ class BrokerFactory(Factory):
         self.service = service
         self.max_frame_size = max_frame_size
         self.clock = service.clock
-        self.connections = 0
 
     def buildProtocol(self, addr) -> BrokerProtocol:
         protocol = BrokerProtocol(self.service, self.max_frame_size)

@@ -5,7 +5,7 @@ retention sweep.  Connections (see L{zaichik.session}) call into it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from twisted.application.service import Service
@@ -54,6 +54,19 @@ class Limits:
     idle_timeout: float = 300.0
 
 
+@dataclass
+class Stats:
+    """Broker-wide counters, read by the metrics endpoint."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    slow_consumer_disconnects: int = 0
+    errors: Dict[int, int] = field(default_factory=dict)
+
+    def error(self, code: int) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
 class BrokerService(Service):
     """
     @ivar topics: the topics by name.
@@ -61,6 +74,8 @@ class BrokerService(Service):
         lazily as well, so this only bounds how long expired messages hold
         memory, not what subscribers see.
     @ivar limits: the L{Limits} in force.
+    @ivar stats: broker-wide L{Stats}; per-topic counters are on the topics.
+    @ivar connections: open connections, on all listeners.
     @ivar batch: the L{Batch} that connections wrap their reads in, so
         that fan-out happens once per read rather than once per message.
     """
@@ -86,6 +101,8 @@ class BrokerService(Service):
         self.default_compaction_window = default_compaction_window
         self.sweep_interval = sweep_interval
         self.limits = limits if limits is not None else Limits()
+        self.stats = Stats()
+        self.connections = 0
         self.batch = Batch()
         self.topics: Dict[str, Topic] = {}
         self._durable_sessions: Dict[str, object] = {}
@@ -178,6 +195,10 @@ class BrokerService(Service):
     def detach(self, client_id: str, session) -> None:
         if self._durable_sessions.get(client_id) is session:
             del self._durable_sessions[client_id]
+
+    def durable_positions(self) -> Dict[str, Dict[str, int]]:
+        """Committed offsets of durable clients: C{{client_id: {topic: offset}}}."""
+        return self.storage.commits()
 
     def committed(self, client_id: str, topic: str) -> Optional[int]:
         return self.storage.commits().get(client_id, {}).get(topic)

@@ -94,6 +94,7 @@ class Session:
 
     def fail(self, rid: int, error: ZaichikError) -> None:
         """Answer with an ERROR frame, closing the connection where the protocol says so."""
+        self.service.stats.error(int(error.code))
         self._reply(codec.Error(rid, int(error.code), error.message))
         if error.code in (ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FRAME_TOO_LARGE):
             self.end()
@@ -113,6 +114,9 @@ class Session:
         if self.ended:
             return
         self.ended = True
+        # Messages published earlier in the current read are owed to these
+        # subscriptions (they were present): deliver them before ending.
+        self.service.batch.flush()
         for subscription in self.subscriptions.values():
             subscription.cancel()
         self.subscriptions.clear()
@@ -146,6 +150,7 @@ class Session:
             return
         _log.warn("Slow consumer on {topic}: {pending} bytes waiting; disconnecting",
                   topic=subscription.topic.name, pending=subscription.pending_bytes)
+        self.service.stats.slow_consumer_disconnects += 1
         self.fail(0, ZaichikError(ErrorCode.LIMIT, "slow consumer"))
         self.end()
         self._disconnect()
@@ -215,6 +220,7 @@ class Session:
         subscription = self.subscriptions.pop(request.topic, None)
         if subscription is None:
             raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.topic}")
+        self.service.batch.flush()  # what was published before this request is delivered
         subscription.cancel()
         if subscription.last_sent is not None:
             self._last_sent[request.topic] = subscription.last_sent

@@ -100,6 +100,7 @@ class Subscription:
 
     def _send(self, first: int, frames: List[bytes]) -> None:
         count = len(frames)
+        self.topic.messages_out += count
         self.next = first + count
         self.last_sent = first + count - 1
         if self.max_inflight:

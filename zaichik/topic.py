@@ -106,6 +106,11 @@ class Topic:
         # self._unsent_first on.
         self._unsent: List[bytes] = []
         self._unsent_first = 0
+        # Counters for the metrics endpoint (stored messages are
+        # next_offset; retained ones are the log's).
+        self.duplicates = 0
+        self.expired = 0
+        self.messages_out = 0
         self._prefix = codec.topic_prefix(name)
         self._last_timestamp = 0
         # Compaction: the last stored timestamp and offset of each key still
@@ -215,7 +220,7 @@ class Topic:
         overhead = len(self._prefix) + 26
         size = sum(overhead + len(value) + (len(key) if key else 0) for key, value in entries)
         if self._log.nbytes + size > self.max_retained_bytes:
-            self._log.expire(now - self.retention_ttl)
+            self.expired += self._log.expire(now - self.retention_ttl)
             if self._log.nbytes + size > self.max_retained_bytes:
                 raise ZaichikError(
                     ErrorCode.LIMIT,
@@ -227,6 +232,7 @@ class Topic:
         if key and window:
             seen = self._keys.get(key)
             if seen is not None and now - seen[0] < window:
+                self.duplicates += 1
                 return seen[1], True
             if len(self._key_order) > 2 * len(self._keys) + 64:
                 # Keys stored again after their window leave stale entries
@@ -269,7 +275,7 @@ class Topic:
         # message even when it is too big to be retained.
         log = self._log
         if self.max_retained_bytes and log.nbytes > self.max_retained_bytes:
-            log.trim(self.max_retained_bytes)
+            self.expired += log.trim(self.max_retained_bytes)
 
     def _deliveryFailed(self, failure, subscriber: ISubscriber) -> None:
         _log.failure("Delivery on {topic} failed; dropping subscriber {subscriber}",
@@ -287,7 +293,9 @@ class Topic:
         self._forget_keys(now)
         if not self.retention_ttl:
             return 0
-        return self._log.expire(now - self.retention_ttl)
+        expired = self._log.expire(now - self.retention_ttl)
+        self.expired += expired
+        return expired
 
     def _forget_keys(self, now: int) -> None:
         order = self._key_order
