@@ -16,7 +16,9 @@ setup(
     packages=["zaichik", "twisted.plugins"],
     package_data={"twisted.plugins": ["zaichik_plugin.py"]},
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
-    install_requires=["Twisted>=23.8", "zope.interface>=5"],
+    # prometheus_client: the metrics endpoint's exposition format and its
+    # Twisted resource, rather than writing the text format by hand.
+    install_requires=["Twisted>=23.8", "zope.interface>=5", "prometheus_client>=0.17"],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],
     },

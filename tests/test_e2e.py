@@ -162,6 +162,22 @@ class ProcessTests(TestCase):
         self.assertEqual(broker.stop(), -signal.SIGTERM)
         self.assertIn("Server Shut Down", broker.log())
 
+    def test_json_logs(self):
+        """--log-format json: one JSON event a line, with its structured fields."""
+        import json
+
+        broker = BrokerProcess("--log-format", "json").start()
+        self.addCleanup(broker.cleanup)
+        done = subprocess.run([sys.executable, "-m", "zaichik.cli", "--server", broker.address,
+                               "create", "logged.topic"], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        broker.stop()
+        events = [json.loads(line) for line in broker.log().splitlines() if line.strip()]
+        created = [e for e in events if e.get("topic") == "logged.topic"]
+        self.assertEqual(len(created), 1, events)
+        self.assertEqual(created[0]["log_namespace"], "zaichik.service")
+
     def test_bad_option_refused(self):
         done = subprocess.run(TWISTD + ["-n", "zaichik", "--default-retention", "soon"],
                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),

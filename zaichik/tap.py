@@ -8,7 +8,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from zaichik import codec, units
+from zaichik import codec, logs, units
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
 
@@ -57,10 +57,16 @@ class Options(usage.Options):
          _non_negative_int],
         ["slow-consumer", None, "disconnect",
          "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
+        ["metrics-port", None, None,
+         "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
+         "endpoint description (tcp:9102:interface=127.0.0.1)."],
+        ["log-format", None, "text", "text, or json: one JSON object a line with structured fields."],
         ["idle-timeout", None, int(Limits.idle_timeout * 1000),
          "Close connections that send nothing for this long; PING keeps them alive (0: never).",
          parse_duration],
     ]
+
+    parent = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,6 +91,13 @@ class Options(usage.Options):
             raise usage.UsageError("--retained-bytes-policy is expire or reject")
         if self["slow-consumer"] not in ("disconnect", "block"):
             raise usage.UsageError("--slow-consumer is disconnect or block")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format is text or json")
+        if self["log-format"] == "json" and self.parent is not None:
+            # twistd reads its logger option once options are parsed and
+            # before the service is made: this is the moment to choose it.
+            logs.configure(self.parent.get("logfile"), bool(self.parent.get("nodaemon")))
+            self.parent["logger"] = logs.JSON_OBSERVER
 
 
 def makeService(config: Options) -> MultiService:
@@ -109,4 +122,8 @@ def makeService(config: Options) -> MultiService:
     factory = BrokerFactory(broker, config["max-frame-size"])
     for description in config["port"]:
         strports.service(description, factory).setServiceParent(top)
+    if config["metrics-port"]:
+        from zaichik.metrics import metrics_site
+
+        strports.service(endpoint_description(config["metrics-port"]), metrics_site(broker)).setServiceParent(top)
     return top

@@ -1,0 +1,110 @@
+"""
+The metrics endpoint: the collector after a known workload (in memory), and
+a real broker's /metrics and /healthz over HTTP, parsed by prometheus_client's
+own parser.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from zaichik import codec
+from zaichik.client import Start, connect
+from zaichik.codec import ErrorCode
+from zaichik.errors import ZaichikError
+from zaichik.metrics import BrokerCollector
+from zaichik.service import BrokerService
+from zaichik.testing import free_port, shared_broker
+
+
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} from the Prometheus text format."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics[(name, frozenset(labels.items()))]
+
+
+class CollectorTests(SynchronousTestCase):
+    def test_known_workload(self):
+        clock = Clock()
+        clock.advance(1_000)
+        service = BrokerService(clock=clock)
+        topic = service.create_topic("orders", retention_ttl=10_000, compaction_window=5_000)
+        for key in (b"a", b"a", b"b", None):
+            topic.publish(key, b"v")
+        service.topic("other").publish(None, b"w")
+        service.record_commit("worker", "orders", 0)
+        service.stats.error(ErrorCode.BAD_TOPIC)
+        clock.advance(11)  # everything in "orders" expires
+        service.sweep()
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(service))
+        metrics = samples(generate_latest(registry).decode())
+        self.assertEqual(value(metrics, "zaichik_topics"), 2)
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="orders"), 3)
+        self.assertEqual(value(metrics, "zaichik_duplicates_dropped_total", topic="orders"), 1)
+        self.assertEqual(value(metrics, "zaichik_messages_expired_total", topic="orders"), 3)
+        self.assertEqual(value(metrics, "zaichik_retained_messages", topic="orders"), 0)
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="other"), 1)
+        self.assertEqual(value(metrics, "zaichik_commit_lag", client_id="worker", topic="orders"), 2)
+        self.assertEqual(value(metrics, "zaichik_errors_total", code="BAD_TOPIC"), 1)
+        self.assertEqual(value(metrics, "zaichik_errors_total", code="LIMIT"), 0)
+
+
+METRICS_PORT = free_port()
+
+
+class EndpointTests(TestCase):
+    def setUp(self) -> None:
+        self.metrics_port = METRICS_PORT
+        self.broker = shared_broker("--metrics-port", f"tcp:{self.metrics_port}:interface=127.0.0.1")
+
+    def fetch(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def test_metrics_after_workload(self):
+        async def workload():
+            client = await connect(reactor, self.broker.address, client_id="m-reader", keepalive=0)
+            await client.create_topic("m.topic", retention_ttl=60_000, compaction_window=60_000)
+            subscription = await client.subscribe("m.topic", start=Start.EARLIEST)
+            await client.publish_batch("m.topic", [(b"k1", b"x"), (b"k1", b"y"), (b"k2", b"z")])
+            for _ in range(2):
+                await subscription.get()
+            await client.commit("m.topic", 0)
+            try:
+                await client.publish("bad topic", b"x")
+            except ZaichikError:
+                pass
+            await client.close()
+
+        def check(_):
+            metrics = samples(self.fetch("/metrics"))
+            self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="m.topic"), 2)
+            self.assertEqual(value(metrics, "zaichik_messages_out_total", topic="m.topic"), 2)
+            self.assertEqual(value(metrics, "zaichik_duplicates_dropped_total", topic="m.topic"), 1)
+            self.assertEqual(value(metrics, "zaichik_retained_messages", topic="m.topic"), 2)
+            self.assertGreater(value(metrics, "zaichik_retained_bytes", topic="m.topic"), 0)
+            self.assertEqual(value(metrics, "zaichik_commit_lag", client_id="m-reader", topic="m.topic"), 1)
+            self.assertGreaterEqual(value(metrics, "zaichik_errors_total", code="BAD_TOPIC"), 1)
+            self.assertGreater(value(metrics, "zaichik_bytes_in_total"), 0)
+            self.assertGreater(value(metrics, "zaichik_bytes_out_total"), 0)
+
+        return ensureDeferred(workload()).addCallback(check)
+
+    def test_healthz(self):
+        self.assertEqual(self.fetch("/healthz"), "ok\n")
