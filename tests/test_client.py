@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from zaichik import codec
-from zaichik.auth import IAuthenticator
+from zaichik.auth import ALLOW_ALL, IAuthenticator, Permissions
 from zaichik.client import (
     Client,
     Message,
@@ -40,14 +40,20 @@ NOW = 1_700_000_000
 PORT = 8889
 
 
+# What the fake authenticators grant: everything, as a distinct object.
+PERMISSIONS = Permissions(["#"], ["#"], ["#"], ["*"])
+
+
 @implementer(IAuthenticator)
 class TokenAuthenticator:
     """Accepts only the token "secret"."""
 
-    def authenticate(self, client_id: str, token: str) -> object:
+    requires_hello = False
+
+    def authenticate(self, client_id: str, token: str, peer: str = "") -> object:
         if token != "secret":
             raise ZaichikError(ErrorCode.NOT_AUTHORIZED, "bad token")
-        return client_id
+        return PERMISSIONS
 
 
 class ClientTestCase(SynchronousTestCase):
@@ -135,7 +141,7 @@ class ConnectTests(ClientTestCase):
         client = self.connect(client_id="me", token="tok")
         session = self.pump_of(client).server.session
         self.assertEqual(session.client_id, "me")
-        self.assertEqual(session.identity, "me")
+        self.assertIs(session.permissions, ALLOW_ALL)
         # A second HELLO is a protocol error.
         self.assertError(client.hello("again"), ErrorCode.PROTOCOL)
         self.assertIsNone(self.result(client.ping()))
@@ -152,7 +158,7 @@ class AuthenticatedConnectTests(ClientTestCase):
 
     def test_hello_accepted(self) -> None:
         client = self.connect(client_id="me", token="secret")
-        self.assertEqual(self.pump_of(client).server.session.identity, "me")
+        self.assertEqual(self.pump_of(client).server.session.permissions, PERMISSIONS)
 
     def test_hello_refused(self) -> None:
         """connect() raises NOT_AUTHORIZED and drops the connection."""

@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from zaichik import codec
-from zaichik.auth import IAuthenticator
+from zaichik.auth import IAuthenticator, Permissions
 from zaichik.codec import (
     Close,
     Commit,
@@ -147,14 +147,20 @@ def errors_of(replies) -> list:
     return out
 
 
+# What the fake authenticators grant: everything, as a distinct object.
+PERMISSIONS = Permissions(["#"], ["#"], ["#"], ["*"])
+
+
 @implementer(IAuthenticator)
 class PendingAuthenticator:
     """Answers each HELLO with a Deferred that the test fires."""
 
+    requires_hello = False
+
     def __init__(self) -> None:
         self.calls: List[tuple] = []
 
-    def authenticate(self, client_id: str, token: str) -> Deferred:
+    def authenticate(self, client_id: str, token: str, peer: str = "") -> Deferred:
         d: Deferred = Deferred()
         self.calls.append((client_id, token, d))
         return d
@@ -164,15 +170,19 @@ class PendingAuthenticator:
 class TokenAuthenticator:
     """Accepts only the token "secret" (synchronously)."""
 
-    def authenticate(self, client_id: str, token: str) -> object:
+    requires_hello = False
+
+    def authenticate(self, client_id: str, token: str, peer: str = "") -> object:
         if token != "secret":
             raise ZaichikError(ErrorCode.NOT_AUTHORIZED, "bad token")
-        return client_id or "anonymous"
+        return PERMISSIONS
 
 
 @implementer(IAuthenticator)
 class BrokenAuthenticator:
-    def authenticate(self, client_id: str, token: str) -> object:
+    requires_hello = False
+
+    def authenticate(self, client_id: str, token: str, peer: str = "") -> object:
         raise RuntimeError("authenticator bug")
 
 
@@ -567,7 +577,7 @@ class ErrorCodeTests(BrokerTestCase):
         self.assertEqual(conn.protocol.session.client_id, "")
         good = self.connect()
         self.assertEqual(good.request(Hello(1, "id", "secret")), [Ok(1)])
-        self.assertEqual(good.protocol.session.identity, "id")
+        self.assertIs(good.protocol.session.permissions, PERMISSIONS)
 
     def test_already_subscribed(self) -> None:
         conn = self.connect()
@@ -954,9 +964,9 @@ class AuthenticationTests(BrokerTestCase):
         self.assertEqual([call[:2] for call in self.auth.calls], [("id", "tok")])
         conn.feed(frames(Publish(4, "t", b"v"))[5:] + frames(Ping(5)))
         self.assertEqual(conn.replies(), [])
-        self.auth.calls[0][2].callback("identity")
+        self.auth.calls[0][2].callback(PERMISSIONS)
         self.assertEqual(conn.replies(), [Ok(1), Ok(2), Ok(3), Published(4, 0, False), Ok(5)])
-        self.assertEqual(conn.protocol.session.identity, "identity")
+        self.assertIs(conn.protocol.session.permissions, PERMISSIONS)
         self.assertOpen(conn)
 
     def test_async_does_not_hold_other_connections(self) -> None:
@@ -980,7 +990,7 @@ class AuthenticationTests(BrokerTestCase):
         conn = self.connect()
         conn.send(Hello(1, "id", "tok"), Subscribe(2, "t"))
         conn.lose()
-        self.auth.calls[0][2].callback("identity")
+        self.auth.calls[0][2].callback(PERMISSIONS)
         self.assertEqual(conn.replies(), [])
         self.assertEqual(conn.protocol.session.client_id, "")
         self.assertNotIn("t", self.service.topics)

@@ -62,7 +62,9 @@ class BrokerProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_size
 
     def connectionMade(self) -> None:
-        self.session = Session(self.service, self._sendReply, self._write, self._disconnect)
+        address = self.transport.getPeer()
+        peer = getattr(address, "host", None) or str(address)
+        self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer)
         self.transport.registerProducer(_OutputProducer(self.session), True)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:

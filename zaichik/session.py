@@ -8,13 +8,14 @@ write an already encoded frame, and to close the connection.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from zaichik import codec
 from zaichik.codec import ErrorCode
+from zaichik.auth import ALLOW_ALL, Permissions
 from zaichik.errors import ZaichikError
 from zaichik.service import BrokerService
 from zaichik.subscription import Output, Subscription
@@ -40,10 +41,15 @@ class Session:
         reply: Callable[[object], None],
         write: Callable[[bytes], None],
         disconnect: Callable[[], None],
+        peer: str = "",
     ) -> None:
         self.service = service
+        self.peer = peer
         self.client_id = ""
-        self.identity: object = None
+        # None until HELLO authenticates, where the broker requires it.
+        self.permissions: Optional[Permissions] = (
+            None if service.authenticator.requires_hello else ALLOW_ALL)
+        self._allowed: Dict[Tuple[str, str], bool] = {}
         self.subscriptions: Dict[str, Subscription] = {}
         self.ended = False
         self.output = Output(write)
@@ -79,6 +85,9 @@ class Session:
         if self.ended:
             return None
         self._requests += 1
+        if self.permissions is None and type(request) is not codec.Hello:
+            self._refuse(request.rid, "authenticate with HELLO first")
+            return None
         try:
             result = self._handlers[type(request)](request)
         except ZaichikError as e:
@@ -181,20 +190,56 @@ class Session:
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"version {request.version} is not supported; this broker speaks {codec.PROTOCOL_VERSION}",
             )
-        d = maybeDeferred(self.service.authenticator.authenticate, request.client_id, request.token)
-        return d.addCallback(self._authenticated, request)
+        d = maybeDeferred(self.service.authenticator.authenticate, request.client_id, request.token,
+                          self.peer)
+        return d.addCallbacks(self._authenticated, self._not_authenticated,
+                              callbackArgs=(request,), errbackArgs=(request,))
 
-    def _authenticated(self, identity: object, request: codec.Hello) -> None:
+    def _refuse(self, rid: int, why: str) -> None:
+        """NOT_AUTHORIZED for a connection that has not authenticated: it is closed."""
+        self.fail(rid, ZaichikError(ErrorCode.NOT_AUTHORIZED, why))
+        self.end()
+        self._disconnect()
+
+    def _not_authenticated(self, failure, request: codec.Hello) -> None:
         if self.ended:
             return
-        self.identity = identity
+        if failure.check(ZaichikError) and failure.value.code == ErrorCode.NOT_AUTHORIZED:
+            self._refuse(request.rid, failure.value.message)
+            return
+        return failure
+
+    def _authenticated(self, permissions: Permissions, request: codec.Hello) -> None:
+        if self.ended:
+            return
+        self.permissions = permissions
         if request.client_id:
             self.client_id = request.client_id
             self.service.attach(request.client_id, self)
         self._reply(codec.Ok(request.rid))
 
+    def _allow(self, action: str, name: str) -> None:
+        """
+        Refuse with NOT_AUTHORIZED unless the connection's permissions allow
+        C{action} (publish, subscribe, create) on topic C{name}; using a topic
+        that does not exist yet creates it, so that needs C{create} too.
+        """
+        permissions = self.permissions
+        if permissions is ALLOW_ALL:
+            return
+        allowed = self._allowed.get((action, name))
+        if allowed is None:
+            allowed = getattr(permissions, "may_" + action)(name)
+            if allowed and action != "create" and name not in self.service.topics:
+                allowed = permissions.may_create(name)
+            else:
+                self._allowed[(action, name)] = allowed
+        if not allowed:
+            raise ZaichikError(ErrorCode.NOT_AUTHORIZED, f"not allowed to {action} {name}")
+
     def _create_topic(self, request: codec.CreateTopic) -> None:
         _check_topic(request.topic)
+        self._allow("create", request.topic)
         self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
         self._reply(codec.Ok(request.rid))
 
@@ -206,6 +251,7 @@ class Session:
         limit = self.service.limits.max_subscriptions
         if len(self.subscriptions) >= limit:
             raise ZaichikError(ErrorCode.LIMIT, f"subscription limit of {limit} per connection reached")
+        self._allow("subscribe", name)
         topic = self.service.topic(name)
         first = topic.start_offset(request.start, request.offset, self.committed(name))
         subscription = Subscription(topic, self.output, request.max_inflight, self._last_sent.get(name),
@@ -232,7 +278,10 @@ class Session:
         topic = self.service.topics.get(name)
         if topic is None:
             _check_topic(name)
+            self._allow("publish", name)
             topic = self.service.topic(name)
+        elif self.permissions is not ALLOW_ALL:
+            self._allow("publish", name)
         return topic
 
     def _publish(self, request: codec.Publish) -> Optional[Deferred]:
@@ -280,4 +329,8 @@ class Session:
         self._reply(codec.Ok(request.rid))
 
     def _list_topics(self, request: codec.ListTopics) -> None:
-        self._reply(codec.Topics(request.rid, self.service.list_topics()))
+        topics = self.service.list_topics()
+        permissions = self.permissions
+        if permissions is not ALLOW_ALL:
+            topics = [t for t in topics if permissions.may_subscribe(t.name) or permissions.may_publish(t.name)]
+        self._reply(codec.Topics(request.rid, topics))
