@@ -18,7 +18,9 @@ setup(
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     # prometheus_client: the metrics endpoint's exposition format and its
     # Twisted resource, rather than writing the text format by hand.
-    install_requires=["Twisted>=23.8", "zope.interface>=5", "prometheus_client>=0.17"],
+    # Twisted[tls]: pyOpenSSL and service_identity for ssl: listeners and
+    # the client's certificate checks.
+    install_requires=["Twisted[tls]>=23.8", "zope.interface>=5", "prometheus_client>=0.17"],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],
     },

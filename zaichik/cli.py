@@ -82,7 +82,10 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--server", default=os.environ.get("ZAICHIK_SERVER", "localhost:8889"),
                      help="host:port, port, or endpoint description (default: %(default)s)")
     top.add_argument("--client-id", default="", help="durable client id (HELLO)")
-    top.add_argument("--token", default="", help="authentication token (HELLO)")
+    top.add_argument("--token", default=os.environ.get("ZAICHIK_TOKEN", ""),
+                     help="authentication token NAME:SECRET (HELLO; or ZAICHIK_TOKEN)")
+    top.add_argument("--tls", action="store_true", help="connect over TLS")
+    top.add_argument("--ca", help="PEM file of the CA that signed the broker's certificate (implies --tls)")
     commands = top.add_subparsers(dest="command", required=True)
 
     pub = commands.add_parser("pub", help="publish messages (arguments, or one per line from stdin)")
@@ -104,6 +107,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text")
 
     commands.add_parser("topics", help="list topics")
+
+    token = commands.add_parser("hash-token",
+                                help="make a token for a credential: prints the token, then the line "
+                                     "for the --auth file")
+    token.add_argument("name")
+    token.add_argument("permissions", nargs="*", metavar="PERMISSION=PATTERNS",
+                       help="e.g. publish=sensors/* subscribe=sensors/#,alerts create=# client_id=worker-*")
 
     create = commands.add_parser("create", help="create a topic")
     create.add_argument("topic")
@@ -182,9 +192,23 @@ async def _topics(client, out: TextIO) -> None:
                             for i, (cell, w) in enumerate(zip(row, widths))).rstrip() + "\n")
 
 
+def _hash_token(args, out: TextIO) -> None:
+    from zaichik.auth import new_token
+
+    if ":" in args.name or not args.name:
+        raise CommandError("a credential name is not empty and has no ':'", EXIT_USAGE)
+    token, stored = new_token(args.name)
+    out.write(f"token: {token}\n")
+    out.write(" ".join([args.name, stored, *args.permissions]) + "\n")
+
+
 async def run(reactor, args, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> None:
+    if args.command == "hash-token":
+        _hash_token(args, out)
+        return
     try:
-        client = await connect(reactor, args.server, client_id=args.client_id, token=args.token)
+        client = await connect(reactor, args.server, client_id=args.client_id, token=args.token,
+                               tls=args.tls, ca=args.ca)
     except (ConnectError, OSError) as e:
         raise CommandError(f"cannot connect to {args.server}: {e}", EXIT_CONNECTION) from None
     try:

@@ -336,30 +336,48 @@ class Client:
         self._protocol.transport.abortConnection()
 
 
-def client_endpoint(reactor, server: str):
+def client_endpoint(reactor, server: str, tls: bool = False, ca: Optional[str] = None):
     """
     An endpoint from C{host:port}, a bare port, or a full client endpoint
     description (C{tcp:host=...:port=...}, C{unix:path=...}, C{tls:...}).
+
+    With C{tls} (or a C{ca}), C{host:port} is reached over TLS, the server's
+    certificate checked against the CA certificate in the PEM file C{ca}, or
+    against the system's trust roots without one.
     """
     if server.isdigit():
         server = f"localhost:{server}"
     host, sep, port = server.rpartition(":")
     if sep and port.isdigit() and ":" not in host and "=" not in host:
+        if tls or ca:
+            from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+            from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+            if ca:
+                with open(ca, "rb") as f:
+                    trust = Certificate.loadPEM(f.read())
+            else:
+                trust = platformTrust()
+            options = optionsForClientTLS(host, trustRoot=trust)
+            return wrapClientTLS(options, HostnameEndpoint(reactor, host.encode(), int(port)))
         server = f"tcp:host={host}:port={port}"
     return clientFromString(reactor, server)
 
 
 async def connect(reactor, server: str = "localhost:8889", client_id: str = "", token: str = "",
-                  keepalive: float = 60.0) -> Client:
+                  keepalive: float = 60.0, tls: bool = False, ca: Optional[str] = None) -> Client:
     """
     Connect to a broker (see L{client_endpoint} for C{server}), and say
     HELLO when a C{client_id} or C{token} is given.
 
+    @param tls: reach C{host:port} over TLS.
+    @param ca: a PEM file with the CA certificate to check the broker's
+        certificate against (implies C{tls}).
     @param keepalive: seconds between PINGs that keep an otherwise quiet
         connection (a subscriber that only listens) inside the broker's
         idle timeout; 0 for none.
     """
-    protocol = await connectProtocol(client_endpoint(reactor, server), _ClientProtocol())
+    protocol = await connectProtocol(client_endpoint(reactor, server, tls, ca), _ClientProtocol())
     client = Client(protocol)
     if keepalive:
         pinger = LoopingCall(client._keepalive)

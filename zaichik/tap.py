@@ -57,6 +57,8 @@ class Options(usage.Options):
          _non_negative_int],
         ["slow-consumer", None, "disconnect",
          "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
+        ["auth", None, None,
+         "Credentials file: every connection must authenticate with HELLO (see zaichik.auth)."],
         ["metrics-port", None, None,
          "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
          "endpoint description (tcp:9102:interface=127.0.0.1)."],
@@ -112,7 +114,16 @@ def makeService(config: Options) -> MultiService:
         slow_consumer=config["slow-consumer"],
         idle_timeout=config["idle-timeout"] / 1000.0,
     )
+    authenticator = None
+    if config["auth"]:
+        from zaichik.auth import CredentialsFileError, PortalAuthenticator
+
+        try:
+            authenticator = PortalAuthenticator.from_file(config["auth"])
+        except (OSError, CredentialsFileError) as e:
+            raise usage.UsageError(f"--auth {config['auth']}: {e}") from None
     broker = BrokerService(
+        authenticator=authenticator,
         default_retention=config["default-retention"],
         default_compaction_window=config["default-compaction-window"],
         sweep_interval=config["sweep-interval"] / 1000.0,
