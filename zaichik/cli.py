@@ -109,8 +109,8 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("topics", help="list topics")
 
     token = commands.add_parser("hash-token",
-                                help="make a token for a credential: prints the token, then the line "
-                                     "for the --auth file")
+                                help="make a token for a credential: the token on stderr, the line "
+                                     "for the --auth file on stdout")
     token.add_argument("name")
     token.add_argument("permissions", nargs="*", metavar="PERMISSION=PATTERNS",
                        help="e.g. publish=sensors/* subscribe=sensors/#,alerts create=# client_id=worker-*")
@@ -198,7 +198,9 @@ def _hash_token(args, out: TextIO) -> None:
     if ":" in args.name or not args.name:
         raise CommandError("a credential name is not empty and has no ':'", EXIT_USAGE)
     token, stored = new_token(args.name)
-    out.write(f"token: {token}\n")
+    # The token for the client on stderr; the credentials-file line on
+    # stdout, so that '>> credentials' stores only the hash.
+    sys.stderr.write(f"token: {token}\n")
     out.write(" ".join([args.name, stored, *args.permissions]) + "\n")
 
 
