@@ -72,6 +72,7 @@ class Server:
 
 class Zaichik(Server):
     name = "zaichik"
+    wire = staticmethod(lambda topic_len: ZaichikWire())
 
     def __init__(self) -> None:
         self.broker = BrokerProcess().start()
@@ -84,6 +85,7 @@ class Zaichik(Server):
 
 class Baseline(Server):
     name = "baseline"
+    wire = staticmethod(lambda topic_len: ZaichikWire())
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -101,6 +103,8 @@ class Baseline(Server):
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait()
+
+
 
 
 # --- load generator ----------------------------------------------------------------
@@ -133,7 +137,139 @@ def _payload(stamp: int = 0) -> bytes:
     return _q.pack(stamp) + b"x" * (PAYLOAD - 8)
 
 
-def subscriber_main(port, topics, subs_per_topic, expected, start, measure_latency, ready, results, timeout):
+# --- peers' wire formats: just enough for pub/sub, with raw sockets ---------------
+
+
+class ZaichikWire:
+    """zaichik's protocol (the baseline forwarder speaks it too)."""
+
+    size = 0  # messages are length-prefixed: the size is read from the first one
+    trailer = 0
+
+    def hello(self, s: socket.socket) -> None:
+        pass
+
+    def subscribe(self, s: socket.socket, topic: str) -> None:
+        _request(s, codec.Subscribe(1, topic, codec.Start.LATEST))
+
+    def publish(self, topic: str, payload: bytes) -> bytes:
+        return codec.frame(codec.Publish(0, topic, payload).encode())
+
+    def drain_replies(self) -> bool:
+        return False
+
+
+class RedisWire:
+    """Redis pub/sub in RESP: PUBLISH answers an integer, which must be read."""
+
+    trailer = 2
+
+    def __init__(self, topic_len: int) -> None:
+        self.size = len(b"*3\r\n$7\r\nmessage\r\n$%d\r\n" % topic_len) + topic_len + 2 + \
+            len(b"$%d\r\n" % PAYLOAD) + PAYLOAD + 2
+
+    def hello(self, s: socket.socket) -> None:
+        pass
+
+    def subscribe(self, s: socket.socket, topic: str) -> None:
+        t = topic.encode()
+        s.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(t), t))
+        want = len(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(t), t))
+        _recv_exact(s, want)
+
+    def publish(self, topic: str, payload: bytes) -> bytes:
+        t = topic.encode()
+        return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(t), t, len(payload), payload)
+
+    def drain_replies(self) -> bool:
+        return True
+
+
+class MqttWire:
+    """MQTT 3.1.1 at QoS 0: CONNECT, SUBSCRIBE, PUBLISH packets."""
+
+    trailer = 0
+
+    def __init__(self, topic_len: int) -> None:
+        self.size = len(self.publish("x" * topic_len, b"\0" * PAYLOAD))
+
+    @staticmethod
+    def _packet(kind: int, body: bytes) -> bytes:
+        n, length = len(body), b""
+        while True:
+            byte, n = n % 128, n // 128
+            length += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                return bytes([kind]) + length + body
+
+    def hello(self, s: socket.socket) -> None:
+        client_id = os.urandom(6).hex().encode()
+        body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack(">H", len(client_id)) + client_id
+        s.sendall(self._packet(0x10, body))
+        _recv_exact(s, 4)  # CONNACK
+
+    def subscribe(self, s: socket.socket, topic: str) -> None:
+        self.hello(s)
+        t = topic.encode()
+        s.sendall(self._packet(0x82, b"\x00\x01" + struct.pack(">H", len(t)) + t + b"\x00"))
+        _recv_exact(s, 5)  # SUBACK
+
+    def publish(self, topic: str, payload: bytes) -> bytes:
+        t = topic.encode()
+        return self._packet(0x30, struct.pack(">H", len(t)) + t + payload)
+
+    def drain_replies(self) -> bool:
+        return False
+
+
+class Peer(Server):
+    """A real broker found on PATH, on its own loopback port, stopped by its pid."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+class Redis(Peer):
+    name = "redis"
+    binary = "redis-server"
+    wire = staticmethod(RedisWire)
+
+    def argv(self, port: int) -> List[str]:
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0"]
+
+
+class Mosquitto(Peer):
+    name = "mosquitto"
+    binary = "mosquitto"
+    wire = staticmethod(MqttWire)
+
+    def argv(self, port: int) -> List[str]:
+        self.config = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"zaichik-bench-mosquitto-{port}.conf")
+        with open(self.config, "w") as f:
+            f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n")
+        return [shutil.which(self.binary) or self.binary, "-c", self.config]
+
+
+PEERS = [Redis, Mosquitto]
+
+
+def subscriber_main(port, topics, subs_per_topic, expected, wire, measure_latency, ready, results, timeout):
     """
     Subscribe C{subs_per_topic} connections to each topic, say ready, then
     read until C{expected} messages arrived in all.
@@ -144,7 +280,7 @@ def subscriber_main(port, topics, subs_per_topic, expected, start, measure_laten
     for topic in topics:
         for _ in range(subs_per_topic):
             s = _connect(port)
-            _request(s, codec.Subscribe(1, topic, start))
+            wire.subscribe(s, topic)
             s.setblocking(False)
             socks.append(s)
     ready.send(True)
@@ -175,17 +311,17 @@ def subscriber_main(port, topics, subs_per_topic, expected, start, measure_laten
                 buf += data
                 pos = 0
                 while len(buf) - pos >= 4:
-                    (n,) = _u32.unpack_from(buf, pos)
-                    end = pos + 4 + n
+                    size = wire.size or 4 + _u32.unpack_from(buf, pos)[0]
+                    end = pos + size
                     if end > len(buf):
                         break
-                    latencies.append(now - _q.unpack_from(buf, end - PAYLOAD)[0])
+                    latencies.append(now - _q.unpack_from(buf, end - wire.trailer - PAYLOAD)[0])
                     total += 1
                     pos = end
                 del buf[:pos]
             else:
                 if not frame_size:
-                    frame_size = 4 + _u32.unpack_from(data, 0)[0]
+                    frame_size = wire.size or 4 + _u32.unpack_from(data, 0)[0]
                 nbytes += len(data)
                 total = nbytes // frame_size
     cpu = os.times()
@@ -193,9 +329,21 @@ def subscriber_main(port, topics, subs_per_topic, expected, start, measure_laten
                  "cpu": cpu.user + cpu.system})
 
 
-def publisher_main(port, topics, count, mode, batch, rate, keyed, results):
+def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results):
     """Publish C{count} messages round-robin over C{topics}."""
     s = _connect(port)
+    wire.hello(s)
+    if wire.drain_replies():
+        import threading
+
+        def discard() -> None:
+            try:
+                while s.recv(1 << 20):
+                    pass
+            except OSError:
+                pass
+
+        threading.Thread(target=discard, daemon=True).start()
     t0 = time.monotonic_ns()
     per_write = 1000
     if rate:
@@ -208,8 +356,7 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, results):
             frames = []
             stamp = time.monotonic_ns()
             for i in range(min(per_tick, count - sent)):
-                frames.append(codec.frame(codec.Publish(0, topics[(sent + i) % len(topics)],
-                                                        _payload(stamp)).encode()))
+                frames.append(wire.publish(topics[(sent + i) % len(topics)], _payload(stamp)))
             s.sendall(b"".join(frames))
             sent += len(frames)
             next_tick += interval
@@ -258,8 +405,7 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, results):
                 s.sendall(b"".join(keyed_frame(topics[(sent + i) % len(topics)]) for i in range(per_write)))
                 sent += per_write
         else:
-            chunk = b"".join(codec.frame(codec.Publish(0, topics[i % len(topics)], _payload()).encode())
-                             for i in range(per_write))
+            chunk = b"".join(wire.publish(topics[i % len(topics)], _payload()) for i in range(per_write))
             while sent < count:
                 s.sendall(chunk)
                 sent += per_write
@@ -286,6 +432,7 @@ class Scenario:
     compaction: int = 0
     keyed: bool = False
     baseline: Optional[str] = "same"  # "same": the baseline runs this scenario too
+    peers: bool = False  # real brokers on PATH run it too
     ratio_to: Optional[str] = None  # else: the name of the baseline row to compare with
 
 
@@ -325,13 +472,14 @@ def run_scenario(server: Server, sc: Scenario) -> Row:
     results = ctx.Queue()
     ready_recv, ready_send = ctx.Pipe(False)
     expected = sc.count * sc.subs
-    sub = ctx.Process(target=subscriber_main, args=(server.port, topics, sc.subs, expected, codec.Start.LATEST,
+    wire = server.wire(len(topics[0]))
+    sub = ctx.Process(target=subscriber_main, args=(server.port, topics, sc.subs, expected, wire,
                                                     bool(sc.rate), ready_send, results, 120))
     sub.start()
     ready_recv.recv()
     cpu0 = server.cpu_seconds()
     pub = ctx.Process(target=publisher_main, args=(server.port, topics, sc.count, sc.mode, 100, sc.rate,
-                                                   sc.keyed, results))
+                                                   sc.keyed, wire, results))
     wall0 = time.monotonic()
     pub.start()
     got = [results.get(timeout=180), results.get(timeout=180)]
@@ -406,26 +554,30 @@ def scenarios(quick: bool) -> List[Scenario]:
     n = 100_000 if quick else 1_000_000
     lat = 2 if quick else 5  # seconds of paced sending
     return [
-        Scenario("1->1 PUBLISH", n),
+        Scenario("1->1 PUBLISH", n, peers=True),
         Scenario("1->1 PUBLISH_BATCH x100", n * 2, mode="batch", baseline=None, ratio_to="1->1 PUBLISH"),
         Scenario("1->1 acked, 1000 in flight", n // 2, mode="acked", baseline=None, ratio_to="1->1 PUBLISH"),
         Scenario("1->1 retention 60s + compaction", n, retention=60_000, compaction=10_000, keyed=True,
                  baseline=None, ratio_to="1->1 PUBLISH"),
-        Scenario("fan-out 1->10", n // 5, subs=10),
+        Scenario("fan-out 1->10", n // 5, subs=10, peers=True),
         Scenario("100 topics x 10 subscribers", n // 10, topics=100, subs=10),
-        Scenario("latency @ 2,000/s", 2_000 * lat, rate=2_000),
-        Scenario("latency @ 20,000/s", 20_000 * lat, rate=20_000),
+        Scenario("latency @ 2,000/s", 2_000 * lat, rate=2_000, peers=True),
+        Scenario("latency @ 20,000/s", 20_000 * lat, rate=20_000, peers=True),
     ]
 
 
 def peers_line() -> str:
-    found = [p for p in ("redis-server", "mosquitto", "nats-server") if shutil.which(p)]
-    missing = [p for p in ("redis-server", "mosquitto", "nats-server") if not shutil.which(p)]
+    names = {"redis-server": "redis (pub/sub, RESP)", "mosquitto": "mosquitto (MQTT QoS 0)",
+             "nats-server": "nats"}
+    measured = [names[p.binary] for p in PEERS if shutil.which(p.binary)]
+    missing = [b for b in names if not shutil.which(b)]
     line = ""
+    if measured:
+        line += "measured (1->1, fan-out, latency): " + ", ".join(measured)
     if missing:
-        line += "not on PATH, not measured: " + ", ".join(missing)
-    if found:
-        line += ("; " if line else "") + "on PATH but not yet measured by this script: " + ", ".join(found)
+        line += ("; " if line else "") + "not on PATH, not measured: " + ", ".join(missing)
+    if "nats-server" not in missing:
+        line += "; nats-server is on PATH but this script has no NATS client yet"
     return line
 
 
@@ -460,16 +612,16 @@ def main(argv=None) -> int:
         if args.only and args.only not in sc.name:
             continue
         sc_rows = []
-        for cls in ([Baseline] if sc.baseline else []) + [Zaichik]:
+        peers = [p for p in PEERS if sc.peers and shutil.which(p.binary)]
+        for cls in ([Baseline] if sc.baseline else []) + [Zaichik] + peers:
             server = cls()
             try:
                 row = run_scenario(server, sc)
             finally:
                 server.stop()
             row.scenario = sc.name
-            if cls is Zaichik:
-                # ratio_to names the baseline row to compare with.
-                row.ratio_to = sc.ratio_to
+            # ratio_to names the baseline row to compare with.
+            row.ratio_to = sc.ratio_to
             sc_rows.append(row)
             print(f"  {sc.name} / {row.server}: {row.rate:,.0f} msgs/s", file=sys.stderr, flush=True)
         rows.extend(sc_rows)
