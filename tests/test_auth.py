@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
 import ssl
 import tempfile
@@ -108,7 +109,9 @@ class Harness(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        path = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="zaichik-auth-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "credentials")
         with open(path, "w") as f:
             f.write(credentials_text(TOKENS))
         self.auth = PortalAuthenticator.from_file(path, clock=self.clock, run=inline)

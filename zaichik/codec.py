@@ -464,6 +464,35 @@ def _publish_fast(body: bytes) -> Optional[Publish]:
     return Publish(rid, topic, body[at:], key)
 
 
+def _publish_batch_fast(body: bytes) -> Optional[PublishBatch]:
+    """PUBLISH_BATCH on the hot path; None for anything not perfectly formed (see L{_publish_fast})."""
+    unpack16 = _u16.unpack_from
+    unpack32 = _u32.unpack_from
+    try:
+        rid, n = _rid_u16.unpack_from(body, 1)
+        at = 7 + n
+        topic = body[7:at].decode("utf-8")
+        (count,) = unpack32(body, at)
+        at += 4
+        if not count or count * 6 > len(body) - at:
+            return None
+        entries = []
+        append = entries.append
+        for _ in range(count):
+            (n,) = unpack16(body, at)
+            key = body[at + 2 : at + 2 + n] if n else None
+            at += 2 + n
+            (n,) = unpack32(body, at)
+            at += 4
+            append((key, body[at : at + n]))
+            at += n
+    except (struct.error, UnicodeDecodeError):
+        return None
+    if at != len(body):
+        return None
+    return PublishBatch(rid, topic, entries)
+
+
 def decode_request(body: bytes) -> Request:
     """
     Decode one client-to-broker frame body.
@@ -479,6 +508,10 @@ def decode_request(body: bytes) -> Request:
         publish = _publish_fast(body)
         if publish is not None:
             return publish
+    elif body[0] == Opcode.PUBLISH_BATCH:
+        batch = _publish_batch_fast(body)
+        if batch is not None:
+            return batch
     decoder = _REQUEST_DECODERS.get(body[0])
     if decoder is None:
         raise DecodeError(
