@@ -159,7 +159,9 @@ class Topic:
         """
         The broker's wall-clock time in milliseconds, never earlier than the
         last stored message's (so timestamps do not go backwards in a topic
-        when the system clock is stepped).
+        when the system clock is stepped).  Rounded, not truncated: seconds
+        since the epoch as a float carry errors well below a millisecond,
+        which truncation would turn into a whole millisecond early.
         """
         batch = self._batch
         if batch is not None and batch.depth:
@@ -167,9 +169,9 @@ class Topic:
             # a connection: well under a millisecond of work).
             now = batch.now
             if not now:
-                now = batch.now = int(self._clock.seconds() * 1000)
+                now = batch.now = round(self._clock.seconds() * 1000)
         else:
-            now = int(self._clock.seconds() * 1000)
+            now = round(self._clock.seconds() * 1000)
         return now if now > self._last_timestamp else self._last_timestamp
 
     # -- publishing -------------------------------------------------------------
