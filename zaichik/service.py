@@ -107,8 +107,12 @@ class BrokerService(Service):
         self.topics: Dict[str, Topic] = {}
         self._durable_sessions: Dict[str, object] = {}
         self._sweeper: Optional[LoopingCall] = None
-        for name, retention, window, next_offset in self.storage.topics():
-            self._open(name, retention, window, next_offset)
+        for state in self.storage.topics():
+            topic = self._open(state.name, state.retention_ttl, state.compaction_window, state.next_offset)
+            topic.restore(state.last_timestamp, state.keys)
+        sync = getattr(self.storage, "sync", None)
+        if sync is not None:
+            self.batch.after = sync
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -117,11 +121,27 @@ class BrokerService(Service):
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(self.sweep_interval, now=False)
+        if getattr(self.storage, "fsync_policy", None) == "interval":
+            self._fsyncer = LoopingCall(self._fsync)
+            self._fsyncer.clock = self.clock
+            self._fsyncer.start(0.1, now=False)
+
+    _fsyncer: Optional[LoopingCall] = None
+
+    def _fsync(self) -> None:
+        try:
+            self.storage.fsync_interval()
+        except Exception:
+            _log.failure("fsync failed")
 
     def stopService(self):
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
-        self._sweeper = None
+        for loop in (self._sweeper, self._fsyncer):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._sweeper = self._fsyncer = None
+        close = getattr(self.storage, "close", None)
+        if close is not None:
+            close()
         return super().stopService()
 
     def sweep(self) -> int:

@@ -48,11 +48,36 @@ class IMessageLog(Interface):
         Returns how many were dropped.
         """
 
+    def record(offset: int, timestamp: int, frame: bytes) -> None:
+        """
+        A stored message that is not retained (the topic's retention is 0):
+        a durable log keeps it for the offsets and compaction state; an
+        in-memory one has nothing to do.
+        """
+
     def read(offset: int, limit: int) -> Tuple[int, List[bytes]]:
         """
         Up to C{limit} frames from C{offset} on (from the oldest retained one
         if C{offset} is older), and the offset of the first of them.
         """
+
+
+class TopicState:
+    """
+    What storage remembers of a topic, to rebuild it at start.
+
+    @ivar keys: C{(key, timestamp, offset)} of the keyed messages still
+        inside the compaction window, oldest first.
+    """
+
+    def __init__(self, name: str, retention_ttl: int, compaction_window: int, next_offset: int,
+                 last_timestamp: int = 0, keys: Optional[List[Tuple[bytes, int, int]]] = None) -> None:
+        self.name = name
+        self.retention_ttl = retention_ttl
+        self.compaction_window = compaction_window
+        self.next_offset = next_offset
+        self.last_timestamp = last_timestamp
+        self.keys = keys or []
 
 
 class IStorage(Interface):
@@ -61,11 +86,8 @@ class IStorage(Interface):
     settings, their logs, and durable clients' committed offsets.
     """
 
-    def topics() -> Iterator[Tuple[str, int, int, int]]:
-        """
-        The known topics, as C{(name, retention_ttl, compaction_window,
-        next_offset)}, for the broker to rebuild its topics at start.
-        """
+    def topics() -> Iterator[TopicState]:
+        """The known topics, for the broker to rebuild them at start."""
 
     def open_log(name: str, retention_ttl: int, compaction_window: int) -> IMessageLog:
         """Record a new topic (or reopen a known one) and return its log."""
@@ -108,6 +130,9 @@ class MemoryLog:
             self._first = offset
         self._frames.append(frame)
         self.nbytes += len(frame)
+
+    def record(self, offset: int, timestamp: int, frame: bytes) -> None:
+        pass
 
     def _drop(self, count: int) -> None:
         frames = self._frames
@@ -162,7 +187,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._commits: Dict[str, Dict[str, int]] = {}
 
-    def topics(self) -> Iterator[Tuple[str, int, int, int]]:
+    def topics(self) -> Iterator[TopicState]:
         return iter(())
 
     def open_log(self, name: str, retention_ttl: int, compaction_window: int) -> MemoryLog:

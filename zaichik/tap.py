@@ -57,6 +57,10 @@ class Options(usage.Options):
          _non_negative_int],
         ["slow-consumer", None, "disconnect",
          "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
+        ["data-dir", None, None,
+         "Keep topics, messages, commits and compaction state in this directory (default: memory only)."],
+        ["fsync", None, "interval",
+         "With --data-dir: always (reply after the disk has it), interval (every 100 ms), never."],
         ["auth", None, None,
          "Credentials file: every connection must authenticate with HELLO (see zaichik.auth)."],
         ["metrics-port", None, None,
@@ -93,6 +97,8 @@ class Options(usage.Options):
             raise usage.UsageError("--retained-bytes-policy is expire or reject")
         if self["slow-consumer"] not in ("disconnect", "block"):
             raise usage.UsageError("--slow-consumer is disconnect or block")
+        if self["fsync"] not in ("always", "interval", "never"):
+            raise usage.UsageError("--fsync is always, interval or never")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
         if self["log-format"] == "json" and self.parent is not None:
@@ -122,7 +128,16 @@ def makeService(config: Options) -> MultiService:
             authenticator = PortalAuthenticator.from_file(config["auth"])
         except (OSError, CredentialsFileError) as e:
             raise usage.UsageError(f"--auth {config['auth']}: {e}") from None
+    storage = None
+    if config["data-dir"]:
+        from zaichik.disk import DataDirLocked, DiskStorage
+
+        try:
+            storage = DiskStorage(config["data-dir"], fsync=config["fsync"])
+        except (DataDirLocked, OSError) as e:
+            raise usage.UsageError(f"--data-dir: {e}") from None
     broker = BrokerService(
+        storage=storage,
         authenticator=authenticator,
         default_retention=config["default-retention"],
         default_compaction_window=config["default-compaction-window"],

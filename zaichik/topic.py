@@ -9,7 +9,7 @@ drive it with L{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -48,6 +48,10 @@ class Batch:
         self.depth = 0
         self.now = 0  # see Topic.now: the time, read once per batch
         self._dirty: List["Topic"] = []
+        # Called when the outermost batch ends, after delivery: durable
+        # storage writes (and with fsync=always, syncs) the batch here,
+        # before the reactor sends its replies.
+        self.after: Optional[Callable[[], None]] = None
 
     def dirty(self, topic: "Topic") -> None:
         self._dirty.append(topic)
@@ -62,6 +66,8 @@ class Batch:
         self.depth -= 1
         if self.depth == 0:
             self.flush()
+            if self.after is not None:
+                self.after()
 
     def flush(self) -> None:
         while self._dirty:
@@ -149,6 +155,16 @@ class Topic:
         d: Deferred = Deferred()
         self._waiting.append(d)
         return d
+
+    def restore(self, last_timestamp: int, keys) -> None:
+        """
+        Take back the compaction state (and the last timestamp) a topic had
+        before a restart: C{keys} are C{(key, timestamp, offset)}, oldest first.
+        """
+        self._last_timestamp = max(self._last_timestamp, last_timestamp)
+        for key, timestamp, offset in keys:
+            self._keys[key] = (timestamp, offset)
+            self._key_order.append((timestamp, key))
 
     def __repr__(self) -> str:
         return f"<Topic {self.name} next_offset={self.next_offset} retained={len(self._log)}>"
@@ -248,6 +264,8 @@ class Topic:
         frame = codec.message_frame(self._prefix, offset, now, key, value)
         if self.retention_ttl:
             self._log.append(offset, now, frame)
+        else:
+            self._log.record(offset, now, frame)
         if not self._unsent:
             self._unsent_first = offset
         self._unsent.append(frame)
@@ -293,8 +311,6 @@ class Topic:
         """
         now = self.now()
         self._forget_keys(now)
-        if not self.retention_ttl:
-            return 0
         expired = self._log.expire(now - self.retention_ttl)
         self.expired += expired
         return expired

@@ -1,0 +1,296 @@
+"""
+Durable storage (--data-dir): restart, recovery of torn writes, the lock,
+segment deletion, fsync policies; in-process with a Clock, and end to end
+with real twistd processes stopped by SIGTERM and by kill -9.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from zaichik import codec, disk
+from zaichik.codec import Start
+from zaichik.disk import DataDirLocked, DiskStorage
+from zaichik.service import BrokerService
+from zaichik.session import Session
+from zaichik.testing import ROOT, BrokerProcess
+
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+T0 = 1_700_000_000
+
+
+def offsets_of(written) -> list:
+    out = []
+    for data in written:
+        while data:
+            n = int.from_bytes(data[:4], "big")
+            out.append(codec.decode_reply(data[4 : 4 + n]))
+            data = data[4 + n :]
+    return [m.offset for m in out if type(m) is codec.Message]
+
+
+class DiskTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="zaichik-data-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.storage = None
+
+    def start(self, fsync: str = "interval") -> BrokerService:
+        if self.storage is not None:
+            self.storage.close()
+        self.storage = DiskStorage(self.dir, fsync=fsync, clock=self.clock)
+        self.addCleanup(self.storage.close)
+        return BrokerService(storage=self.storage, clock=self.clock)
+
+    def follow(self, service, name, start=Start.EARLIEST, client_id=""):
+        replies, written = [], []
+        session = Session(service, replies.append, written.append, lambda: None)
+        if client_id:
+            session.handle(codec.Hello(1, client_id))
+        session.handle(codec.Subscribe(2, name, start))
+        return session, written
+
+
+class RestartTests(DiskTestCase):
+    def test_offsets_messages_and_dedup_survive(self):
+        service = self.start()
+        topic = service.create_topic("t", 60_000, 30_000)
+        self.assertEqual(topic.publish_many([(b"a", b"1"), (b"b", b"2"), (None, b"3")]),
+                         [(0, False), (1, False), (2, False)])
+        self.clock.advance(10)
+        service = self.start()  # a restart
+        topic = service.topics["t"]
+        self.assertEqual((topic.retention_ttl, topic.compaction_window, topic.next_offset), (60_000, 30_000, 3))
+        _, written = self.follow(service, "t")
+        self.assertEqual(offsets_of(written), [0, 1, 2])
+        self.assertEqual(topic.publish(b"a", b"again"), (0, True))  # same dedup decision
+        self.assertEqual(topic.publish(None, b"4"), (3, False))  # no gap, no reuse
+
+    def test_ttl_passed_while_stopped(self):
+        service = self.start()
+        topic = service.create_topic("t", 1_000, 0)
+        topic.publish(None, b"old")
+        self.clock.advance(0.5)
+        topic.publish(None, b"young")
+        self.storage.close()
+        self.clock.advance(0.6)  # the first one's TTL passes while the broker is down
+        service = self.start()
+        _, written = self.follow(service, "t")
+        self.assertEqual(offsets_of(written), [1])
+        self.assertEqual(service.topics["t"].next_offset, 2)
+
+    def test_compaction_window_longer_than_retention(self):
+        service = self.start()
+        topic = service.create_topic("t", 1_000, 10_000)
+        topic.publish(b"k", b"v")
+        self.clock.advance(5)  # expired from retention, still inside the window
+        service.sweep()
+        service = self.start()
+        self.assertEqual(service.topics["t"].publish(b"k", b"v2"), (0, True))
+
+    def test_unretained_topic_keeps_its_offsets(self):
+        service = self.start()
+        topic = service.topic("live")
+        for _ in range(3):
+            topic.publish(None, b"x")
+        service = self.start()
+        self.assertEqual(service.topics["live"].publish(None, b"y"), (3, False))
+
+    def test_durable_resume_after_restart(self):
+        service = self.start()
+        service.create_topic("t", 60_000, 0).publish_many([(None, b"v")] * 4)
+        session, written = self.follow(service, "t", Start.DEFAULT, client_id="worker")
+        self.assertEqual(offsets_of(written), [0, 1, 2, 3])
+        session.handle(codec.Commit(3, "t", 1))
+        service.batch.after()  # end of the read: written to the kernel
+        service = self.start()
+        _, written = self.follow(service, "t", Start.DEFAULT, client_id="worker")
+        self.assertEqual(offsets_of(written), [2, 3])
+
+
+class RecoveryTests(DiskTestCase):
+    def segment(self, name="t") -> str:
+        directory = os.path.join(self.dir, "topics", name.encode().hex())
+        (seg,) = [f for f in os.listdir(directory) if f.endswith(".seg")]
+        return os.path.join(directory, seg)
+
+    def test_torn_tail_is_cut(self):
+        service = self.start()
+        service.create_topic("t", 60_000, 0).publish_many([(None, b"m%d" % i) for i in range(5)])
+        self.storage.close()
+        path = self.segment()
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 3)  # a crash mid-write of the last record
+        size = os.path.getsize(path)
+        service = self.start()
+        self.assertEqual(service.topics["t"].next_offset, 4)
+        self.assertLess(os.path.getsize(path), size)  # cut back to the last whole record
+        _, written = self.follow(service, "t")
+        self.assertEqual(offsets_of(written), [0, 1, 2, 3])
+        self.assertEqual(service.topics["t"].publish(None, b"new"), (4, False))
+
+    def test_bad_checksum_ends_the_segment(self):
+        service = self.start()
+        service.create_topic("t", 60_000, 0).publish_many([(None, b"m%d" % i) for i in range(5)])
+        self.storage.close()
+        path = self.segment()
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            record = 8 + int.from_bytes(data[:4], "big")
+            data[2 * record + 12] ^= 0xFF  # a flipped byte inside the third record
+            f.seek(0)
+            f.write(data)
+        service = self.start()
+        self.assertEqual(service.topics["t"].next_offset, 2)
+
+    def test_locked_by_a_running_broker(self):
+        self.start()
+        self.assertRaises(DataDirLocked, DiskStorage, self.dir, clock=self.clock)
+
+
+class SegmentTests(DiskTestCase):
+    def test_expired_segments_are_deleted(self):
+        self.patch(disk, "SEGMENT_BYTES", 2_000)
+        service = self.start()
+        topic = service.create_topic("t", 1_000, 0)
+        for _ in range(20):
+            topic.publish_many([(None, b"x" * 100)] * 5)
+            self.clock.advance(0.1)
+        log = self.storage._logs["t"]
+        self.assertGreater(len(log._segments), 5)
+        self.clock.advance(2)
+        topic.expire()
+        self.assertEqual(len(log._segments), 1)  # only the newest is kept
+        self.assertLess(log.disk_bytes(), 2_000 + 200)
+        service = self.start()
+        self.assertEqual(service.topics["t"].next_offset, 100)
+
+
+class FsyncTests(DiskTestCase):
+    def test_always_syncs_once_per_batch(self):
+        calls = []
+        real = os.fsync
+        self.patch(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+        service = self.start(fsync="always")
+        topic = service.create_topic("t", 60_000, 0)
+        del calls[:]
+        with service.batch:
+            for _ in range(100):
+                topic.publish(None, b"v")
+        self.assertEqual(len(calls), 1)
+
+    def test_interval_syncs_on_the_tick(self):
+        calls = []
+        real = os.fsync
+        self.patch(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+        service = self.start(fsync="interval")
+        service.startService()
+        topic = service.create_topic("t", 60_000, 0)
+        del calls[:]
+        with service.batch:
+            topic.publish(None, b"v")
+        self.assertEqual(calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(calls), 1)
+        service.stopService()
+
+
+def _acked_publisher(port: int, seen_path: str) -> None:
+    """Publish acked messages as fast as the broker answers; record each PUBLISHED offset."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(codec.frame(codec.CreateTopic(1, "crash", 3_600_000, 0).encode()))
+    assert s.recv(9) == codec.frame(codec.Ok(1).encode())
+    out = open(seen_path, "w", buffering=1)
+    frame = codec.frame(codec.Publish(1, "crash", b"c" * 100).encode())
+    s.sendall(frame * 100)
+    buf = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return
+        buf += data
+        n = len(buf) // 18
+        for i in range(n):
+            out.write(f"{struct.unpack_from('>Q', buf, i * 18 + 9)[0]}\n")
+        buf = buf[n * 18 :]
+        s.sendall(frame * n)
+
+
+class ProcessTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="zaichik-data-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def broker(self, *options) -> BrokerProcess:
+        broker = BrokerProcess("--data-dir", self.dir, *options).start()
+        self.addCleanup(broker.cleanup)
+        return broker
+
+    def test_sigterm_restart(self):
+        broker = self.broker()
+        run = lambda *a, stdin="": subprocess.run(  # noqa: E731
+            [sys.executable, "-m", "zaichik.cli", "--server", broker.address, *a], input=stdin,
+            capture_output=True, text=True, timeout=60, env=ENV)
+        self.assertEqual(run("create", "kept", "--retention", "1h", "--compaction-window", "1h").returncode, 0)
+        self.assertEqual(run("pub", "kept", "--key-from", "1", "--ack", stdin="a 1\nb 2\n").stdout, "0\n1\n")
+        self.assertEqual(run("--client-id", "r", "sub", "kept", "--commit", "--count", "1").stdout, "kept 0 [a] a 1\n")
+        broker.stop()
+        broker = self.broker()
+        run = lambda *a, stdin="": subprocess.run(  # noqa: E731
+            [sys.executable, "-m", "zaichik.cli", "--server", broker.address, *a], input=stdin,
+            capture_output=True, text=True, timeout=60, env=ENV)
+        self.assertEqual(run("pub", "kept", "--key-from", "1", "--ack", stdin="a 3\nc 4\n").stdout,
+                         "0 duplicate\n2\n")
+        self.assertEqual(run("--client-id", "r", "sub", "kept", "--count", "2").stdout,
+                         "kept 1 [b] b 2\nkept 2 [c] c 4\n")
+
+    def test_kill_9_loses_nothing_acknowledged(self):
+        broker = self.broker("--fsync", "always")
+        seen_path = os.path.join(self.dir, "..", os.path.basename(self.dir) + ".seen")
+        self.addCleanup(lambda: os.path.exists(seen_path) and os.unlink(seen_path))
+        publisher = subprocess.Popen([sys.executable, "-c",
+                                      f"import sys; sys.path.insert(0, {ROOT!r}); "
+                                      f"from tests.test_disk import _acked_publisher; "
+                                      f"_acked_publisher({broker.port}, {seen_path!r})"])
+        self.addCleanup(lambda: publisher.poll() is None and publisher.kill())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if os.path.exists(seen_path) and os.path.getsize(seen_path) > 20_000:
+                break
+        broker.process.send_signal(signal.SIGKILL)
+        broker.process.wait()
+        publisher.wait(10)
+        with open(seen_path) as f:
+            acknowledged = [int(line) for line in f if line.strip()]
+        self.assertGreater(len(acknowledged), 1000)
+        self.assertEqual(acknowledged, list(range(len(acknowledged))))
+        broker.process = None
+        broker = self.broker()
+        s = socket.create_connection(("127.0.0.1", broker.port))
+        s.sendall(codec.frame(codec.Subscribe(1, "crash", Start.EARLIEST).encode()))
+        s.settimeout(10)
+        data = b""
+        want = 9 + len(acknowledged) * len(codec.frame(codec.Message("crash", 0, 0, b"c" * 100).encode()))
+        while len(data) < want:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        got = offsets_of([data[9:want]])
+        self.assertEqual(got, acknowledged)  # every acknowledged message, in order, no gaps
