@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,6 +26,22 @@ from zaichik.testing import BrokerProcess  # noqa: E402
 
 PAYLOAD = b"d" * 100
 REPLY = 18  # a PUBLISHED frame
+
+
+def ping_probe(port: int, stop, rtts) -> None:
+    """PING every 10 ms on a second connection: how long the reactor is held up."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    ping = codec.frame(codec.Ping(7).encode())
+    while not stop.is_set():
+        t0 = time.monotonic()
+        s.sendall(ping)
+        got = 0
+        while got < 9:
+            got += len(s.recv(64))
+        rtts.append(time.monotonic() - t0)
+        time.sleep(0.01)
+    s.close()
 
 
 def acked_throughput(port: int, count: int, window: int = 1000) -> float:
@@ -93,14 +110,22 @@ def main(argv=None) -> int:
         data_dir = tempfile.mkdtemp(prefix="zaichik-bench-")
         options = () if mode == "memory" else ("--data-dir", data_dir, "--fsync", mode)
         broker = BrokerProcess(*options).start()
+        stop, rtts = threading.Event(), []
+        probe = threading.Thread(target=ping_probe, args=(broker.port, stop, rtts))
         try:
+            probe.start()
             rate = acked_throughput(broker.port, args.publishes)
         finally:
+            stop.set()
+            probe.join()
             broker.cleanup()
             shutil.rmtree(data_dir, True)
         base = base or rate
+        rtts.sort()
         label = "in memory" if mode == "memory" else f"--fsync {mode}"
-        print(f"  {label:18} {rate:>10,.0f} msgs/s   {rate / base:.2f}x memory")
+        print(f"  {label:18} {rate:>10,.0f} msgs/s   {rate / base:.2f}x memory   "
+              f"PING meanwhile: p50 {rtts[len(rtts) // 2] * 1000:.2f} ms, "
+              f"p99 {rtts[int(len(rtts) * 0.99)] * 1000:.2f} ms, max {rtts[-1] * 1000:.2f} ms")
 
     data_dir = tempfile.mkdtemp(prefix="zaichik-bench-")
     try:
