@@ -22,6 +22,8 @@ from zaichik.session import Session
 _log = Logger()
 _length = struct.Struct(">I")
 
+PUBLISH = codec.Opcode.PUBLISH.value
+
 # Seconds a closing connection has to read what it is still owed.
 CLOSE_GRACE = 10.0
 
@@ -130,6 +132,8 @@ class BrokerProtocol(Int32StringReceiver):
         self._unprocessed = data[at:] if at else data
 
     def stringReceived(self, body: bytes) -> None:
+        if body and body[0] == PUBLISH and self.session.publish_frame(body):
+            return  # the common case, handled without the general machinery
         try:
             request = codec.decode_request(body)
         except codec.DecodeError as e:

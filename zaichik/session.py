@@ -101,6 +101,29 @@ class Session:
             return result.addErrback(self._asyncFailed, request.rid)
         return None
 
+    def publish_frame(self, body: bytes) -> bool:
+        """
+        The hot path: a well-formed PUBLISH to an existing topic, from a
+        connection with every permission, on a topic with no reject policy
+        and no blocked publishers, is handled here, straight from its bytes.
+        Returns False for anything else, which then takes the general path
+        (L{handle}) with all its checks.
+        """
+        if self.permissions is not ALLOW_ALL or self.ended:
+            return False
+        fields = codec.parse_publish(body)
+        if fields is None:
+            return False
+        rid, name, key, value = fields
+        topic = self.service.topics.get(name)
+        if topic is None or topic.reject_over_bytes or topic.blocked:
+            return False
+        self._requests += 1
+        offset, duplicate = topic.publish(key, value)
+        if rid:
+            self._reply(codec.Published(rid, offset, duplicate))
+        return True
+
     def fail(self, rid: int, error: ZaichikError) -> None:
         """Answer with an ERROR frame, closing the connection where the protocol says so."""
         self.service.stats.error(int(error.code))
