@@ -28,8 +28,8 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -43,6 +43,17 @@ _q = struct.Struct(">Q")
 
 
 # --- servers -------------------------------------------------------------------
+
+
+def _wait_for_port(port: int, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not start")
 
 
 class Server:
@@ -91,14 +102,7 @@ class Baseline(Server):
         self.port = free_port()
         self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), str(self.port)])
         self.pid = self.process.pid
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("baseline did not start")
+        _wait_for_port(self.port, self.name)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -230,14 +234,7 @@ class Peer(Server):
         self.process = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         self.pid = self.process.pid
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not start")
+        _wait_for_port(self.port, self.name)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -24,7 +24,7 @@ from zaichik.codec import Start
 from zaichik.disk import DataDirLocked, DiskStorage
 from zaichik.service import BrokerService
 from zaichik.session import Session
-from zaichik.testing import ROOT, BrokerProcess
+from zaichik.testing import ROOT, BrokerProcess, parse_frames
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
@@ -32,13 +32,7 @@ T0 = 1_700_000_000
 
 
 def offsets_of(written) -> list:
-    out = []
-    for data in written:
-        while data:
-            n = int.from_bytes(data[:4], "big")
-            out.append(codec.decode_reply(data[4 : 4 + n]))
-            data = data[4 + n :]
-    return [m.offset for m in out if type(m) is codec.Message]
+    return [m.offset for m in parse_frames(b"".join(written)) if type(m) is codec.Message]
 
 
 class DiskTestCase(SynchronousTestCase):

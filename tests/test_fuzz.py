@@ -28,6 +28,7 @@ from zaichik import codec
 from zaichik.codec import ErrorCode, Start
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService
+from zaichik.testing import parse_frames
 
 TOPICS = ["t0", "t1", "t2"]
 topics = st.sampled_from(TOPICS)
@@ -75,15 +76,6 @@ def _garbage():
     ).map(_mark).filter(lambda body: not _closes(body))
 
 
-def _parse(data: bytes) -> List[object]:
-    out = []
-    while data:
-        n = int.from_bytes(data[:4], "big")
-        out.append(codec.decode_reply(data[4 : 4 + n]))
-        data = data[4 + n :]
-    return out
-
-
 class BrokerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -102,7 +94,7 @@ class BrokerMachine(RuleBasedStateMachine):
         sub.makeConnection(self.sub_transport)
         sub.dataReceived(b"".join(codec.frame(codec.Subscribe(i + 1, t, Start.LATEST).encode())
                                   for i, t in enumerate(TOPICS)))
-        assert _parse(self.sub_transport.value()) == [codec.Ok(1), codec.Ok(2), codec.Ok(3)]
+        assert parse_frames(self.sub_transport.value()) == [codec.Ok(1), codec.Ok(2), codec.Ok(3)]
         self.sub_transport.clear()
 
         self.unsent = b""  # bytes written by the client, not yet fed to the broker
@@ -150,12 +142,12 @@ class BrokerMachine(RuleBasedStateMachine):
         self.clock.advance(ms / 1000)
 
     def _collect(self) -> None:
-        for reply in _parse(self.pub_transport.value()):
+        for reply in parse_frames(self.pub_transport.value()):
             assert not (type(reply) is codec.Error and reply.code == ErrorCode.INTERNAL), reply
             if 0x10000000 <= getattr(reply, "rid", 0) < 0xFF000000:
                 self.answered.append(reply)
         self.pub_transport.clear()
-        for message in _parse(self.sub_transport.value()):
+        for message in parse_frames(self.sub_transport.value()):
             self.received[message.topic].append(message.offset)
         self.sub_transport.clear()
 

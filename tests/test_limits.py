@@ -15,15 +15,7 @@ from zaichik import codec
 from zaichik.codec import ErrorCode, Start
 from zaichik.protocol import CLOSE_GRACE, BrokerFactory
 from zaichik.service import BrokerService, Limits
-
-
-def parse(data: bytes) -> List[object]:
-    frames = []
-    while data:
-        n = int.from_bytes(data[:4], "big")
-        frames.append(codec.decode_reply(data[4 : 4 + n]))
-        data = data[4 + n :]
-    return frames
+from zaichik.testing import parse_frames
 
 
 class Connection:
@@ -38,7 +30,7 @@ class Connection:
         self.protocol.dataReceived(b"".join(codec.frame(r.encode()) for r in requests))
 
     def received(self) -> List[object]:
-        frames = parse(self.transport.value())
+        frames = parse_frames(self.transport.value())
         self.transport.clear()
         return frames
 

@@ -15,7 +15,6 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from zaichik import codec
 from zaichik.client import Start, connect
 from zaichik.codec import ErrorCode
 from zaichik.errors import ZaichikError

@@ -17,18 +17,13 @@ from zaichik.errors import ZaichikError
 from zaichik.service import BrokerService
 from zaichik.session import Session
 from zaichik.subscription import Output, Subscription
+from zaichik.testing import parse_frames
 
 T0 = 1_700_000_000  # seconds
 
 
-def offsets_of(frames: List[bytes]) -> List[int]:
-    out = []
-    for frame in frames:
-        while frame:
-            n = int.from_bytes(frame[:4], "big")
-            out.append(codec.decode_reply(frame[4 : 4 + n]).offset)
-            frame = frame[4 + n :]
-    return out
+def offsets_of(written: List[bytes]) -> List[int]:
+    return [m.offset for m in parse_frames(b"".join(written))]
 
 
 class Base(SynchronousTestCase):

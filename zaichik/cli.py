@@ -27,7 +27,6 @@ from twisted.internet.task import react
 
 from zaichik import units
 from zaichik.client import Start, ZaichikError, connect
-from zaichik.codec import ErrorCode
 
 EXIT_BROKER_ERROR = 1
 EXIT_USAGE = 2

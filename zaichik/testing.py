@@ -22,6 +22,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def parse_frames(data: bytes) -> list:
+    """
+    Decode a byte string of whole broker-to-client frames (replies and
+    messages).  Raises ValueError if it does not end on a frame boundary.
+    """
+    frames = []
+    at = 0
+    while at < len(data):
+        n = int.from_bytes(data[at : at + 4], "big")
+        body = data[at + 4 : at + 4 + n]
+        if len(data) - at < 4 or len(body) != n:
+            raise ValueError(f"truncated frame at byte {at}")
+        frames.append(codec.decode_reply(body))
+        at += 4 + n
+    return frames
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
