@@ -18,7 +18,7 @@ import tempfile
 from typing import List
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -400,3 +400,26 @@ class EndToEndTests(TestCase):
             await check("tls")
 
         return ensureDeferred(both())
+
+
+class ReviewFixTests(Harness):
+    def test_denied_made_up_names_are_not_cached(self):
+        sensor = self.login("sensor")
+        self.exchange(sensor, *[codec.Publish(0, f"nope/{i}", b"x") for i in range(100)])
+        self.assertEqual(sensor[0].session._allowed, {})
+
+    def test_checks_in_flight_count_against_the_limit(self):
+        pending = []
+
+        def never_answers(f, *args):
+            pending.append(args)
+            return Deferred()
+
+        (checker,) = set(self.auth.portal.checkers.values())
+        checker._run = never_answers
+        for _ in range(5):
+            self.exchange(self.connect(), codec.Hello(1, "", "sensor:guess"))
+        self.assertEqual(len(pending), 5)
+        replies = self.exchange(self.connect(), codec.Hello(1, "", "sensor:guess"))
+        self.assertEqual(len(pending), 5)  # the sixth was refused unchecked
+        self.assertEqual(replies[0].code, ErrorCode.NOT_AUTHORIZED)

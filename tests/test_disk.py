@@ -288,3 +288,23 @@ class ProcessTests(TestCase):
         s.close()
         got = offsets_of([data[9:want]])
         self.assertEqual(got, acknowledged)  # every acknowledged message, in order, no gaps
+
+
+class ByteBoundTests(DiskTestCase):
+    def test_trimmed_messages_stay_trimmed_after_restart(self):
+        from zaichik.service import Limits
+
+        def start():
+            if self.storage is not None:
+                self.storage.close()
+            self.storage = DiskStorage(self.dir, clock=self.clock)
+            return BrokerService(storage=self.storage, clock=self.clock, limits=Limits(max_retained_bytes=1_000))
+
+        service = start()
+        topic = service.create_topic("t", 60_000, 0)
+        for _ in range(20):
+            topic.publish(None, b"x" * 100)
+        kept = topic.retained
+        self.assertLess(kept, 20)
+        service = start()
+        self.assertEqual(service.topics["t"].retained, kept)

@@ -240,3 +240,53 @@ class BlockPolicyTests(LimitTestCase):
         self.assertEqual(publisher.transport.producerState, "producing")
         self.assertEqual(topic.next_offset, 40)
         self.assertEqual([m.offset for m in slow.received()], list(range(40)))
+
+
+class FlowControlFixTests(LimitTestCase):
+    """Found in review; each failed before its fix."""
+
+    limits = Limits(idle_timeout=30, max_output_buffer=5_000)
+
+    def test_idle_close_ends_the_session_at_once(self):
+        subscriber = self.connect()
+        subscriber.send(codec.Subscribe(1, "t", Start.LATEST))
+        self.clock.advance(30)
+        self.assertTrue(subscriber.closing)
+        self.assertTrue(subscriber.protocol.session.ended)
+        self.assertEqual(self.service.topics["t"].subscribers, [])
+
+    def test_replies_are_flow_controlled(self):
+        """A client that sends requests and reads nothing is read no more."""
+        c = self.connect()
+        c.transport.producer.pauseProducing()  # its socket buffer is full
+        self.assertEqual(c.transport.producerState, "paused")  # we stopped reading it
+        c.send(*[codec.Ping(i) for i in range(1, 4)])
+        self.assertEqual(c.received(), [])  # held, not answered into the full buffer
+        c.transport.producer.resumeProducing()
+        self.assertEqual(c.transport.producerState, "producing")
+        self.assertEqual(c.received(), [codec.Ok(1), codec.Ok(2), codec.Ok(3)])
+
+    def test_held_connection_is_not_idle(self):
+        c = self.connect()
+        c.transport.producer.pauseProducing()
+        self.clock.advance(90)
+        self.assertFalse(c.closing)
+
+    def test_output_budget_is_per_connection(self):
+        publisher = self.connect()
+        slow = self.connect()
+        slow.send(*[codec.Subscribe(i + 1, f"t{i}", Start.LATEST) for i in range(10)])
+        slow.received()
+        slow.transport.producer.pauseProducing()
+        # 10 topics x 5 messages of ~120 bytes: under the limit per topic,
+        # over it for the connection.
+        for _ in range(5):
+            publisher.send(*[codec.Publish(0, f"t{i}", b"x" * 100) for i in range(10)])
+        self.assertTrue(slow.closing)
+
+    def test_max_inflight_is_clamped(self):
+        from zaichik.subscription import MAX_INFLIGHT
+
+        c = self.connect()
+        c.send(codec.Subscribe(1, "t", Start.LATEST, max_inflight=0xFFFFFFFF))
+        self.assertEqual(c.protocol.session.subscriptions["t"].max_inflight, MAX_INFLIGHT)

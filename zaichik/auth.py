@@ -290,6 +290,7 @@ class PortalAuthenticator:
         self.max_failures = max_failures
         self.window = window
         self._failures: Dict[str, List[float]] = {}
+        self._checking: Dict[str, int] = {}
 
     @classmethod
     def from_file(cls, path: str, clock=None, run: Optional[Callable] = None) -> "PortalAuthenticator":
@@ -307,13 +308,26 @@ class PortalAuthenticator:
         return recent
 
     def authenticate(self, client_id: str, token: str, peer: str):
-        if len(self._recent_failures(peer)) >= self.max_failures:
+        # Checks still running count as failures until they succeed, so one
+        # peer cannot queue more than max_failures slow scrypt checks.
+        if len(self._recent_failures(peer)) + self._checking.get(peer, 0) >= self.max_failures:
             _log.warn("Authentication from {peer} refused unchecked: too many failures", peer=peer)
             return fail(ZaichikError(ErrorCode.NOT_AUTHORIZED, "too many failed attempts; try later"))
         name, sep, secret = token.partition(":")
         if not sep or not name:
             return self._failed(peer, name, "a token is NAME:SECRET")
+        self._checking[peer] = self._checking.get(peer, 0) + 1
+
+        def checked(result):
+            left = self._checking[peer] - 1
+            if left:
+                self._checking[peer] = left
+            else:
+                del self._checking[peer]
+            return result
+
         d = self.portal.login(UsernamePassword(name.encode(), secret.encode()), None, IPermissions)
+        d.addBoth(checked)
 
         def logged_in(result):
             _, permissions, _ = result

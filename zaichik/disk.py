@@ -154,9 +154,9 @@ class DiskLog:
         return self._memory.read(offset, limit)
 
     def append(self, offset: int, timestamp: int, frame: bytes) -> None:
+        self.write(offset, timestamp, frame)  # the disk first: if it fails, nothing is retained
         if self.retention_ttl:
             self._memory.append(offset, timestamp, frame)
-        self.write(offset, timestamp, frame)
 
     def record(self, offset: int, timestamp: int, frame: bytes) -> None:
         self.write(offset, timestamp, frame)

@@ -36,24 +36,31 @@ class _OutputProducer:
     rather than buffer without bound.
     """
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, protocol: "BrokerProtocol") -> None:
+        self.protocol = protocol
 
     def pauseProducing(self) -> None:
-        self.session.pause_output()
+        self.protocol.session.pause_output()
+        # Replies are output too: read no more requests until the client
+        # reads what it is sent.
+        self.protocol.hold("output")
 
     def resumeProducing(self) -> None:
-        self.session.resume_output()
+        self.protocol.session.resume_output()
+        if not self.protocol.session.output.paused:
+            self.protocol.release("output")
 
     def stopProducing(self) -> None:
-        self.session.end()
+        self.protocol.session.end()
 
 
 class BrokerProtocol(Int32StringReceiver):
     """
-    Frames in, frames out.  Requests are handled one at a time, in order: a
-    request whose answer is asynchronous (HELLO, when authentication is)
-    pauses reading until it is answered.
+    Frames in, frames out.  Requests are handled one at a time, in order.
+    Reading stops (L{hold}) while a request's answer is still to come
+    (HELLO with asynchronous authentication, a publish to a topic that a
+    slow subscriber blocks) and while the connection's output buffer is
+    full; it goes on when every hold is released.
     """
 
     session: Session
@@ -66,8 +73,9 @@ class BrokerProtocol(Int32StringReceiver):
     def connectionMade(self) -> None:
         address = self.transport.getPeer()
         peer = getattr(address, "host", None) or str(address)
+        self._holds: set = set()
         self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer)
-        self.transport.registerProducer(_OutputProducer(self.session), True)
+        self.transport.registerProducer(_OutputProducer(self), True)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
@@ -94,8 +102,28 @@ class BrokerProtocol(Int32StringReceiver):
 
     def _idleTimeout(self) -> None:
         timeout = self.service.limits.idle_timeout
+        if self._holds:
+            # Not idle: we are the ones not reading (see hold).
+            self._idle = self.factory.clock.callLater(timeout, self._idleTimeout)
+            return
         self.session.fail(0, ZaichikError(ErrorCode.LIMIT, f"idle for {timeout:g} s"))
         self._disconnect()
+
+    def hold(self, reason: str) -> None:
+        """Stop reading requests until L{release}d (for every reason held)."""
+        if not self._holds:
+            self.paused = True  # the frame loop in dataReceived stops here
+            self.transport.pauseProducing()
+        self._holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and not self._closing:
+            self.paused = False
+            self.transport.resumeProducing()
+            self.dataReceived(b"")  # frames that arrived before the hold
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -129,7 +157,9 @@ class BrokerProtocol(Int32StringReceiver):
                     at = start - 4
                     break
                 handle(data[start:at])
-        self._unprocessed = data[at:] if at else data
+            # Before the batch ends: its delivery may release a hold, whose
+            # dataReceived must find only the frames not yet handled.
+            self._unprocessed = data[at:] if at else data
 
     def stringReceived(self, body: bytes) -> None:
         if body and body[0] == PUBLISH and self.session.publish_frame(body):
@@ -144,12 +174,8 @@ class BrokerProtocol(Int32StringReceiver):
         # dataReceived, which must not happen inside this frame loop (the
         # frames of the current read would be handled twice).
         if waiting is not None and not waiting.called and not self._closing:
-            self.pauseProducing()
-            waiting.addBoth(self._answered)
-
-    def _answered(self, _) -> None:
-        if not self._closing:
-            self.resumeProducing()
+            self.hold("answer")
+            waiting.addBoth(lambda _: self.release("answer"))
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.session.fail(
@@ -170,7 +196,8 @@ class BrokerProtocol(Int32StringReceiver):
             self._write(_length.pack(len(body)) + body)
 
     def _disconnect(self) -> None:
-        """Stop reading requests; close once what is buffered is written."""
+        """End the session, stop reading requests; close once what is buffered is written."""
+        self.session.end()
         if not self._closing:
             self._closing = True
             self.paused = True  # the frame loop in dataReceived stops here

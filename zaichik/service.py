@@ -110,6 +110,7 @@ class BrokerService(Service):
         for state in self.storage.topics():
             topic = self._open(state.name, state.retention_ttl, state.compaction_window, state.next_offset)
             topic.restore(state.last_timestamp, state.keys)
+            topic.expire()  # what --max-retained-bytes had dropped stays dropped
         sync = getattr(self.storage, "sync", None)
         if sync is not None:
             self.batch.after = sync

@@ -119,7 +119,12 @@ class Session:
         if topic is None or topic.reject_over_bytes or topic.blocked:
             return False
         self._requests += 1
-        offset, duplicate = topic.publish(key, value)
+        try:
+            offset, duplicate = topic.publish(key, value)
+        except Exception:
+            _log.failure("Internal error publishing to {topic}", topic=name)
+            self.fail(rid, ZaichikError(ErrorCode.INTERNAL, "internal error"))
+            return True
         if rid:
             self._reply(codec.Published(rid, offset, duplicate))
         return True
@@ -127,7 +132,7 @@ class Session:
     def fail(self, rid: int, error: ZaichikError) -> None:
         """Answer with an ERROR frame, closing the connection where the protocol says so."""
         self.service.stats.error(int(error.code))
-        self._reply(codec.Error(rid, int(error.code), error.message))
+        self._reply(codec.Error(rid, int(error.code), error.message[:1000]))
         if error.code in (ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FRAME_TOO_LARGE):
             self.end()
             self._disconnect()
@@ -253,8 +258,10 @@ class Session:
         allowed = self._allowed.get((action, name))
         if allowed is None:
             allowed = getattr(permissions, "may_" + action)(name)
-            if allowed and action != "create" and name not in self.service.topics:
-                allowed = permissions.may_create(name)
+            if name not in self.service.topics:
+                # Using a new topic creates it; and only existing topics are
+                # cached, so that made-up names cannot grow the cache.
+                allowed = allowed and (action == "create" or permissions.may_create(name))
             else:
                 self._allowed[(action, name)] = allowed
         if not allowed:
@@ -340,7 +347,10 @@ class Session:
                     f"(highest sent: {subscription.last_sent})",
                 )
             self._record_commit(name, request.offset)
-            subscription.acknowledge(request.offset)
+        # Even a commit that does not move the committed offset acknowledges
+        # what this subscription sent up to it (messages sent again after a
+        # resume sit at or below the committed offset): the window opens.
+        subscription.acknowledge(request.offset)
         self._reply(codec.Ok(request.rid))
 
     def _close(self, request: codec.Close) -> None:

@@ -14,6 +14,8 @@ from zaichik.topic import ISubscriber, Topic
 
 # How many retained messages one read from the log hands over at most.
 READ_CHUNK = 1024
+# The largest max_inflight window honoured (a larger one counts as this).
+MAX_INFLIGHT = 1 << 20
 
 
 class Output:
@@ -25,6 +27,9 @@ class Output:
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self.write = write
         self.paused = False
+        # Bytes queued by all of the connection's subscriptions (on topics
+        # that retain nothing): the budget --max-output-buffer bounds.
+        self.pending_bytes = 0
 
 
 @implementer(ISubscriber)
@@ -43,7 +48,8 @@ class Subscription:
         later, so a slow reader costs no memory (and skips what expires
         meanwhile);
       - on a topic that retains nothing, in the subscription's own queue,
-        whose size in bytes is watched: past C{max_pending_bytes} (when set)
+        whose size in bytes is counted on the connection's L{Output}: when
+        the connection's queues pass C{max_pending_bytes} (when set),
         C{on_overflow} is called.
 
     @ivar next: the offset of the next message to send.
@@ -63,7 +69,9 @@ class Subscription:
         on_overflow: Optional[Callable[["Subscription"], None]] = None,
     ) -> None:
         self.topic = topic
-        self.max_inflight = max_inflight
+        # The window is at most MAX_INFLIGHT: a client's u32 could otherwise
+        # make the record of what is in flight as large as it likes.
+        self.max_inflight = min(max_inflight, MAX_INFLIGHT)
         self.last_sent = last_sent
         self.next = topic.next_offset if start is None else start
         self.active = True
@@ -102,7 +110,10 @@ class Subscription:
         count = len(frames)
         self.topic.messages_out += count
         self.next = first + count
-        self.last_sent = first + count - 1
+        # The connection's high-water mark: a resubscription that sends
+        # older offsets again does not lower it.
+        if self.last_sent is None or first + count - 1 > self.last_sent:
+            self.last_sent = first + count - 1
         if self.max_inflight:
             self._inflight.extend(range(first, first + count))
         # One write per batch; the transport may pause us inside it.
@@ -131,9 +142,11 @@ class Subscription:
             self._send(first, frames)
             return
         self._pending.extend(frames)
-        self.pending_bytes += sum(map(len, frames))
+        size = sum(map(len, frames))
+        self.pending_bytes += size
+        self._output.pending_bytes += size
         self.drain()
-        if (self.max_pending_bytes and self.pending_bytes > self.max_pending_bytes
+        if (self.max_pending_bytes and self._output.pending_bytes > self.max_pending_bytes
                 and self._on_overflow and not self.blocking):
             self._on_overflow(self)
 
@@ -156,7 +169,9 @@ class Subscription:
                 first = self.next
                 take = min(room, len(pending), READ_CHUNK)
                 frames = [pending.popleft() for _ in range(take)]
-                self.pending_bytes -= sum(map(len, frames))
+                size = sum(map(len, frames))
+                self.pending_bytes -= size
+                self._output.pending_bytes -= size
             self._send(first, frames)
             if self.blocking and self.pending_bytes <= self.max_pending_bytes // 2:
                 # After the send: unblocking lets publishers run (and deliver
@@ -176,5 +191,6 @@ class Subscription:
         self.active = False
         self.topic.unsubscribe(self)
         self._pending.clear()
+        self._output.pending_bytes -= self.pending_bytes
         self.pending_bytes = 0
         self._inflight.clear()

@@ -256,16 +256,19 @@ class Topic:
                 # Keys stored again after their window leave stale entries
                 # behind; forget those before the deque outgrows the keys.
                 self._forget_keys(now)
-            self._keys[key] = (now, self.next_offset)
-            self._key_order.append((now, key))
         offset = self.next_offset
-        self.next_offset = offset + 1
-        self._last_timestamp = now
         frame = codec.message_frame(self._prefix, offset, now, key, value)
+        # The log first: if it fails (a full disk), nothing else has changed
+        # and the offset is not used up.
         if self.retention_ttl:
             self._log.append(offset, now, frame)
         else:
             self._log.record(offset, now, frame)
+        self.next_offset = offset + 1
+        self._last_timestamp = now
+        if key and window:
+            self._keys[key] = (now, offset)
+            self._key_order.append((now, key))
         if not self._unsent:
             self._unsent_first = offset
         self._unsent.append(frame)
@@ -312,6 +315,8 @@ class Topic:
         now = self.now()
         self._forget_keys(now)
         expired = self._log.expire(now - self.retention_ttl)
+        if self.max_retained_bytes and self._log.nbytes > self.max_retained_bytes:
+            expired += self._log.trim(self.max_retained_bytes)
         self.expired += expired
         return expired
 
