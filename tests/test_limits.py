@@ -290,3 +290,14 @@ class FlowControlFixTests(LimitTestCase):
         c = self.connect()
         c.send(codec.Subscribe(1, "t", Start.LATEST, max_inflight=0xFFFFFFFF))
         self.assertEqual(c.protocol.session.subscriptions["t"].max_inflight, MAX_INFLIGHT)
+
+
+class LargeFrameTests(LimitTestCase):
+    def test_large_frame_in_small_pieces(self):
+        """A frame near the limit, fed 1,000 bytes at a time, is joined once and handled once."""
+        c = self.connect()
+        big = codec.frame(codec.Publish(7, "big", b"v" * 900_000).encode()) + codec.frame(codec.Ping(8).encode())
+        for i in range(0, len(big), 1000):
+            c.protocol.dataReceived(big[i : i + 1000])
+        self.assertEqual(c.received(), [codec.Published(7, 0, False), codec.Ok(8)])
+        self.assertEqual(c.protocol._pieces_bytes, 0)

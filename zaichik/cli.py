@@ -69,6 +69,9 @@ def _key_of(line: str, key_from: Optional[str]) -> Optional[bytes]:
         except (ValueError, KeyError, TypeError):
             raise CommandError(f"no JSON field {key_from[5:]!r} in line: {line!r}", EXIT_USAGE) from None
         return str(value).encode()
+    if not key_from.isdigit() or key_from == "0":
+        raise CommandError(f"--key-from takes a field number from 1, or json:NAME, not {key_from!r}",
+                           EXIT_USAGE)
     fields = line.split()
     index = int(key_from) - 1
     if not 0 <= index < len(fields):

@@ -99,6 +99,10 @@ class BrokerProtocol(Int32StringReceiver):
 
     _idle = None
     _abort = None
+    # A large frame arriving in pieces (see dataReceived).
+    _waiting_for = 0
+    _pieces: list = []
+    _pieces_bytes = 0
 
     def _idleTimeout(self) -> None:
         timeout = self.service.limits.idle_timeout
@@ -137,7 +141,16 @@ class BrokerProtocol(Int32StringReceiver):
         self.service.stats.bytes_in += len(data)
         if self._idle is not None and data:
             self._idle.reset(self.service.limits.idle_timeout)
-        if self._unprocessed:
+        if self._waiting_for:
+            # The rest of a large frame, arriving in pieces: collect them and
+            # join once, rather than copying the growing buffer every read.
+            self._pieces.append(data)
+            self._pieces_bytes += len(data)
+            if self._pieces_bytes < self._waiting_for:
+                return
+            data = b"".join(self._pieces)
+            self._pieces, self._pieces_bytes, self._waiting_for = [], 0, 0
+        elif self._unprocessed:
             data = self._unprocessed + data
         end = len(data)
         at = 0
@@ -159,7 +172,15 @@ class BrokerProtocol(Int32StringReceiver):
                 handle(data[start:at])
             # Before the batch ends: its delivery may release a hold, whose
             # dataReceived must find only the frames not yet handled.
-            self._unprocessed = data[at:] if at else data
+            rest = data[at:] if at else data
+            if len(rest) >= 4 and not self.paused:
+                needed = 4 + unpack(rest, 0)[0]
+                if needed - len(rest) > 65536:
+                    # A large frame is on its way: collect its pieces.
+                    self._unprocessed = b""
+                    self._pieces, self._pieces_bytes, self._waiting_for = [rest], len(rest), needed
+                    return
+            self._unprocessed = rest
 
     def stringReceived(self, body: bytes) -> None:
         if body and body[0] == PUBLISH and self.session.publish_frame(body):

@@ -31,13 +31,20 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _frame_size(text: str) -> int:
+    value = int(text)
+    if value < 64:
+        raise ValueError("--max-frame-size is at least 64 bytes")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run the zaichik pub/sub broker."
 
     optParameters = [
         ["max-frame-size", None, codec.DEFAULT_MAX_FRAME_SIZE,
-         "Largest frame body accepted, in bytes.", _non_negative_int],
+         "Largest frame body accepted, in bytes (at least 64).", _frame_size],
         ["default-retention", None, 0,
          "retention_ttl of topics created by PUBLISH or SUBSCRIBE (ms, or 60s, 5m...).", parse_duration],
         ["default-compaction-window", None, 0,
