@@ -66,19 +66,18 @@ class Server:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def peak_rss_mb(self) -> float:
+    def _status_mb(self, field: str) -> float:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
         return 0.0
 
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM:")
+
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        return self._status_mb("VmRSS:")
 
 
 class Zaichik(Server):

@@ -82,6 +82,18 @@ class Client:
         del buf[:at]
 
 
+def read_ready(sel, timeout: float) -> None:
+    """Read and parse whatever the clients' sockets have, waiting up to C{timeout}."""
+    for key, _ in sel.select(timeout):
+        c = key.data
+        try:
+            data = c.sock.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        c.buffer += data
+        c.parse()
+
+
 def run(connections: int, topics: int, seconds: float, rate: float) -> dict:
     broker = BrokerProcess("--max-connections", str(connections + 100)).start()
     try:
@@ -112,14 +124,7 @@ def run(connections: int, topics: int, seconds: float, rate: float) -> dict:
                     c.sock.send(c.publish_frame())  # 106 bytes: always fits the socket buffer
                 rounds += 1
                 next_round += interval
-            for key, _ in sel.select(max(0.0, min(next_round, start + seconds) - time.monotonic())):
-                c = key.data
-                try:
-                    data = c.sock.recv(1 << 16)
-                except BlockingIOError:
-                    continue
-                c.buffer += data
-                c.parse()
+            read_ready(sel, max(0.0, min(next_round, start + seconds) - time.monotonic()))
         published = {t: 0 for t in {c.topic for c in clients}}
         for c in clients:
             published[c.topic] += c.sent
@@ -127,14 +132,7 @@ def run(connections: int, topics: int, seconds: float, rate: float) -> dict:
         # Drain what is still on its way.
         deadline = time.monotonic() + 30
         while sum(c.received for c in clients) < expected and time.monotonic() < deadline:
-            for key, _ in sel.select(0.2):
-                c = key.data
-                try:
-                    data = c.sock.recv(1 << 16)
-                except BlockingIOError:
-                    continue
-                c.buffer += data
-                c.parse()
+            read_ready(sel, 0.2)
         elapsed = time.monotonic() - start
         received = sum(c.received for c in clients)
         result = {
