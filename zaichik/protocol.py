@@ -83,8 +83,7 @@ class BrokerProtocol(Int32StringReceiver):
         self.service.connections += 1
         if self.service.connections > limits.max_connections:
             self.session.fail(0, ZaichikError(
-                ErrorCode.LIMIT, f"connection limit of {limits.max_connections} reached"))
-            self._disconnect()
+                ErrorCode.LIMIT, f"connection limit of {limits.max_connections} reached"), close=True)
             return
         if limits.idle_timeout:
             self._idle = self.factory.clock.callLater(limits.idle_timeout, self._idleTimeout)
@@ -110,8 +109,7 @@ class BrokerProtocol(Int32StringReceiver):
             # Not idle: we are the ones not reading (see hold).
             self._idle = self.factory.clock.callLater(timeout, self._idleTimeout)
             return
-        self.session.fail(0, ZaichikError(ErrorCode.LIMIT, f"idle for {timeout:g} s"))
-        self._disconnect()
+        self.session.fail(0, ZaichikError(ErrorCode.LIMIT, f"idle for {timeout:g} s"), close=True)
 
     def hold(self, reason: str) -> None:
         """Stop reading requests until L{release}d (for every reason held)."""

@@ -129,13 +129,15 @@ class Session:
             self._reply(codec.Published(rid, offset, duplicate))
         return True
 
-    def fail(self, rid: int, error: ZaichikError) -> None:
-        """Answer with an ERROR frame, closing the connection where the protocol says so."""
+    def fail(self, rid: int, error: ZaichikError, close: bool = False) -> None:
+        """
+        Answer with an ERROR frame; then close the connection if C{close}, or
+        where the protocol says so.
+        """
         self.service.stats.error(int(error.code))
         self._reply(codec.Error(rid, int(error.code), error.message[:1000]))
-        if error.code in (ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FRAME_TOO_LARGE):
-            self.end()
-            self._disconnect()
+        if close or error.code in (ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FRAME_TOO_LARGE):
+            self.close()
 
     def _asyncFailed(self, failure, rid: int) -> None:
         if failure.check(ZaichikError):
@@ -160,10 +162,14 @@ class Session:
         if self.client_id:
             self.service.detach(self.client_id, self)
 
-    def taken_over(self) -> None:
-        """Another connection has claimed this one's client_id."""
+    def close(self) -> None:
+        """End the session and close its connection (once what is written is sent)."""
         self.end()
         self._disconnect()
+
+    def taken_over(self) -> None:
+        """Another connection has claimed this one's client_id."""
+        self.close()
 
     # -- output flow control ---------------------------------------------------
 
@@ -188,9 +194,7 @@ class Session:
         _log.warn("Slow consumer on {topic}: {pending} bytes waiting; disconnecting",
                   topic=subscription.topic.name, pending=subscription.pending_bytes)
         self.service.stats.slow_consumer_disconnects += 1
-        self.fail(0, ZaichikError(ErrorCode.LIMIT, "slow consumer"))
-        self.end()
-        self._disconnect()
+        self.fail(0, ZaichikError(ErrorCode.LIMIT, "slow consumer"), close=True)
 
     # -- commits -------------------------------------------------------------
 
@@ -225,9 +229,7 @@ class Session:
 
     def _refuse(self, rid: int, why: str) -> None:
         """NOT_AUTHORIZED for a connection that has not authenticated: it is closed."""
-        self.fail(rid, ZaichikError(ErrorCode.NOT_AUTHORIZED, why))
-        self.end()
-        self._disconnect()
+        self.fail(rid, ZaichikError(ErrorCode.NOT_AUTHORIZED, why), close=True)
 
     def _not_authenticated(self, failure, request: codec.Hello) -> None:
         if self.ended:
@@ -355,8 +357,7 @@ class Session:
 
     def _close(self, request: codec.Close) -> None:
         self._reply(codec.Ok(request.rid))
-        self.end()
-        self._disconnect()
+        self.close()
 
     def _ping(self, request: codec.Ping) -> None:
         self._reply(codec.Ok(request.rid))
