@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # twisted.plugins is a namespace shared with Twisted: it has no
     # __init__.py here and must be listed by hand.
-    packages=["zaichik", "twisted.plugins"],
+    packages=["zaichik", "zaichik.storage", "twisted.plugins"],
     package_data={"twisted.plugins": ["zaichik_plugin.py"]},
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     # prometheus_client: the metrics endpoint's exposition format and its

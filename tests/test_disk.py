@@ -19,9 +19,10 @@ import time
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from zaichik import codec, disk
+from zaichik import codec
+from zaichik.storage import disk
 from zaichik.codec import Start
-from zaichik.disk import DataDirLocked, DiskStorage
+from zaichik.storage.disk import DataDirLocked, DiskStorage
 from zaichik.service import BrokerService
 from zaichik.session import Session
 from zaichik.testing import ROOT, BrokerProcess, parse_frames

@@ -137,7 +137,7 @@ def makeService(config: Options) -> MultiService:
             raise usage.UsageError(f"--auth {config['auth']}: {e}") from None
     storage = None
     if config["data-dir"]:
-        from zaichik.disk import DataDirLocked, DiskStorage
+        from zaichik.storage.disk import DataDirLocked, DiskStorage
 
         try:
             storage = DiskStorage(config["data-dir"], fsync=config["fsync"])
