@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
 from zaichik.service import BrokerService, Limits
-from zaichik.storage import MemoryStorage
+from zaichik.storage.memory import MemoryStorage
 from zaichik.topic import ISubscriber, Topic
 from zope.interface import implementer
 

@@ -17,8 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from zaichik import codec
-from zaichik.codec import Start
-from zaichik.storage import MemoryStorage
+from zaichik.codec import ErrorCode, Start
+from zaichik.storage import StorageError
+from zaichik.storage.memory import MemoryStorage
 from zaichik.subscription import Output, Subscription
 from zaichik.topic import ISubscriber, Topic
 
@@ -152,7 +153,7 @@ class OffsetTests(TopicCase):
 
 
 class FailingLog:
-    """Wraps a log; while C{broken}, storing raises (a full disk, say)."""
+    """Wraps a log; while C{broken}, appends fail as a full disk's would."""
 
     def __init__(self, log) -> None:
         self._log = log
@@ -164,19 +165,14 @@ class FailingLog:
     def __len__(self) -> int:
         return len(self._log)
 
-    def append(self, offset, timestamp, frame):
+    def append(self, first, frames):
         if self.broken:
-            raise OSError("no space left on device")
-        self._log.append(offset, timestamp, frame)
-
-    def record(self, offset, timestamp, frame):
-        if self.broken:
-            raise OSError("no space left on device")
-        self._log.record(offset, timestamp, frame)
+            return fail(StorageError("no space left on device", full=True))
+        return self._log.append(first, frames)
 
 
 class FailedStoreTests(TopicCase):
-    """A message the log could not store is not stored: no offset, no compaction entry."""
+    """A message the log could not store is not stored: no offset, no compaction entry, no delivery."""
 
     def check(self, ttl: int) -> None:
         log = FailingLog(self.storage.open_log("f", ttl, 1_000))
@@ -184,13 +180,18 @@ class FailedStoreTests(TopicCase):
         recorder = Recorder()
         topic.subscribe(recorder)
         self.assertEqual(topic.publish(b"a", b"0"), (0, False))
+        self.assertTrue(topic.pending.done)
+        self.assertIsNone(topic.pending.error)
         log.broken = True
-        self.assertRaises(OSError, topic.publish, b"k", b"lost")
+        self.assertEqual(topic.publish(b"k", b"lost"), (1, False))
+        self.assertEqual(topic.pending.error.code, ErrorCode.LIMIT)
         self.assertEqual(topic.next_offset, 1)
+        self.assertEqual(recorder.offsets, [0])  # never delivered
         log.broken = False
         # The next message takes offset 1 (no gap), and "k" was never stored.
         self.assertEqual(topic.publish(b"k", b"1"), (1, False))
         self.assertEqual(recorder.offsets, [0, 1])
+        self.assertEqual(topic.store_errors, 1)
 
     def test_retaining_topic(self):
         self.check(60_000)
@@ -266,10 +267,10 @@ class RetentionTests(TopicCase):
         topic = self.topic(ttl=10)
         topic.publish(None, b"x")
         self.at(9)
-        self.assertEqual(topic.read(0, 10)[0], 0)
-        self.assertEqual(len(topic.read(0, 10)[1]), 1)
+        self.assertEqual(self.successResultOf(topic.read(0, 10))[0], 0)
+        self.assertEqual(len(self.successResultOf(topic.read(0, 10))[1]), 1)
         self.at(10)
-        self.assertEqual(topic.read(0, 10), (1, []))
+        self.assertEqual(self.successResultOf(topic.read(0, 10)), (1, []))
 
     def test_ttl_zero_keeps_nothing_but_present_subscribers_get_it(self):
         topic = self.topic(ttl=0)
@@ -337,7 +338,7 @@ class CompactionTests(TopicCase):
         self.assertEqual(topic.next_offset, 1)
         self.at(1_000)  # ts + W: stored
         self.assertEqual(topic.publish(b"k", b"3"), (1, False))
-        self.assertEqual([m.value for m in messages(topic.read(0, 10)[1])], [b"1", b"3"])
+        self.assertEqual([m.value for m in messages(self.successResultOf(topic.read(0, 10))[1])], [b"1", b"3"])
 
     def test_window_not_extended_by_dropped_duplicates(self):
         topic = self.topic(window=1_000)
@@ -622,16 +623,17 @@ class SubscriptionTests(TopicCase):
         self.assertEqual(offsets(written), [0])
         self.assertEqual(topic.subscribers, [])
 
-    def test_subscription_started_inside_a_batch_gets_each_message_once(self):
-        from zaichik.topic import Batch
-        batch = Batch()
+    def test_subscription_started_inside_a_unit_of_work_gets_each_message_once(self):
+        from zaichik.work import UnitOfWork
+        work = UnitOfWork(lambda: None)
         log = self.storage.open_log("b", 60_000, 0)
-        topic = Topic("b", log, self.clock, 60_000, 0, batch=batch)
-        with batch:
+        topic = Topic("b", log, self.clock, 60_000, 0, work=work)
+        with work:
             topic.publish(None, b"0")
             topic.publish(None, b"1")
             subscription, written, _ = self.follow(topic, topic.start_offset(Start.EARLIEST))
-            self.assertEqual(offsets(written), [0, 1])  # read from the log at once
+            # Staged, not stored yet: nothing is delivered before the unit ends.
+            self.assertEqual(offsets(written), [])
             topic.publish(None, b"2")
-            self.assertEqual(offsets(written), [0, 1])  # not before the batch ends
+            self.assertEqual(offsets(written), [])
         self.assertEqual(offsets(written), [0, 1, 2])

@@ -87,6 +87,14 @@ class BrokerProtocol(Int32StringReceiver):
             return
         if limits.idle_timeout:
             self._idle = self.factory.clock.callLater(limits.idle_timeout, self._idleTimeout)
+        if self.service.running and not self.service.ready.called:
+            # Storage is still being opened: read requests once it is.
+            self.hold("ready")
+            self.service.ready.addBoth(self._ready)
+
+    def _ready(self, result):
+        self.release("ready")
+        return result
 
     def connectionLost(self, reason) -> None:
         self._closing = True
@@ -155,7 +163,7 @@ class BrokerProtocol(Int32StringReceiver):
         limit = self.MAX_LENGTH
         unpack = _length.unpack_from
         handle = self.stringReceived
-        with self.service.batch:
+        with self.service.work:
             while end - at >= 4 and not self.paused:
                 (length,) = unpack(data, at)
                 if length > limit:

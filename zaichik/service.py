@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from zaichik.auth import AllowAll, IAuthenticator
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
-from zaichik.storage import IStorage, MemoryStorage
-from zaichik.topic import Batch, Topic
+from zaichik.storage import IStorage
+from zaichik.storage.memory import MemoryStorage
+from zaichik.topic import Topic
+from zaichik.work import UnitOfWork
 
 _log = Logger()
 
@@ -76,8 +79,12 @@ class BrokerService(Service):
     @ivar limits: the L{Limits} in force.
     @ivar stats: broker-wide L{Stats}; per-topic counters are on the topics.
     @ivar connections: open connections, on all listeners.
-    @ivar batch: the L{Batch} that connections wrap their reads in, so
-        that fan-out happens once per read rather than once per message.
+    @ivar work: the L{UnitOfWork} that requests run in (connections wrap
+        each read in it), so that storage writes and fan-out happen once
+        per read rather than once per message.
+    @ivar ready: a Deferred that fires once storage is open and the topics
+        are recovered (in L{startService}); connections read no request
+        before.
     """
 
     name = "zaichik-broker"
@@ -103,47 +110,51 @@ class BrokerService(Service):
         self.limits = limits if limits is not None else Limits()
         self.stats = Stats()
         self.connections = 0
-        self.batch = Batch()
+        self.work = UnitOfWork(self.storage.sync)
         self.topics: Dict[str, Topic] = {}
         self._durable_sessions: Dict[str, object] = {}
         self._sweeper: Optional[LoopingCall] = None
-        for state in self.storage.topics():
-            topic = self._open(state.name, state.retention_ttl, state.compaction_window, state.next_offset)
-            topic.restore(state.last_timestamp, state.keys)
-            topic.expire()  # what --max-retained-bytes had dropped stays dropped
-        sync = getattr(self.storage, "sync", None)
-        if sync is not None:
-            self.batch.after = sync
+        self.ready: Deferred = Deferred()
 
     # -- lifecycle -------------------------------------------------------------
 
     def startService(self) -> None:
+        """
+        Open storage and recover the topics (after twistd has daemonized:
+        the data dir's lock records the right pid), then start the sweep.
+        """
         super().startService()
+        d = self.storage.open()
+        d.addCallback(self._recovered)
+        d.addErrback(self._notRecovered)
+
+    def _recovered(self, states) -> None:
+        for state in states:
+            topic = self._open(state.name, state.retention_ttl, state.compaction_window, state.next_offset)
+            topic.restore(state.last_timestamp, state.keys)
+            topic.expire()  # what --max-retained-bytes had dropped stays dropped
+        if not self.running:
+            return
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(self.sweep_interval, now=False)
-        if getattr(self.storage, "fsync_policy", None) == "interval":
-            self._fsyncer = LoopingCall(self._fsync)
-            self._fsyncer.clock = self.clock
-            self._fsyncer.start(0.1, now=False)
+        self.ready.callback(None)
 
-    _fsyncer: Optional[LoopingCall] = None
+    def _notRecovered(self, failure) -> None:
+        _log.failure("Could not open storage; stopping", failure)
+        from twisted.internet import reactor
 
-    def _fsync(self) -> None:
-        try:
-            self.storage.fsync_interval()
-        except Exception:
-            _log.failure("fsync failed")
+        if reactor.running and self.clock is reactor:
+            reactor.stop()
+        self.ready.errback(failure)
 
-    def stopService(self):
-        for loop in (self._sweeper, self._fsyncer):
-            if loop is not None and loop.running:
-                loop.stop()
-        self._sweeper = self._fsyncer = None
-        close = getattr(self.storage, "close", None)
-        if close is not None:
-            close()
-        return super().stopService()
+    def stopService(self) -> Deferred:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+        super().stopService()
+        self.work.flush()
+        return self.storage.close()
 
     def sweep(self) -> int:
         """
@@ -165,7 +176,7 @@ class BrokerService(Service):
         log = self.storage.open_log(name, retention, window)
         limits = self.limits
         topic = Topic(name, log, self.clock, retention, window, limits.max_retained_bytes, next_offset,
-                      self.batch, reject_over_bytes=limits.retained_bytes_policy == "reject")
+                      self.work, reject_over_bytes=limits.retained_bytes_policy == "reject")
         self.topics[name] = topic
         return topic
 
@@ -224,5 +235,6 @@ class BrokerService(Service):
     def committed(self, client_id: str, topic: str) -> Optional[int]:
         return self.storage.commits().get(client_id, {}).get(topic)
 
-    def record_commit(self, client_id: str, topic: str, offset: int) -> None:
-        self.storage.record_commit(client_id, topic, offset)
+    def record_commit(self, client_id: str, topic: str, offset: int) -> Deferred:
+        """Fires once the commit is as durable as the storage promises."""
+        return self.storage.record_commit(client_id, topic, offset)

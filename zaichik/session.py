@@ -8,7 +8,8 @@ write an already encoded frame, and to close the connection.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from collections import deque
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -18,9 +19,23 @@ from zaichik.codec import ErrorCode
 from zaichik.auth import ALLOW_ALL, Permissions
 from zaichik.errors import ZaichikError
 from zaichik.service import BrokerService
+from zaichik.storage import StorageError
 from zaichik.subscription import Output, Subscription
+from zaichik.work import Pending
 
 _log = Logger()
+
+
+_PUBLISHES = (codec.Publish, codec.PublishBatch)
+# Replies not sent for a request with rid 0 (fire and forget).
+_SILENT_AT_RID_0 = (codec.Published, codec.PublishedBatch)
+
+
+def _storage_error(failure) -> ZaichikError:
+    if failure.check(ZaichikError):
+        return failure.value
+    _log.failure("Storage failed", failure)
+    return StorageError("storage failed")
 
 
 def _check_topic(name: str) -> None:
@@ -52,8 +67,14 @@ class Session:
         self._allowed: Dict[Tuple[str, str], bool] = {}
         self.subscriptions: Dict[str, Subscription] = {}
         self.ended = False
-        self.output = Output(write)
-        self._reply = reply
+        self.output = Output(self._write_ordered)
+        self._send_reply = reply
+        self._write = write
+        # Once a reply must wait for storage (see L{zaichik.work}), what
+        # follows it (replies and MESSAGE frames) waits behind it, in order:
+        # (reply or frame bytes, the Pending it waits on or None).
+        self._queue: Optional[Deque[tuple]] = None
+        self._close_when_sent = False
         self._disconnect = disconnect
         self._requests = 0
         self._hello_seen = False
@@ -89,7 +110,13 @@ class Session:
             self._refuse(request.rid, "authenticate with HELLO first")
             return None
         try:
-            result = self._handlers[type(request)](request)
+            with self.service.work as work:
+                if type(request) not in _PUBLISHES:
+                    # Any other request sees what was published before it
+                    # (in the same read too) appended: stored, where storage
+                    # answers at once.
+                    work.flush()
+                result = self._handlers[type(request)](request)
         except ZaichikError as e:
             self.fail(request.rid, e)
             return None
@@ -119,15 +146,29 @@ class Session:
         if topic is None or topic.reject_over_bytes or topic.blocked:
             return False
         self._requests += 1
+        work = self.service.work
+        if not work.depth:
+            work.now = 0
+        work.depth += 1  # (the unit of work, entered without the with statement's cost)
         try:
             offset, duplicate = topic.publish(key, value)
+            pending = topic.pending
+            if rid:
+                self._reply(codec.Published(rid, offset, duplicate), pending)
+            elif pending is not self._watched:
+                # A fire-and-forget publish: only its failure is told, once.
+                self._watched = pending
+                self._reply(codec.Published(0, offset, duplicate), pending)
         except Exception:
             _log.failure("Internal error publishing to {topic}", topic=name)
             self.fail(rid, ZaichikError(ErrorCode.INTERNAL, "internal error"))
-            return True
-        if rid:
-            self._reply(codec.Published(rid, offset, duplicate))
+        finally:
+            work.depth -= 1
+            if not work.depth:
+                work.flush()
         return True
+
+    _watched = None
 
     def fail(self, rid: int, error: ZaichikError, close: bool = False) -> None:
         """
@@ -137,6 +178,58 @@ class Session:
         self.service.stats.error(int(error.code))
         self._reply(codec.Error(rid, int(error.code), error.message[:1000]))
         if close or error.code in (ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FRAME_TOO_LARGE):
+            self.close()
+
+    # -- ordered output ----------------------------------------------------------
+
+    def _reply(self, reply, pending=None) -> None:
+        """
+        Send C{reply}, after whatever waits before it; with C{pending} (a
+        L{Pending}), once that append is stored (or as an ERROR if it failed).
+        A reply with rid 0 is not sent, but its failure is.
+        """
+        if pending is not None and (not pending.done or pending.error is not None):
+            if self._queue is None:
+                self._queue = deque()
+            queue = self._queue
+            if not pending.done:
+                if not queue or queue[-1][1] is not pending:
+                    pending.when_done(self._send_queued)
+                queue.append((reply, pending))
+            else:
+                queue.append((reply, pending))
+                self._send_queued()
+        elif self._queue:
+            self._queue.append((reply, None))
+        elif reply.rid or type(reply) not in _SILENT_AT_RID_0:
+            self._send_reply(reply)
+
+    def _write_ordered(self, frames: bytes) -> None:
+        """MESSAGE frames for a subscription: behind any reply still waiting."""
+        if self._queue:
+            self._queue.append((frames, None))
+        else:
+            self._write(frames)
+
+    def _send_queued(self) -> None:
+        """Send, in order, what no longer waits."""
+        queue = self._queue
+        while queue:
+            item, pending = queue[0]
+            if pending is not None and not pending.done:
+                return
+            queue.popleft()
+            if type(item) is bytes:
+                self._write(item)
+            elif pending is not None and pending.error is not None:
+                if item.rid or pending.error is not getattr(self, "_last_error", None):
+                    # A fire-and-forget publish's failure is told once (rid 0).
+                    self._last_error = pending.error
+                    self.service.stats.error(int(pending.error.code))
+                    self._send_reply(codec.Error(item.rid, int(pending.error.code), pending.error.message[:1000]))
+            elif item.rid or type(item) not in _SILENT_AT_RID_0:
+                self._send_reply(item)
+        if self._close_when_sent and not self.ended:
             self.close()
 
     def _asyncFailed(self, failure, rid: int) -> None:
@@ -155,7 +248,7 @@ class Session:
         self.ended = True
         # Messages published earlier in the current read are owed to these
         # subscriptions (they were present): deliver them before ending.
-        self.service.batch.flush()
+        self.service.work.flush()
         for subscription in self.subscriptions.values():
             subscription.cancel()
         self.subscriptions.clear()
@@ -203,11 +296,15 @@ class Session:
             return self.service.committed(self.client_id, topic)
         return self._commits.get(topic)
 
-    def _record_commit(self, topic: str, offset: int) -> None:
-        if self.client_id:
-            self.service.record_commit(self.client_id, topic, offset)
-        else:
+    def _record_commit(self, topic: str, offset: int) -> Optional[Pending]:
+        """Remember a commit; returns what its reply must wait for (storage), if anything."""
+        if not self.client_id:
             self._commits[topic] = offset
+            return None
+        pending = Pending()
+        self.service.record_commit(self.client_id, topic, offset).addCallbacks(
+            lambda _: pending.settle(), lambda f: pending.settle(_storage_error(f)))
+        return None if pending.done and pending.error is None else pending
 
     # -- requests ------------------------------------------------------------
 
@@ -298,7 +395,7 @@ class Session:
         subscription = self.subscriptions.pop(request.topic, None)
         if subscription is None:
             raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.topic}")
-        self.service.batch.flush()  # what was published before this request is delivered
+        self.service.work.flush()  # what was published before this request is delivered
         subscription.cancel()
         if subscription.last_sent is not None:
             self._last_sent[request.topic] = subscription.last_sent
@@ -319,8 +416,7 @@ class Session:
     def _publish(self, request: codec.Publish) -> Optional[Deferred]:
         topic = self._topic(request.topic)
         offset, duplicate = topic.publish(request.key, request.value)
-        if request.rid:
-            self._reply(codec.Published(request.rid, offset, duplicate))
+        self._reply(codec.Published(request.rid, offset, duplicate), topic.waiting())
         if topic.blocked:
             # Backpressure: read nothing more from this publisher until the
             # topic's slow subscribers have drained.
@@ -330,8 +426,7 @@ class Session:
     def _publish_batch(self, request: codec.PublishBatch) -> Optional[Deferred]:
         topic = self._topic(request.topic)
         results = topic.publish_many(request.entries)
-        if request.rid:
-            self._reply(codec.PublishedBatch(request.rid, results))
+        self._reply(codec.PublishedBatch(request.rid, results), topic.waiting())
         return topic.when_unblocked() if topic.blocked else None
 
     def _commit(self, request: codec.Commit) -> None:
@@ -348,16 +443,21 @@ class Session:
                     f"offset {request.offset} has not been sent on {name} "
                     f"(highest sent: {subscription.last_sent})",
                 )
-            self._record_commit(name, request.offset)
+            waiting = self._record_commit(name, request.offset)
+        else:
+            waiting = None
         # Even a commit that does not move the committed offset acknowledges
         # what this subscription sent up to it (messages sent again after a
         # resume sit at or below the committed offset): the window opens.
         subscription.acknowledge(request.offset)
-        self._reply(codec.Ok(request.rid))
+        self._reply(codec.Ok(request.rid), waiting)
 
     def _close(self, request: codec.Close) -> None:
         self._reply(codec.Ok(request.rid))
-        self.close()
+        if self._queue:
+            self._close_when_sent = True  # once the replies before it are out
+        else:
+            self.close()
 
     def _ping(self, request: codec.Ping) -> None:
         self._reply(codec.Ok(request.rid))

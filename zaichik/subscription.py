@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Deque, List, Optional
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from zaichik.topic import ISubscriber, Topic
+
+_log = Logger()
 
 # How many retained messages one read from the log hands over at most.
 READ_CHUNK = 1024
@@ -84,6 +87,8 @@ class Subscription:
         # (the "block" policy), until its queue is down to half the limit.
         self.blocking = False
         self._inflight: Deque[int] = deque()
+        # A read from the topic's log is under way (it may come from disk).
+        self._reading = False
 
     def __repr__(self) -> str:
         return (f"<Subscription {self.topic.name} next={self.next} "
@@ -133,7 +138,7 @@ class Subscription:
             frames = frames[skip:]
             first = self.next
         if self.topic.retains:
-            if first == self.next and len(frames) <= self._room():
+            if first == self.next and not self._reading and len(frames) <= self._room():
                 self._send(first, frames)
             else:
                 self.drain()  # behind, or out of room: the log has them
@@ -154,30 +159,68 @@ class Subscription:
 
     def drain(self) -> None:
         """Send what is waiting, as far as the window and the connection allow."""
-        while True:
+        while not self._reading:
             room = self._room()
             if room <= 0:
                 return
             if self.topic.retains:
-                first, frames = self.topic.read(self.next, min(room, READ_CHUNK))
-                if not frames:
+                # From the log, which may answer later (from disk): one read
+                # at a time, and what arrived meanwhile is read after it.
+                self._reading = True
+                got: list = []
+                d = self.topic.read(self.next, min(room, READ_CHUNK))
+                d.addCallback(got.append)
+                if not got:
+                    d.addCallback(lambda _: self._readLater(got))
+                    d.addErrback(self._readFailed)
                     return
-            else:
-                pending = self._pending
-                if not pending:
+                self._reading = False
+                if not self._sendRead(*got[0]):
                     return
-                first = self.next
-                take = min(room, len(pending), READ_CHUNK)
-                frames = [pending.popleft() for _ in range(take)]
-                size = sum(map(len, frames))
-                self.pending_bytes -= size
-                self._output.pending_bytes -= size
+                continue
+            pending = self._pending
+            if not pending:
+                return
+            first = self.next
+            take = min(room, len(pending), READ_CHUNK)
+            frames = [pending.popleft() for _ in range(take)]
+            size = sum(map(len, frames))
+            self.pending_bytes -= size
+            self._output.pending_bytes -= size
             self._send(first, frames)
             if self.blocking and self.pending_bytes <= self.max_pending_bytes // 2:
                 # After the send: unblocking lets publishers run (and deliver
                 # to us) at once, and they must find our position current.
                 self.blocking = False
                 self.topic.unblock(self)
+
+    def _sendRead(self, first: int, frames: List[bytes]) -> bool:
+        """Send what a read returned (less what was sent meanwhile); False if nothing."""
+        if not frames or not self.active:
+            return False
+        skip = self.next - first
+        if skip > 0:
+            if skip >= len(frames):
+                return True  # all sent already: read on
+            frames = frames[skip:]
+            first = self.next
+        room = self._room()
+        if room <= 0:
+            return False
+        if len(frames) > room:
+            frames = frames[:room]
+        self._send(first, frames)
+        return True
+
+    def _readLater(self, got: list) -> None:
+        self._reading = False
+        if self._sendRead(*got[0]):
+            self.drain()
+
+    def _readFailed(self, failure) -> None:
+        self._reading = False
+        _log.failure("Reading {topic} for a subscriber failed", failure, topic=self.topic.name)
+        self.cancel()
 
     def acknowledge(self, offset: int) -> None:
         """Everything up to and including C{offset} is committed: open the window."""

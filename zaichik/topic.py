@@ -18,7 +18,8 @@ from zope.interface import Interface
 from zaichik import codec
 from zaichik.codec import ErrorCode, Start
 from zaichik.errors import ZaichikError
-from zaichik.storage import IMessageLog
+from zaichik.storage import IMessageLog, StorageError
+from zaichik.work import Pending, UnitOfWork
 
 _log = Logger()
 
@@ -32,48 +33,6 @@ class ISubscriber(Interface):
         C{first_offset}.  May return a Deferred; a failure (raised or as a
         Deferred) removes the subscriber from the topic.
         """
-
-
-class Batch:
-    """
-    Collects the fan-out of one stretch of work (a connection's read) so
-    that each subscriber gets one C{deliver} call per topic for all the
-    messages published in it, rather than one per message.
-
-    Use as a context manager; nested uses flush when the outermost ends.
-    Outside one, topics deliver at once.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.now = 0  # see Topic.now: the time, read once per batch
-        self._dirty: List["Topic"] = []
-        # Called when the outermost batch ends, after delivery: durable
-        # storage writes (and with fsync=always, syncs) the batch here,
-        # before the reactor sends its replies.
-        self.after: Optional[Callable[[], None]] = None
-
-    def dirty(self, topic: "Topic") -> None:
-        self._dirty.append(topic)
-
-    def __enter__(self) -> "Batch":
-        if not self.depth:
-            self.now = 0
-        self.depth += 1
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.flush()
-            if self.after is not None:
-                self.after()
-
-    def flush(self) -> None:
-        while self._dirty:
-            dirty, self._dirty = self._dirty, []
-            for topic in dirty:
-                topic.flush()
 
 
 class Topic:
@@ -93,7 +52,7 @@ class Topic:
         compaction_window: int = 0,
         max_retained_bytes: int = 0,
         next_offset: int = 0,
-        batch: Optional[Batch] = None,
+        work: Optional[UnitOfWork] = None,
         reject_over_bytes: bool = False,
     ) -> None:
         self.name = name
@@ -107,11 +66,16 @@ class Topic:
         self.subscribers: List[ISubscriber] = []
         self._log = log
         self._clock = clock
-        self._batch = batch
-        # Stored and not yet delivered (see Batch): frames from offset
-        # self._unsent_first on.
+        self._work = work if work is not None else UnitOfWork(lambda: None)
+        # Staged in the current unit of work and not yet appended to the
+        # log: frames from offset self._unsent_first on, the keys they
+        # added to the compaction state, and what waits on their append.
         self._unsent: List[bytes] = []
         self._unsent_first = 0
+        self._unsent_keys: List[Tuple[bytes, int]] = []
+        self.pending: Optional[Pending] = None  # the newest unsettled append
+        self._appending = 0  # appends made and not yet settled
+        self._stored_end = next_offset  # one past the newest message stored
         # Counters for the metrics endpoint (stored messages are
         # next_offset; retained ones are the log's).
         self.duplicates = 0
@@ -179,13 +143,13 @@ class Topic:
         since the epoch as a float carry errors well below a millisecond,
         which truncation would turn into a whole millisecond early.
         """
-        batch = self._batch
-        if batch is not None and batch.depth:
-            # One reading of the clock serves a whole batch (one read from
-            # a connection: well under a millisecond of work).
-            now = batch.now
+        work = self._work
+        if work.depth:
+            # One reading of the clock serves a whole unit of work (one read
+            # from a connection: well under a millisecond of work).
+            now = work.now
             if not now:
-                now = batch.now = round(self._clock.seconds() * 1000)
+                now = work.now = round(self._clock.seconds() * 1000)
         else:
             now = round(self._clock.seconds() * 1000)
         return now if now > self._last_timestamp else self._last_timestamp
@@ -237,6 +201,7 @@ class Topic:
             return
         overhead = len(self._prefix) + 26
         size = sum(overhead + len(value) + (len(key) if key else 0) for key, value in entries)
+        size += self._staged_bytes  # staged in this unit, not in the log yet
         if self._log.nbytes + size > self.max_retained_bytes:
             self.expired += self._log.expire(now - self.retention_ttl)
             if self._log.nbytes + size > self.max_retained_bytes:
@@ -244,6 +209,9 @@ class Topic:
                     ErrorCode.LIMIT,
                     f"topic {self.name} would retain more than {self.max_retained_bytes} bytes",
                 )
+        self._staged_bytes = size
+
+    _staged_bytes = 0
 
     def _store(self, now: int, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
         window = self.compaction_window
@@ -258,47 +226,88 @@ class Topic:
                 self._forget_keys(now)
         offset = self.next_offset
         frame = codec.message_frame(self._prefix, offset, now, key, value)
-        # The log first: if it fails (a full disk), nothing else has changed
-        # and the offset is not used up.
-        if self.retention_ttl:
-            self._log.append(offset, now, frame)
-        else:
-            self._log.record(offset, now, frame)
         self.next_offset = offset + 1
         self._last_timestamp = now
+        if not self._unsent:
+            self._unsent_first = offset
+            self.pending = Pending()
+        self._unsent.append(frame)
         if key and window:
             self._keys[key] = (now, offset)
             self._key_order.append((now, key))
-        if not self._unsent:
-            self._unsent_first = offset
-        self._unsent.append(frame)
+            self._unsent_keys.append((key, offset))
         return offset, False
 
     _dirty = False
 
     def _stored(self) -> None:
-        batch = self._batch
-        if batch is None or not batch.depth:
-            self.flush()
-        elif not self._dirty:
+        if not self._dirty:
             self._dirty = True
-            batch.dirty(self)
+            work = self._work
+            work.dirty(self)
+            if not work.depth:
+                work.flush()
 
-    def flush(self) -> None:
-        """Deliver what was stored and not yet delivered."""
+    def waiting(self) -> Optional[Pending]:
+        """What a reply about this topic's newest message must wait for: None if nothing."""
+        pending = self.pending
+        return pending if pending is not None and not pending.done else None
+
+    def commit(self) -> None:
+        """
+        The end of a unit of work: append what was staged to the log; once
+        stored, settle its L{Pending} (replies go out) and deliver it.
+        """
         self._dirty = False
         frames = self._unsent
         if not frames:
             return
         self._unsent = []
+        self._staged_bytes = 0
         first = self._unsent_first
+        keys, self._unsent_keys = self._unsent_keys, []
+        pending = self.pending
+        self._appending += 1
+        self._log.append(first, frames).addCallbacks(
+            self._appended, self._appendFailed, (first, frames, pending), None, (first, frames, pending, keys))
+
+    def _appended(self, _, first: int, frames: List[bytes], pending: Pending) -> None:
+        self._appending -= 1
+        self._stored_end = first + len(frames)
+        # Deliver, then settle: a connection whose reply waits on this
+        # append queues its MESSAGE frames behind that reply (see Session),
+        # and a CLOSE answered on settling still gets what it is owed.
         for subscriber in list(self.subscribers):
             maybeDeferred(subscriber.deliver, first, frames).addErrback(self._deliveryFailed, subscriber)
+        pending.settle()
         # Trim after the fan-out: a subscriber present at publish gets the
         # message even when it is too big to be retained.
         log = self._log
         if self.max_retained_bytes and log.nbytes > self.max_retained_bytes:
             self.expired += log.trim(self.max_retained_bytes)
+
+    def _appendFailed(self, failure, first: int, frames: List[bytes], pending: Pending, keys) -> None:
+        self._appending -= 1
+        if failure.check(StorageError):
+            error = failure.value
+            _log.error("Could not store {count} messages on {topic}: {error}",
+                       count=len(frames), topic=self.name, error=error.message)
+        else:
+            _log.failure("Appending to {topic} failed", failure, topic=self.name)
+            error = StorageError("storage failed")
+        self.store_errors += 1
+        # Nothing of the append was kept or delivered: forget its keys, and
+        # give its offsets again if nothing was staged after them.
+        for key, offset in keys:
+            seen = self._keys.get(key)
+            if seen is not None and seen[1] == offset:
+                del self._keys[key]
+        end = first + len(frames)
+        if self.next_offset == end:
+            self.next_offset = first
+        pending.settle(error)
+
+    store_errors = 0
 
     def _deliveryFailed(self, failure, subscriber: ISubscriber) -> None:
         _log.failure("Delivery on {topic} failed; dropping subscriber {subscriber}",
@@ -342,9 +351,14 @@ class Topic:
     # -- subscribing -------------------------------------------------------------
 
     def oldest_offset(self) -> int:
-        """The offset of the oldest retained message, or the next one if none is."""
+        """
+        The offset of the oldest retained message or, if none is, of the
+        next one to be stored (staged ones included).
+        """
         first = self._log.first_offset()
-        return self.next_offset if first is None else first
+        if first is not None:
+            return first
+        return self._stored_end if self.retention_ttl else self.next_offset
 
     def start_offset(self, start: Start, offset: int = 0, committed: Optional[int] = None) -> int:
         """
@@ -371,10 +385,11 @@ class Topic:
         """
         self.subscribers.append(subscriber)
 
-    def read(self, offset: int, limit: int) -> Tuple[int, List[bytes]]:
+    def read(self, offset: int, limit: int) -> Deferred:
         """
         Up to C{limit} retained frames from C{offset} on (from the oldest
-        retained one when C{offset} has expired), and the first one's offset.
+        retained one when C{offset} has expired): fires with
+        C{(first, frames)} (see L{IMessageLog.read}).
         """
         self.expire()
         return self._log.read(offset, limit)

@@ -1,64 +1,92 @@
 """
-Where a topic's retained messages and the broker's durable state live.
+Where a topic's messages and the broker's durable state live: the storage
+contract.
 
-Two interfaces form the seam: L{IMessageLog} holds one topic's retained
-messages in offset order; L{IStorage} creates those logs, remembers topics and
-their settings, and keeps durable clients' committed offsets.  The topic code
-only talks to these interfaces.  This module has the in-memory
-implementations; an on-disk one is another implementation of the same two.
+Two interfaces form the seam.  L{IMessageLog} holds one topic's messages by
+offset; L{IStorage} creates those logs, remembers topics and their settings,
+keeps durable clients' committed offsets, and makes what was written durable.
+The service and the topics talk to nothing else: the backends (L{memory},
+L{disk}, and a networked one later) are interchangeable, and one contract
+test suite (C{tests/test_storage_contract.py}) runs against each.
+
+Whatever may wait returns a L{Deferred}: appending (it may have to reach a
+disk or a server), reading a range (it may come from disk), syncing and
+closing.  A backend that has the answer at once returns a fired Deferred.
+
+Offsets are the topic's: the topic assigns them, and hands the log runs of
+consecutive offsets.  A log is indexed by offset, never by position, and may
+have gaps (a damaged range skipped on disk, a run whose append failed):
+L{IMessageLog.read} says where what it returns begins.
 """
 
 from __future__ import annotations
 
-import struct
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Attribute, Interface
 
-from zaichik import codec
+from zaichik.codec import ErrorCode
+from zaichik.errors import ZaichikError
+
+
+class StorageError(ZaichikError):
+    """
+    Storage could not take a write (a full disk, an I/O error).  The
+    request that wrote is answered with C{ERROR(LIMIT)} when the storage is
+    out of space and C{ERROR(INTERNAL)} for any other failure; nothing of
+    the failed append is kept or delivered, and its offsets are not reused
+    by a different message after a crash.
+    """
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(ErrorCode.LIMIT if full else ErrorCode.INTERNAL, message)
+        self.full = full
 
 
 class IMessageLog(Interface):
     """
-    The retained messages of one topic, oldest first, with contiguous
-    offsets.  A message is kept as its encoded MESSAGE frame (length prefix
-    included): the bytes every subscriber is sent.
+    One topic's messages.  A message is kept and served as its encoded
+    MESSAGE frame (length prefix included): the bytes every subscriber is
+    sent.  How a backend stores it is its own affair.
     """
 
-    nbytes = Attribute("Sum of the retained frames' sizes, in bytes.")
+    nbytes = Attribute("Sum of the retained messages' frame sizes, in bytes.")
 
     def __len__() -> int:
         """The number of retained messages."""
 
     def first_offset() -> Optional[int]:
-        """The offset of the oldest retained message, or None when empty."""
+        """The offset of the oldest retained message, or None when none is."""
 
-    def append(offset: int, timestamp: int, frame: bytes) -> None:
-        """Retain a message whose offset follows the newest one's."""
+    def append(first: int, frames: List[bytes]) -> "Deferred":
+        """
+        Store C{frames}, whose offsets run from C{first} on, after every
+        message stored so far.  The Deferred fires (with None) once they are
+        stored as the storage's durability policy promises, and only then
+        may they be delivered or acknowledged; it fails with
+        L{StorageError} if they could not be stored, and then nothing of
+        them is kept.  Appends complete in the order they were made.
+        """
+
+    def read(offset: int, limit: int) -> "Deferred":
+        """
+        Up to C{limit} retained frames with consecutive offsets, from
+        C{offset} on (from the oldest retained one if C{offset} is older, or
+        from the next one after a gap): fires with C{(first, frames)}, the
+        offset of the first frame and the frames, C{frames} empty when
+        nothing from C{offset} on is stored and durable yet.
+        """
 
     def expire(cutoff: int) -> int:
         """
-        Drop messages whose timestamp is at or before C{cutoff}
-        (milliseconds).  Returns how many were dropped.
+        Stop retaining messages whose timestamp (ms) is at or before
+        C{cutoff}.  Returns how many were dropped.
         """
 
     def trim(max_bytes: int) -> int:
         """
-        Drop the oldest messages until C{nbytes} is at most C{max_bytes}.
-        Returns how many were dropped.
-        """
-
-    def record(offset: int, timestamp: int, frame: bytes) -> None:
-        """
-        A stored message that is not retained (the topic's retention is 0):
-        a durable log keeps it for the offsets and compaction state; an
-        in-memory one has nothing to do.
-        """
-
-    def read(offset: int, limit: int) -> Tuple[int, List[bytes]]:
-        """
-        Up to C{limit} frames from C{offset} on (from the oldest retained one
-        if C{offset} is older), and the offset of the first of them.
+        Drop the oldest retained messages until C{nbytes} is at most
+        C{max_bytes}.  Returns how many were dropped.
         """
 
 
@@ -79,122 +107,52 @@ class TopicState:
         self.last_timestamp = last_timestamp
         self.keys = keys or []
 
+    def __repr__(self) -> str:
+        return (f"<TopicState {self.name} next_offset={self.next_offset} "
+                f"retention={self.retention_ttl} window={self.compaction_window}>")
+
 
 class IStorage(Interface):
     """
     The broker's state that outlives a topic's memory: topics and their
     settings, their logs, and durable clients' committed offsets.
+
+    Its life: L{open} (from the service's C{startService}), then any number
+    of units of work, each ended by L{sync}; then L{close}.
     """
 
-    def topics() -> Iterator[TopicState]:
-        """The known topics, for the broker to rebuild them at start."""
+    damaged = Attribute("Damaged records found and skipped so far (a count, for metrics).")
+
+    def open() -> "Deferred":
+        """
+        Take the storage for this broker (lock it, recover what a crash
+        left, start any timers of its own) and fire with the known topics
+        as a list of L{TopicState}.
+        """
 
     def open_log(name: str, retention_ttl: int, compaction_window: int) -> IMessageLog:
-        """Record a new topic (or reopen a known one) and return its log."""
+        """
+        Record a new topic (or reopen a known one) and return its log.
+        Does not wait: a backend that must reach a server does it with the
+        log's first append.  Raises L{StorageError} if the topic cannot be
+        recorded.
+        """
 
     def commits() -> Dict[str, Dict[str, int]]:
         """Committed offsets, C{{client_id: {topic: offset}}}."""
 
-    def record_commit(client_id: str, topic: str, offset: int) -> None:
-        """Remember that durable C{client_id} committed C{offset} on C{topic}."""
+    def record_commit(client_id: str, topic: str, offset: int) -> "Deferred":
+        """
+        Remember that durable C{client_id} committed C{offset} on C{topic};
+        fires once that is as durable as the policy promises.
+        """
 
+    def sync() -> None:
+        """
+        The end of a unit of work: what was appended or committed in it may
+        now be made durable together (one fsync for many writes).  The
+        Deferreds of those appends and commits fire when that is done.
+        """
 
-@implementer(IMessageLog)
-class MemoryLog:
-    """
-    A list of frames with a moving head: O(1) append, amortised O(1) removal
-    of the oldest message, O(1) lookup by offset.  Offsets and timestamps are
-    not stored twice: the offset is the position, the timestamp is read from
-    the frame (C{timestamp_at} is its position there), so a retained message
-    costs its frame and a list slot.
-    """
-
-    _COMPACT_AT = 4096
-
-    def __init__(self, timestamp_at: int) -> None:
-        self._frames: List[bytes] = []
-        self._head = 0
-        self._first = 0  # the offset of self._frames[self._head]
-        self._timestamp = struct.Struct(">Q")
-        self._timestamp_at = timestamp_at
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._frames) - self._head
-
-    def first_offset(self) -> Optional[int]:
-        return self._first if self._head < len(self._frames) else None
-
-    def append(self, offset: int, timestamp: int, frame: bytes) -> None:
-        if self._head == len(self._frames):
-            self._first = offset
-        self._frames.append(frame)
-        self.nbytes += len(frame)
-
-    def record(self, offset: int, timestamp: int, frame: bytes) -> None:
-        pass
-
-    def _drop(self, count: int) -> None:
-        frames = self._frames
-        head = self._head
-        self.nbytes -= sum(map(len, frames[head : head + count]))
-        self._head = head + count
-        self._first += count
-        if self._head == len(frames):
-            self._frames = []
-            self._head = 0
-        elif self._head >= self._COMPACT_AT and self._head * 2 >= len(frames):
-            del frames[: self._head]
-            self._head = 0
-
-    def expire(self, cutoff: int) -> int:
-        frames = self._frames
-        unpack = self._timestamp.unpack_from
-        at = self._timestamp_at
-        end = self._head
-        # Timestamps only grow along the log: find the first one kept.
-        while end < len(frames) and unpack(frames[end], at)[0] <= cutoff:
-            end += 1
-        count = end - self._head
-        if count:
-            self._drop(count)
-        return count
-
-    def trim(self, max_bytes: int) -> int:
-        frames = self._frames
-        excess = self.nbytes - max_bytes
-        end = self._head
-        while excess > 0 and end < len(frames):
-            excess -= len(frames[end])
-            end += 1
-        count = end - self._head
-        if count:
-            self._drop(count)
-        return count
-
-    def read(self, offset: int, limit: int) -> Tuple[int, List[bytes]]:
-        first = max(offset, self._first)
-        start = self._head + (first - self._first)
-        if self._head == len(self._frames) or start >= len(self._frames):
-            return first, []
-        return first, self._frames[start : start + limit]
-
-
-@implementer(IStorage)
-class MemoryStorage:
-    """Keeps everything in memory: nothing survives the process."""
-
-    def __init__(self) -> None:
-        self._commits: Dict[str, Dict[str, int]] = {}
-
-    def topics(self) -> Iterator[TopicState]:
-        return iter(())
-
-    def open_log(self, name: str, retention_ttl: int, compaction_window: int) -> MemoryLog:
-        return MemoryLog(codec.message_frame_offsets(name)[1])
-
-    def commits(self) -> Dict[str, Dict[str, int]]:
-        return self._commits
-
-    def record_commit(self, client_id: str, topic: str, offset: int) -> None:
-        self._commits.setdefault(client_id, {})[topic] = offset
+    def close() -> "Deferred":
+        """Make everything durable, stop timers and release the storage."""

@@ -1,0 +1,98 @@
+"""
+The unit of work: one stretch of the broker's work (typically everything
+one read from one connection asked for), whose writes reach storage
+together and whose messages are delivered together.
+
+While a unit is open, topics stage what is published (offsets and frames
+are assigned at once, so replies can name them).  When the outermost unit
+ends, each topic appends what it staged to its log in one call, and the
+storage is told to make the unit durable (L{IStorage.sync}: one fsync for
+the whole unit with C{--fsync always}).  Each append's outcome settles a
+L{Pending}: replies that wait on it go out (or become errors), and only
+then are the messages delivered.  So whoever drives the broker (a TCP
+connection, a WebSocket, a test calling a L{Session} directly) gets the
+same order and durability: a reply before the messages its request
+released, and nothing delivered or acknowledged before storage has it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from zaichik.errors import ZaichikError
+
+
+class Pending:
+    """
+    The outcome of one append (a topic's staged messages of one unit), for
+    whatever waits on it: C{error} is None while pending and after success
+    (see C{done}), the L{ZaichikError} after a failure.
+    """
+
+    __slots__ = ("done", "error", "_waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: Optional[ZaichikError] = None
+        self._waiters: List[Callable[[], None]] = []
+
+    def when_done(self, waiter: Callable[[], None]) -> None:
+        """Call C{waiter()} once settled (at once if it is)."""
+        if self.done:
+            waiter()
+        else:
+            self._waiters.append(waiter)
+
+    def settle(self, error: Optional[ZaichikError] = None) -> None:
+        self.done = True
+        self.error = error
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter()
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done else ("failed" if self.error else "stored")
+        return f"<Pending {state}>"
+
+
+class UnitOfWork:
+    """
+    Owned by the service; re-entrant: nested uses end when the outermost
+    one does.  Outside any use, L{begin} and L{end} around each request do
+    the same for one request.
+    """
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.depth = 0
+        self.now = 0  # the time in ms, read once per unit (see Topic.now)
+        self._dirty: List = []
+        self._sync = sync
+
+    def dirty(self, topic) -> None:
+        """C{topic} staged messages in this unit: append them at its end."""
+        self._dirty.append(topic)
+
+    def __enter__(self) -> "UnitOfWork":
+        if not self.depth:
+            self.now = 0
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """
+        Append what every topic staged so far and ask storage to sync it
+        (an UNSUBSCRIBE or a closing connection calls this so that what was
+        published before it is delivered first).
+        """
+        if not self._dirty:
+            return
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for topic in dirty:
+                topic.commit()
+        self._sync()
