@@ -161,8 +161,8 @@ class FixedFrames:
         if bytes(buf[at:at + len(self.head)]) != self.head:
             found = bytes(buf[at:at + 4 + _u32.unpack_from(buf, at)[0]]) if len(buf) - at >= 4 else b""
             body = found[4:]
-            self.error = (f"frame {index:,}: expected {self.size}-byte frames starting "
-                          f"{self.head[:16].hex()}, got {describe_reply(body) if body else bytes(buf[at:at + 16]).hex()}")
+            got = describe_reply(body) if body else bytes(buf[at:at + 16]).hex()
+            self.error = f"frame {index:,}: expected {self.size}-byte frames starting {self.head[:16].hex()}, got {got}"
             return False
         if self.seq_at is not None:
             got = _u64.unpack_from(buf, at + self.seq_at)[0]
@@ -306,6 +306,11 @@ class Broker:
 
     def peak_rss_mb(self) -> float:
         return status_mb(self.pid, "VmHWM:")
+
+    def rss_split(self) -> str:
+        """RSS as anonymous memory and mapped files (page cache that mmap maps counts in RSS)."""
+        return (f"anon {status_mb(self.pid, 'RssAnon:'):,.0f} MB, "
+                f"file {status_mb(self.pid, 'RssFile:'):,.0f} MB")
 
     def stop(self, timeout: float = 120.0) -> float:
         """SIGTERM and wait (SIGKILL after C{timeout}); the seconds it took to exit."""
@@ -512,7 +517,8 @@ def restart_and_read(broker: Broker, topic: str, count: int, stall: float, start
             read_s=t_last - t_first, rate=(count - 1) / (t_last - t_first) if t_last > t_first else float("inf"),
             rate_from_subscribe=count / (t_last - t_connected),
             rss_half=rss_half if rss_half is not None else samples[-1][1],
-            rss_end=broker.rss_mb(), rss_peak_sampled=max(r for _, r in samples), samples=len(samples),
+            rss_end=broker.rss_mb(), split_end=broker.rss_split(),
+            rss_peak_sampled=max(r for _, r in samples), samples=len(samples),
             hwm=broker.peak_rss_mb(),
         )
         time.sleep(1.0)
@@ -541,6 +547,7 @@ def run_retention(args, workdir: str, extra: List[str]) -> Tuple[List[str], bool
     hwm_loaded = broker.peak_rss_mb()
     time.sleep(1.0)
     rss_loaded_1s = broker.rss_mb()
+    split_loaded = broker.rss_split()
     stop_s = broker.stop()
     code = broker.process.returncode
     clean = "clean shutdown logged" if "Main loop terminated" in broker.log_tail(100) else "no clean shutdown logged"
@@ -563,6 +570,7 @@ def run_retention(args, workdir: str, extra: List[str]) -> Tuple[List[str], bool
         ("RSS after loading", rss(rss_loaded), f"<= {TARGET_RSS_MB} MB", verdict(rss_loaded <= TARGET_RSS_MB)),
         ("RSS 1 s after loading", rss(rss_loaded_1s), f"<= {TARGET_RSS_MB} MB",
          verdict(rss_loaded_1s <= TARGET_RSS_MB)),
+        ("  anonymous, mapped files", split_loaded, "", ""),
         ("peak RSS while loading (VmHWM)", rss(hwm_loaded), "", ""),
         ("data dir on disk", f"{disk / 2**20:,.0f} MiB", "", ""),
         ("restart: spawn to accepting a connection", f"{r['connect_s']:.3f} s", "", ""),
@@ -573,6 +581,7 @@ def run_retention(args, workdir: str, extra: List[str]) -> Tuple[List[str], bool
          verdict(r["rss_half"] <= TARGET_RSS_MB)),
         ("RSS after restart, all read", rss(r["rss_end"]), f"<= {TARGET_RSS_MB} MB",
          verdict(r["rss_end"] <= TARGET_RSS_MB)),
+        ("  anonymous, mapped files", r["split_end"], "", ""),
         ("RSS after restart, 1 s later", rss(r["rss_end_idle"]), f"<= {TARGET_RSS_MB} MB",
          verdict(r["rss_end_idle"] <= TARGET_RSS_MB)),
         (f"peak RSS while reading ({r['samples']} samples, 0.5 s)", rss(r["rss_peak_sampled"]),
@@ -583,7 +592,8 @@ def run_retention(args, workdir: str, extra: List[str]) -> Tuple[List[str], bool
         ("  all read in", f"{r['read_s']:.2f} s", "", ""),
         ("  counted from SUBSCRIBE sent", f"{r['rate_from_subscribe']:,.0f} msgs/s", "", ""),
     ]
-    lines = [f"{name:44} {value:>18}  {target:>14}  {mark}".rstrip() for name, value, target, mark in rows]
+    lines = [f"{name:44} {value:>18}  {target:>14}  {mark}".rstrip() if target or len(value) <= 18
+             else f"{name:44} {value}" for name, value, target, mark in rows]
     lines.append(f"  checked: {r['received']:,} messages, offsets 0..{r['last_offset']:,} in order "
                  f"({r['checked']:,} frames checked), nothing after the last")
     return lines, True
@@ -865,6 +875,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         ok = False
+    except SystemExit as e:
+        print(f"\nstopped by signal {e.code - 128}: brokers killed", file=sys.stderr)
+        raise
     finally:
         Broker.kill_all()
         if args.keep_dir:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -36,6 +37,11 @@ def offsets_of(written) -> list:
     return [m.offset for m in parse_frames(b"".join(written)) if type(m) is codec.Message]
 
 
+def run_now(f, *args):
+    """Blocking work (the fsyncs) run at once, so tests stay deterministic."""
+    return maybeDeferred(f, *args)
+
+
 class DiskTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="zaichik-data-")
@@ -43,13 +49,38 @@ class DiskTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(T0)
         self.storage = None
+        self.service = None
+        self.addCleanup(self.stop)
 
-    def start(self, fsync: str = "interval") -> BrokerService:
-        if self.storage is not None:
-            self.storage.close()
-        self.storage = DiskStorage(self.dir, fsync=fsync, clock=self.clock)
-        self.addCleanup(self.storage.close)
-        return BrokerService(storage=self.storage, clock=self.clock)
+    def start(self, fsync: str = "interval", limits=None, **options) -> BrokerService:
+        """Start a broker on the data dir (a clean stop of the running one first)."""
+        self.stop()
+        self.storage = DiskStorage(self.dir, fsync=fsync, clock=self.clock, run_blocking=run_now, **options)
+        self.service = BrokerService(storage=self.storage, clock=self.clock, limits=limits)
+        self.service.startService()
+        self.assertTrue(self.service.ready.called)
+        return self.service
+
+    def stop(self) -> None:
+        if self.service is not None and self.service.running:
+            self.successResultOf(self.service.stopService())
+        self.service = None
+
+    def crash(self) -> None:
+        """The broker dies (kill -9): no clean close, no index for the newest segment."""
+        storage = self.storage
+        for log in storage._logs.values():
+            for fd in [log._fd, *log._read_fds.values()]:
+                if fd is not None:
+                    os.close(fd)
+            log._fd = None
+            log._read_fds.clear()
+        os.close(storage._commits_fd)
+        storage._lock.close()
+        self.service.running = False
+        if self.service._sweeper is not None:
+            self.service._sweeper.stop()
+        self.service = None
 
     def follow(self, service, name, start=Start.EARLIEST, client_id=""):
         replies, written = [], []
@@ -111,7 +142,6 @@ class RestartTests(DiskTestCase):
         session, written = self.follow(service, "t", Start.DEFAULT, client_id="worker")
         self.assertEqual(offsets_of(written), [0, 1, 2, 3])
         session.handle(codec.Commit(3, "t", 1))
-        service.batch.after()  # end of the read: written to the kernel
         service = self.start()
         _, written = self.follow(service, "t", Start.DEFAULT, client_id="worker")
         self.assertEqual(offsets_of(written), [2, 3])
@@ -123,85 +153,125 @@ class RecoveryTests(DiskTestCase):
         (seg,) = [f for f in os.listdir(directory) if f.endswith(".seg")]
         return os.path.join(directory, seg)
 
-    def test_torn_tail_is_cut(self):
+    def test_torn_tail_uses_up_its_offsets(self):
+        """A write cut by a crash: the tail stays, its offsets are never given again."""
         service = self.start()
-        service.create_topic("t", 60_000, 0).publish_many([(None, b"m%d" % i) for i in range(5)])
-        self.storage.close()
+        topic = service.create_topic("t", 60_000, 0)
+        for i in range(5):
+            topic.publish(None, b"m%d" % i)  # a batch each
+        self.crash()
         path = self.segment()
         with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) - 3)  # a crash mid-write of the last record
+            f.truncate(os.path.getsize(path) - 3)  # a crash mid-write of the last batch
         size = os.path.getsize(path)
         service = self.start()
-        self.assertEqual(service.topics["t"].next_offset, 4)
-        self.assertLess(os.path.getsize(path), size)  # cut back to the last whole record
+        next_offset = service.topics["t"].next_offset
+        self.assertGreater(next_offset, 4)  # offset 4 may have reached someone: not reused
+        self.assertGreater(os.path.getsize(path), size)  # nothing cut; a gap marker added
         _, written = self.follow(service, "t")
         self.assertEqual(offsets_of(written), [0, 1, 2, 3])
-        self.assertEqual(service.topics["t"].publish(None, b"new"), (4, False))
+        self.assertEqual(service.topics["t"].publish(None, b"new"), (next_offset, False))
+        self.assertEqual(self.storage.torn, 1)
+        service = self.start()  # and the decision holds over another restart
+        self.assertEqual(service.topics["t"].next_offset, next_offset + 1)
 
-    def test_bad_checksum_ends_the_segment(self):
+    def test_bad_checksum_in_the_middle_is_damage_not_a_tail(self):
         service = self.start()
-        service.create_topic("t", 60_000, 0).publish_many([(None, b"m%d" % i) for i in range(5)])
-        self.storage.close()
+        topic = service.create_topic("t", 60_000, 0)
+        for i in range(5):
+            topic.publish(None, b"m%d" % i)
+        self.crash()
         path = self.segment()
         with open(path, "r+b") as f:
             data = bytearray(f.read())
-            record = 8 + int.from_bytes(data[:4], "big")
-            data[2 * record + 12] ^= 0xFF  # a flipped byte inside the third record
+            batch = (len(data) - 16) // 5
+            data[16 + 2 * batch + 45] ^= 0xFF  # a flipped byte inside the third batch
             f.seek(0)
             f.write(data)
         service = self.start()
-        self.assertEqual(service.topics["t"].next_offset, 2)
+        self.assertEqual(service.topics["t"].next_offset, 5)  # nothing after it was lost
+        _, written = self.follow(service, "t")
+        self.assertEqual(offsets_of(written), [0, 1, 3, 4])  # the damaged one is skipped
+        self.assertEqual(self.storage.damaged, 1)
+        self.assertEqual(service.topics["t"].publish(None, b"new"), (5, False))
 
     def test_locked_by_a_running_broker(self):
         self.start()
-        self.assertRaises(DataDirLocked, DiskStorage, self.dir, clock=self.clock)
+        other = DiskStorage(self.dir, clock=self.clock)
+        self.failureResultOf(other.open(), DataDirLocked)
+        self.assertRaises(DataDirLocked, disk.check_not_locked, self.dir)
 
 
 class SegmentTests(DiskTestCase):
     def test_expired_segments_are_deleted(self):
-        self.patch(disk, "SEGMENT_BYTES", 2_000)
-        service = self.start()
+        service = self.start(segment_bytes=2_000)
         topic = service.create_topic("t", 1_000, 0)
         for _ in range(20):
             topic.publish_many([(None, b"x" * 100)] * 5)
             self.clock.advance(0.1)
         log = self.storage._logs["t"]
-        self.assertGreater(len(log._segments), 5)
+        self.assertGreater(len(log.segments), 5)
         self.clock.advance(2)
         topic.expire()
-        self.assertEqual(len(log._segments), 1)  # only the newest is kept
-        self.assertLess(log.disk_bytes(), 2_000 + 200)
-        service = self.start()
+        self.assertEqual(len(log.segments), 1)  # only the newest is kept
+        self.assertLess(log.disk_bytes(), 2_000 + 800)
+        service = self.start(segment_bytes=2_000)
         self.assertEqual(service.topics["t"].next_offset, 100)
 
 
 class FsyncTests(DiskTestCase):
-    def test_always_syncs_once_per_batch(self):
+    def test_always_syncs_once_per_unit_of_work(self):
         calls = []
         real = os.fsync
         self.patch(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
         service = self.start(fsync="always")
         topic = service.create_topic("t", 60_000, 0)
+        topic.publish(None, b"first")  # (creating the segment fsyncs it and its directory)
         del calls[:]
-        with service.batch:
+        with service.work:
             for _ in range(100):
                 topic.publish(None, b"v")
         self.assertEqual(len(calls), 1)
+
+    def test_always_acknowledges_and_delivers_only_after_the_fsync(self):
+        held = []
+
+        def later(f, *args):
+            d = Deferred()
+            held.append((d, f, args))
+            return d
+
+        self.stop()
+        self.storage = DiskStorage(self.dir, fsync="always", clock=self.clock, run_blocking=later)
+        self.service = service = BrokerService(storage=self.storage, clock=self.clock)
+        service.startService()
+        service.create_topic("t", 60_000, 0)
+        reader, written = self.follow(service, "t")
+        replies = []
+        writer = Session(service, replies.append, lambda b: None, lambda: None)
+        writer.handle(codec.Publish(5, "t", b"v"))
+        writer.handle(codec.Ping(6))
+        self.assertEqual((replies, offsets_of(written)), ([], []))  # not durable yet
+        d, f, args = held.pop(0)
+        f(*args)
+        d.callback(None)
+        self.assertEqual(replies, [codec.Published(5, 0, False), codec.Ok(6)])
+        self.assertEqual(offsets_of(written), [0])
 
     def test_interval_syncs_on_the_tick(self):
         calls = []
         real = os.fsync
         self.patch(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
         service = self.start(fsync="interval")
-        service.startService()
         topic = service.create_topic("t", 60_000, 0)
+        topic.publish(None, b"first")  # (creating the segment fsyncs it and its directory)
+        self.clock.advance(0.1)
         del calls[:]
-        with service.batch:
+        with service.work:
             topic.publish(None, b"v")
         self.assertEqual(calls, [])
         self.clock.advance(0.1)
         self.assertEqual(len(calls), 1)
-        service.stopService()
 
 
 def _acked_publisher(port: int, seen_path: str) -> None:
@@ -295,17 +365,11 @@ class ByteBoundTests(DiskTestCase):
     def test_trimmed_messages_stay_trimmed_after_restart(self):
         from zaichik.service import Limits
 
-        def start():
-            if self.storage is not None:
-                self.storage.close()
-            self.storage = DiskStorage(self.dir, clock=self.clock)
-            return BrokerService(storage=self.storage, clock=self.clock, limits=Limits(max_retained_bytes=1_000))
-
-        service = start()
+        service = self.start(limits=Limits(max_retained_bytes=1_000))
         topic = service.create_topic("t", 60_000, 0)
         for _ in range(20):
             topic.publish(None, b"x" * 100)
         kept = topic.retained
         self.assertLess(kept, 20)
-        service = start()
+        service = self.start(limits=Limits(max_retained_bytes=1_000))
         self.assertEqual(service.topics["t"].retained, kept)

@@ -66,6 +66,9 @@ class Options(usage.Options):
          "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
         ["data-dir", None, None,
          "Keep topics, messages, commits and compaction state in this directory (default: memory only)."],
+        ["cache-size", None, 32 * 1024 * 1024,
+         "With --data-dir: bytes of the newest messages kept in memory, for all topics "
+         "(older ones are read from disk). Default 32 MiB.", _non_negative_int],
         ["fsync", None, "interval",
          "With --data-dir: always (reply after the disk has it), interval (every 100 ms), never."],
         ["auth", None, None,
@@ -137,12 +140,15 @@ def makeService(config: Options) -> MultiService:
             raise usage.UsageError(f"--auth {config['auth']}: {e}") from None
     storage = None
     if config["data-dir"]:
-        from zaichik.storage.disk import DataDirLocked, DiskStorage
+        from zaichik.storage.disk import DataDirLocked, DiskStorage, check_not_locked
 
         try:
-            storage = DiskStorage(config["data-dir"], fsync=config["fsync"])
+            # The lock itself is taken when the broker starts (after twistd
+            # has daemonized); this only refuses early, with a clear message.
+            check_not_locked(config["data-dir"])
         except (DataDirLocked, OSError) as e:
             raise usage.UsageError(f"--data-dir: {e}") from None
+        storage = DiskStorage(config["data-dir"], fsync=config["fsync"], cache_size=config["cache-size"])
     broker = BrokerService(
         storage=storage,
         authenticator=authenticator,

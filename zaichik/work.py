@@ -89,8 +89,6 @@ class UnitOfWork:
         (an UNSUBSCRIBE or a closing connection calls this so that what was
         published before it is delivered first).
         """
-        if not self._dirty:
-            return
         while self._dirty:
             dirty, self._dirty = self._dirty, []
             for topic in dirty:

@@ -1,283 +1,867 @@
 """
 Durable storage: C{twistd zaichik --data-dir DIR}.
 
-A hand-written append-only segment log per topic, as Kafka and NATS
-JetStream keep theirs: the broker's messages are already encoded frames with
-their offset and timestamp inside, so the log is those frames, each behind a
-length and a CRC-32, appended to the topic's newest segment file.  Reading
-back is sequential; deleting expired data is deleting whole segment files.
+An append-only segment log per topic, as Kafka and NATS JetStream keep
+theirs (the format is in L{zaichik.storage.segment} and docs/storage.rst).
+Retained messages are read from the segments; memory holds a sparse index
+per segment and a bounded cache of the newest messages (C{--cache-size},
+shared by all topics).  A subscriber behind the cache is fed from disk a
+chunk at a time, as its connection takes them.
 
 Layout::
 
-    DIR/lock                         flock'd by the running broker
+    DIR/FORMAT                       the data dir's format ("2")
+    DIR/lock                         flock'd by the running broker (its pid inside)
     DIR/commits.log                  durable commits, one JSON line each
     DIR/topics/<hex name>/meta.json  {"name", "retention_ttl", "compaction_window"}
     DIR/topics/<hex name>/<base offset, 20 digits>.seg
+    DIR/topics/<hex name>/<base offset, 20 digits>.idx   summary and sparse index of
+                                                          a segment closed cleanly
 
-A record is C{u32 length, u32 crc32(frame), frame}.  At start every segment
-is read; a record whose length runs past the end of the file or whose CRC
-does not match (a write torn by a crash) ends the segment: the file is cut
-there, with a warning.  The newest segment is never deleted, so the next
-offset survives even when every message has expired.
+Start-up reads only what it must: a segment with a valid index (its size
+matching) is taken from it; the others (the newest, after a crash) are read
+and every batch's CRC checked.  So start-up time does not grow with the
+retained data.  Keys inside the compaction window are read back from the
+newest segments.
 
-Retained frames are also kept in memory (a L{MemoryLog}), so reads never
-touch the disk.  Writes go to the kernel at the end of every read batch
-(see L{DiskStorage.sync}); C{fsync} follows the policy:
+Integrity: a bad batch followed by a valid one is damage, not a torn tail:
+nothing after it is deleted, its offsets are skipped (never served, never
+given again), and it is logged and counted (L{DiskStorage.damaged}).  A bad
+tail of the newest segment is a write torn by a crash: it is left in place
+and a gap marker written after it uses up every offset it could have held,
+so no offset is ever given to two messages.  Readers check each batch's
+CRC as they read and step over damage found later.
 
-  - C{always}: before the batch's replies go out (one fsync per batch and
-    segment: group commit);
-  - C{interval}: at most every 100 ms;
+Writes: each unit of work appends one batch per topic with one C{write}.
+A write that fails (a full disk) is cut back off the file, and the append
+fails: nothing of it is kept or delivered.  Durability follows C{--fsync}:
+
+  - C{always}: appends are acknowledged and delivered only after an fsync;
+    the fsyncs of every unit that ended while one was running are done
+    together (group commit), in a thread;
+  - C{interval}: fsync every 100 ms, in a thread;
   - C{never}: when the kernel pleases.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
-import struct
-import zlib
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from bisect import bisect_right
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zaichik import codec
-from zaichik.storage import IMessageLog, IStorage, MemoryLog, TopicState
+from zaichik.storage import IMessageLog, IStorage, StorageError, TopicState
+from zaichik.storage import segment as fmt
+from zaichik.storage.memory import MemoryLog
 
 _log = Logger()
-_record = struct.Struct(">II")
-_u16 = struct.Struct(">H")
-_u64 = struct.Struct(">Q")
 SEGMENT_BYTES = 64 * 1024 * 1024
+INDEX_EVERY = 64 * 1024  # bytes of segment between two sparse index entries
+READ_BYTES = 256 * 1024  # bytes read from a segment at a time
+DEFAULT_CACHE_SIZE = 32 * 1024 * 1024
 FSYNC_POLICIES = ("always", "interval", "never")
+FSYNC_INTERVAL = 0.1
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DataDirLocked(Exception):
     """Another broker is using the data directory."""
 
 
-def _crc(frame: bytes) -> int:
-    return zlib.crc32(frame) & 0xFFFFFFFF
+class DataDirError(Exception):
+    """The data directory cannot be used (a newer format, say)."""
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (files created, renamed, deleted) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(e: OSError, what: str) -> StorageError:
+    if e.errno in _FULL:
+        return StorageError(f"storage full: {what}: {e.strerror}", full=True)
+    return StorageError(f"storage failed: {what}: {e.strerror or e}")
+
+
+class Segment:
+    """
+    What memory keeps of one segment file: its summary, and a sparse index
+    (an entry each L{INDEX_EVERY} bytes: offset, position, timestamp, and
+    the messages and record bytes before it).
+    """
+
+    __slots__ = ("base", "path", "size", "count", "record_bytes", "first", "end", "first_ts", "last_ts",
+                 "entries", "_offsets", "damaged", "_indexed_at")
+
+    def __init__(self, base: int, path: str) -> None:
+        self.base = base
+        self.path = path
+        self.size = fmt.SEGMENT_HEADER
+        self.count = 0
+        self.record_bytes = 0
+        self.first: Optional[int] = None  # the first message's offset
+        self.end = base  # one past the newest offset used (messages and gap markers)
+        self.first_ts = 0
+        self.last_ts = 0
+        self.entries: List[Tuple[int, int, int, int, int]] = []
+        self._offsets: List[int] = []
+        self.damaged: List[Tuple[int, int]] = []  # byte ranges found bad
+        self._indexed_at = -INDEX_EVERY
+
+    def add(self, batch: fmt.Batch) -> None:
+        if not batch.count:
+            self.end = max(self.end, batch.first)
+            self.size = batch.end
+            return
+        if self.first is None:
+            self.first = batch.first
+            self.first_ts = batch.first_ts
+        if batch.pos - self._indexed_at >= INDEX_EVERY:
+            self.entries.append((batch.first, batch.pos, batch.first_ts, self.count, self.record_bytes))
+            self._offsets.append(batch.first)
+            self._indexed_at = batch.pos
+        self.count += batch.count
+        self.record_bytes += batch.record_bytes
+        self.end = batch.first + batch.count
+        self.last_ts = batch.last_ts
+        self.size = batch.end
+
+    def entry_for(self, offset: int) -> Tuple[int, int, int, int, int]:
+        """The index entry at or before C{offset} (the first one if none is)."""
+        i = bisect_right(self._offsets, offset) - 1
+        return self.entries[max(i, 0)]
+
+    def entry_for_time(self, cutoff: int) -> Optional[Tuple[int, int, int, int, int]]:
+        """The last index entry whose batch starts at or before C{cutoff} (ms)."""
+        found = None
+        for entry in self.entries:
+            if entry[2] > cutoff:
+                break
+            found = entry
+        return found
+
+    def index_bytes(self) -> bytes:
+        return fmt.encode_index(self.size, self.count, self.record_bytes, self.first, self.end,
+                                self.first_ts, self.last_ts, self.entries)
+
+    def load_index(self, data: bytes, file_size: int) -> bool:
+        decoded = fmt.decode_index(data)
+        if decoded is None or decoded[0] != file_size:
+            return False
+        (self.size, self.count, self.record_bytes, self.first, self.end, self.first_ts, self.last_ts,
+         entries) = decoded
+        self.entries = [tuple(e) for e in entries]
+        self._offsets = [e[0] for e in self.entries]
+        self._indexed_at = self.entries[-1][1] if self.entries else -INDEX_EVERY
+        return True
+
+
+class _Head:
+    """Where a log's retained messages begin: a segment, a batch in it, an offset."""
+
+    __slots__ = ("segment", "pos", "offset", "count_before", "bytes_before")
+
+    def __init__(self, segment: Segment, pos: int, offset: int, count_before: int, bytes_before: int) -> None:
+        self.segment = segment
+        self.pos = pos  # the batch holding `offset`
+        self.offset = offset
+        self.count_before = count_before  # messages of the segment before `offset`
+        self.bytes_before = bytes_before  # their record bytes
 
 
 @implementer(IMessageLog)
 class DiskLog:
-    """One topic's log: frames in memory for reading, segments on disk."""
+    """One topic's log: segments on disk, their index and a cache in memory."""
 
     def __init__(self, storage: "DiskStorage", directory: str, topic: str, retention_ttl: int,
                  compaction_window: int) -> None:
         self._storage = storage
         self.directory = directory
-        self._offset_at, self._timestamp_at = codec.message_frame_offsets(topic)
-        self._memory = MemoryLog(self._timestamp_at)
+        self.topic = topic
         self.retention_ttl = retention_ttl
         self.compaction_window = compaction_window
-        # (base offset, path, last offset, last timestamp) of each segment, oldest first.
-        self._segments: List[List] = []
-        self._file = None
-        self._file_bytes = 0
+        self.retains = retention_ttl > 0
+        prefix = codec.topic_prefix(topic)
+        self._prefix = prefix
+        self._skip = 4 + len(prefix)  # a frame's bytes before its record body
+        self._timestamp_at = codec.message_frame_offsets(topic)[1]
+        self.cache = MemoryLog(self._timestamp_at)
+        self.segments: List[Segment] = []
+        self._fd: Optional[int] = None  # the newest segment, open for appending
+        self._read_fds: "OrderedDict[str, int]" = OrderedDict()
+        self._head: Optional[_Head] = None
+        self._count = 0
+        self.nbytes = 0
+        self.next_offset = 0
+        self.visible_end = 0  # reads serve offsets below this (durable ones)
+        self._hints: "OrderedDict[int, Tuple[Segment, int]]" = OrderedDict()  # offset -> (segment, batch pos)
+        self.broken: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"<DiskLog {self.topic} segments={len(self.segments)} next={self.next_offset}>"
 
     # -- recovery ----------------------------------------------------------------
 
     def recover(self, now: int) -> Tuple[int, int, List[Tuple[bytes, int, int]]]:
         """
-        Read every segment; load what retention still keeps into memory.
+        Take the segments back: from their indexes where those hold, else
+        by reading them (checking every batch).
 
         @return: C{(next_offset, last_timestamp, keys)}, C{keys} being
             C{(key, timestamp, offset)} of keyed messages still inside the
             compaction window, oldest first.
         """
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
-        next_offset = 0
-        last_timestamp = 0
-        keys: List[Tuple[bytes, int, int]] = []
-        keep_after = now - self.retention_ttl
-        window_after = now - self.compaction_window
-        key_at = self._timestamp_at + 8
-        unpack_record = _record.unpack_from
-        unpack_u64 = _u64.unpack_from
-        for name in names:
+        for i, name in enumerate(names):
             path = os.path.join(self.directory, name)
             base = int(name[:-4])
-            with open(path, "rb") as f:
-                data = f.read()
-            at = 0
-            end = len(data)
-            last = (base - 1, 0)
-            while at < end:
-                if end - at < 8:
-                    break
-                length, crc = unpack_record(data, at)
-                start = at + 8
-                if start + length > end:
-                    break
-                frame = data[start : start + length]
-                if _crc(frame) != crc:
-                    break
-                offset = unpack_u64(frame, self._offset_at)[0]
-                timestamp = unpack_u64(frame, self._timestamp_at)[0]
-                if self.retention_ttl and timestamp > keep_after:
-                    self._memory.append(offset, timestamp, frame)
-                if self.compaction_window and timestamp > window_after:
-                    (n,) = _u16.unpack_from(frame, key_at)
-                    if n:
-                        keys.append((frame[key_at + 2 : key_at + 2 + n], timestamp, offset))
-                last = (offset, timestamp)
-                at = start + length
-            if at < end:
-                _log.warn("Torn or corrupt record in {path} at byte {at}: cut {lost} bytes",
-                          path=path, at=at, lost=end - at)
-                with open(path, "r+b") as f:
-                    f.truncate(at)
-                    f.flush()
-                    os.fsync(f.fileno())
-            self._segments.append([base, path, last[0], last[1]])
-            next_offset = max(next_offset, last[0] + 1, base)
-            last_timestamp = max(last_timestamp, last[1])
-        self._next_offset = next_offset
+            self._upgrade_v1(path, base)
+            segment = Segment(base, path)
+            newest = i == len(names) - 1
+            if not self._load_index(segment) and not self._scan(segment, newest):
+                continue
+            self.segments.append(segment)
+        next_offset = max([s.end for s in self.segments] + [0])
+        self.next_offset = self.visible_end = next_offset
+        last_timestamp = max([s.last_ts for s in self.segments] + [0])
+        if self.retains:
+            for segment in self.segments:
+                if segment.count:
+                    self._count += segment.count
+                    self.nbytes += segment.record_bytes + segment.count * len(self._prefix)
+                    if self._head is None:
+                        entry = segment.entries[0]
+                        self._head = _Head(segment, entry[1], entry[0], 0, 0)
+        keys = self._recover_keys(now) if self.compaction_window else []
         return next_offset, last_timestamp, keys
+
+    def _load_index(self, segment: Segment) -> bool:
+        try:
+            size = os.path.getsize(segment.path)
+            with open(segment.path[:-4] + ".idx", "rb") as f:
+                data = f.read()
+        except OSError:
+            return False
+        return segment.load_index(data, size)
+
+    def _scan(self, segment: Segment, newest: bool) -> bool:
+        """Read a whole segment, checking every batch; False if it is not a segment at all."""
+        with open(segment.path, "rb") as f:
+            data = f.read()
+        if len(data) < fmt.SEGMENT_HEADER:
+            if newest and not data:
+                # Created and never written (a crash at once): start it again.
+                self._write_file(segment.path, fmt.encode_segment_header(segment.base))
+                return True
+            _log.warn("{path} is too short to be a segment; ignored", path=segment.path)
+            return False
+        if data[:4] != fmt.SEGMENT_MAGIC:
+            _log.warn("{path} has a damaged header; reading its batches anyway", path=segment.path)
+            self._storage.damaged += 1
+        result = fmt.scan(data, segment.base)
+        for batch in result.batches:
+            segment.add(batch)
+        segment.size = len(data)
+        for start, end in result.damage:
+            self._damage(segment, start, end, "at start-up")
+        if result.torn is not None:
+            torn = result.torn
+            if not newest:
+                self._damage(segment, torn, len(data), "at start-up (to the segment's end)")
+            else:
+                self._torn_tail(segment, data, torn)
+        if not segment.damaged and not newest:
+            self._write_index(segment)
+        return True
+
+    def _torn_tail(self, segment: Segment, data: bytes, torn: int) -> None:
+        """
+        A bad tail of the newest segment: a write cut by a crash.  It stays
+        (it may be all that is left of something), and every offset it could
+        have held is used up by a gap marker, so none is given again.
+        """
+        lost = len(data) - torn
+        header = data[torn : torn + fmt.BATCH_HEADER]
+        most = lost // fmt.MIN_RECORD + 1
+        if len(header) == fmt.BATCH_HEADER and header[:4] == fmt.BATCH_MAGIC:
+            claimed = fmt.batch_header.unpack(header)
+            if claimed[3] >= segment.end and claimed[4] <= most:
+                most = max(most, claimed[3] + claimed[4] - segment.end)
+        skip_to = segment.end + most
+        _log.warn("Torn write at the end of {path} (byte {at}, {lost} bytes): offsets {first} to {last} "
+                  "are skipped, never given again", path=segment.path, at=torn, lost=lost,
+                  first=segment.end, last=skip_to - 1)
+        segment.damaged.append((torn, len(data)))
+        segment.end = skip_to
+        self._storage.torn += 1
+        gap = fmt.encode_gap(skip_to)
+        try:
+            fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, gap)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            segment.size = len(data) + len(gap)
+        except OSError as e:
+            # Kept in memory: a restart finds the same tail and skips the same offsets.
+            _log.warn("Could not write the gap marker to {path}: {error}", path=segment.path, error=e)
+
+    def _damage(self, segment: Segment, start: int, end: int, when: str) -> None:
+        if (start, end) in segment.damaged:
+            return
+        segment.damaged.append((start, end))
+        self._storage.damaged += 1
+        _log.error("Damaged data in {path}, bytes {start} to {end} ({when}): skipped; "
+                   "`zaichik check` reports the offsets lost", path=segment.path, start=start, end=end, when=when)
+
+    def _recover_keys(self, now: int) -> List[Tuple[bytes, int, int]]:
+        after = now - self.compaction_window
+        keys: List[Tuple[bytes, int, int]] = []
+        for segment in self.segments:
+            if not segment.count or segment.last_ts <= after:
+                continue
+            for data, batch, shift in self._batches(segment, segment.entries[0][1]):
+                if batch.last_ts <= after:
+                    continue
+                for offset, body, _ in fmt.records(data, batch, shift):
+                    timestamp = fmt.u64.unpack_from(data, body + 8)[0]
+                    if timestamp > after:
+                        key = fmt.key_of(data, body)
+                        if key:
+                            keys.append((key, timestamp, offset))
+        return keys
+
+    def _upgrade_v1(self, path: str, base: int) -> None:
+        """Rewrite a segment of release 0.1.0 in this format (once; atomically)."""
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if not fmt.is_v1(head):
+                return
+            data = head + f.read()
+        frames, valid = fmt.v1_frames(data)
+        if valid < len(data):
+            _log.warn("Upgrading {path}: {n} bytes after byte {at} were not valid (a torn write); dropped",
+                      path=path, n=len(data) - valid, at=valid)
+        out = [fmt.encode_segment_header(base)]
+        run: List[bytes] = []
+        run_first = None
+        offset_at = self._skip + 0
+        for frame in frames:
+            offset = fmt.u64.unpack_from(frame, offset_at)[0]
+            if run and (offset != run_first + len(run) or len(run) >= 1000):
+                out.append(fmt.encode_batch(run_first, run, self._skip))
+                run = []
+            if not run:
+                run_first = offset
+            run.append(frame)
+        if run:
+            out.append(fmt.encode_batch(run_first, run, self._skip))
+        tmp = path + ".upgrade"
+        self._write_file(tmp, b"".join(out))
+        os.replace(tmp, path)
+        fsync_dir(self.directory)
+        _log.info("Upgraded {path} from release 0.1.0's format ({n} messages)", path=path, n=len(frames))
+
+    @staticmethod
+    def _write_file(path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_index(self, segment: Segment) -> None:
+        """An index is a cache of the segment: not fsynced, checked by size and CRC when read."""
+        try:
+            with open(segment.path[:-4] + ".idx", "wb") as f:
+                f.write(segment.index_bytes())
+        except OSError as e:
+            _log.warn("Could not write the index of {path}: {error}", path=segment.path, error=e)
+
+    # -- reading segments ----------------------------------------------------------
+
+    def _read_fd(self, segment: Segment) -> int:
+        fds = self._read_fds
+        fd = fds.get(segment.path)
+        if fd is None:
+            fd = os.open(segment.path, os.O_RDONLY)
+            fds[segment.path] = fd
+            if len(fds) > 4:
+                os.close(fds.popitem(last=False)[1])
+        else:
+            fds.move_to_end(segment.path)
+        return fd
+
+    def _batches(self, segment: Segment, pos: int, chunk: int = READ_BYTES):
+        """
+        C{(data, batch, shift)} for each valid batch of C{segment} from
+        byte C{pos} on (C{shift}: where C{data} starts in the file; the
+        batch's positions are the file's), stepping over damage (logged and
+        counted).
+        """
+        fd = self._read_fd(segment)
+        size = segment.size
+        data = b""
+        shift = pos
+        expected = 0
+        while pos < size:
+            rel = pos - shift
+            if len(data) - rel < fmt.BATCH_HEADER:
+                data = os.pread(fd, max(chunk, fmt.BATCH_HEADER), pos)
+                shift, rel = pos, 0
+            batch = None
+            if len(data) - rel >= fmt.BATCH_HEADER:
+                length = fmt.u32.unpack_from(data, rel + 4)[0]
+                total = fmt.CRC_FROM + length
+                if len(data) - rel < total and pos + total <= size:
+                    data = os.pread(fd, max(chunk, total), pos)
+                    shift, rel = pos, 0
+                batch = fmt.batch_at(data, rel, expected, min(len(data), size - shift))
+            if batch is None:
+                # Damage: find the next valid batch in the rest of the segment.
+                rest = os.pread(fd, size - pos, pos)
+                found = fmt.next_batch(rest, 0, expected)
+                self._damage(segment, pos, pos + (found.pos if found else len(rest)), "while reading")
+                if found is None:
+                    return
+                data, shift = rest, pos
+                pos = pos + found.pos
+                continue
+            batch = batch._replace(pos=shift + batch.pos, end=shift + batch.end)  # positions in the file
+            yield data, batch, shift
+            expected = batch.first + batch.count
+            pos = batch.end
 
     # -- IMessageLog -------------------------------------------------------------
 
-    @property
-    def nbytes(self) -> int:
-        return self._memory.nbytes
-
     def __len__(self) -> int:
-        return len(self._memory)
+        return self._count
 
     def first_offset(self) -> Optional[int]:
-        return self._memory.first_offset()
+        return self._head.offset if self._head is not None and self._count else None
 
-    def read(self, offset: int, limit: int):
-        return self._memory.read(offset, limit)
+    def read(self, offset: int, limit: int) -> Deferred:
+        try:
+            return succeed(self.get(offset, limit))
+        except OSError as e:
+            return fail(_storage_error(e, f"reading {self.topic}"))
 
-    def append(self, offset: int, timestamp: int, frame: bytes) -> None:
-        self.write(offset, timestamp, frame)  # the disk first: if it fails, nothing is retained
-        if self.retention_ttl:
-            self._memory.append(offset, timestamp, frame)
+    def get(self, offset: int, limit: int) -> Tuple[int, List[bytes]]:
+        """L{read} without the Deferred."""
+        head = self._head
+        if head is None or not self._count:
+            return max(offset, self.visible_end if head is None else head.offset), []
+        offset = max(offset, head.offset)
+        visible = self.visible_end
+        if offset >= visible:
+            return offset, []
+        cached = self.cache.first_offset()
+        if cached is not None and offset >= cached:
+            first, frames = self.cache.get(offset, min(limit, visible - offset))
+            return first, frames
+        stop = min(cached, visible) if cached is not None else visible
+        return self._read_disk(offset, limit, stop)
 
-    def record(self, offset: int, timestamp: int, frame: bytes) -> None:
-        self.write(offset, timestamp, frame)
+    def _locate(self, offset: int) -> Optional[Tuple[Segment, int]]:
+        hint = self._hints.pop(offset, None)
+        if hint is not None and hint[0] in self.segments:
+            return hint
+        bases = [s.base for s in self.segments]
+        i = max(bisect_right(bases, offset) - 1, 0)
+        head = self._head
+        for segment in self.segments[i:]:
+            if segment.end <= offset or not segment.count:
+                continue
+            if head is not None and segment is head.segment and offset <= head.offset:
+                return segment, head.pos
+            return segment, segment.entry_for(offset)[1]
+        return None
 
-    def write(self, offset: int, timestamp: int, frame: bytes) -> None:
-        """Append to the newest segment (every stored message, retained or not)."""
-        if self._file is None or self._file_bytes >= SEGMENT_BYTES:
-            self._roll(offset)
-        record = _record.pack(len(frame), _crc(frame)) + frame
-        self._file.write(record)
-        self._file_bytes += len(record)
-        segment = self._segments[-1]
-        segment[2] = offset
-        segment[3] = timestamp
-        self._storage.dirty.add(self)
+    def _read_disk(self, offset: int, limit: int, stop: int) -> Tuple[int, List[bytes]]:
+        frames: List[bytes] = []
+        first = offset
+        where = self._locate(offset)
+        if where is None:
+            return offset, frames
+        segment, pos = where
+        prefix = self._prefix
+        plen = len(prefix)
+        pack = fmt.u32.pack
+        unpack = fmt.u32.unpack_from
+        segments = self.segments
+        i = segments.index(segment)
+        want = offset
+        while True:
+            for data, batch, shift in self._batches(segment, pos):
+                if batch.first + batch.count <= want or not batch.count:
+                    continue
+                if frames and batch.first != want:
+                    return first, frames  # a gap: the next read starts after it
+                if not frames:
+                    first = want = max(want, batch.first)
+                at = batch.pos - shift + fmt.BATCH_HEADER
+                number = batch.first
+                while number < want:  # records before the one wanted
+                    at += 4 + unpack(data, at)[0]
+                    number += 1
+                end = batch.first + batch.count
+                while number < end and number < stop and len(frames) < limit:
+                    (n,) = unpack(data, at)
+                    frames.append(b"".join((pack(n + plen), prefix, data[at + 4 : at + 4 + n])))
+                    at += 4 + n
+                    number += 1
+                want = number
+                if number >= stop or len(frames) >= limit:
+                    if number < end:
+                        self._hint(want, segment, batch.pos)
+                    else:
+                        self._hint(want, segment, batch.end)
+                    return first, frames
+            i += 1
+            if i >= len(segments):
+                return first, frames
+            segment = segments[i]
+            if not segment.count:
+                continue
+            pos = segment.entries[0][1]
 
-    def _roll(self, offset: int) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        if self._segments and self._segments[-1][2] < self._segments[-1][0]:
-            # The newest segment is empty: write into it.
-            path = self._segments[-1][1]
+    def _hint(self, offset: int, segment: Segment, pos: int) -> None:
+        """Where a reader that stopped before C{offset} will go on."""
+        hints = self._hints
+        hints[offset] = (segment, pos)
+        if len(hints) > 256:
+            hints.popitem(last=False)
+
+    def append(self, first: int, frames: List[bytes]) -> Deferred:
+        if self.broken:
+            return fail(StorageError(f"storage failed: {self.broken}"))
+        data = fmt.encode_batch(first, frames, self._skip)
+        try:
+            segment = self._segment_for(first)
+            pos = segment.size
+            self._write(data, pos)
+        except OSError as e:
+            return fail(_storage_error(e, f"writing {self.topic}"))
+        end = first + len(frames)
+        batch = fmt.Batch(pos, first, len(frames), fmt.u64.unpack_from(frames[0], self._timestamp_at)[0],
+                          fmt.u64.unpack_from(frames[-1], self._timestamp_at)[0], pos + len(data))
+        segment.add(batch)
+        self.next_offset = end
+        if self.retains:
+            if self._head is None or not self._count:
+                self._head = _Head(segment, pos, first, segment.count - len(frames),
+                                   segment.record_bytes - batch.record_bytes)
+            self._count += len(frames)
+            self.nbytes += batch.record_bytes + len(frames) * len(self._prefix)
+            self.cache.add(first, frames)
+            self._storage.cached(self, batch.record_bytes + len(frames) * (len(self._prefix) + 64))
+        return self._storage.written(self, end)
+
+    def _write(self, data: bytes, pos: int) -> None:
+        """Write C{data} at the end of the newest segment; on failure leave the file as it was."""
+        fd = self._fd
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, pos)
+            except OSError as e2:
+                self.broken = f"could not cut a failed write off {self.segments[-1].path}: {e2}"
+                _log.critical("{why}: refusing writes to {topic} until restarted", why=self.broken, topic=self.topic)
+            raise e
+
+    def _segment_for(self, first: int) -> Segment:
+        """The segment to append to: the newest, or a new one when that is full."""
+        limit = self._storage.segment_bytes
+        if self._fd is not None:
+            newest = self.segments[-1]
+            if newest.size < limit:
+                return newest
+            # Full: it is closed (fsynced, given its index) and a new one begins.
+            self._storage.retire_fd(self._fd)
+            self._fd = None
+            if not newest.damaged:
+                self._write_index(newest)
+            return self._new_segment(first)
+        if self.segments:
+            newest = self.segments[-1]
+            if not newest.damaged and newest.size < limit and os.path.getsize(newest.path) == newest.size:
+                # After a start: append to the newest segment; its index is
+                # out of date from the first write on.
+                try:
+                    os.unlink(newest.path[:-4] + ".idx")
+                except FileNotFoundError:
+                    pass
+                self._fd = os.open(newest.path, os.O_WRONLY | os.O_APPEND)
+                return newest
+        return self._new_segment(first)
+
+    def _new_segment(self, first: int) -> Segment:
+        path = os.path.join(self.directory, f"{first:020d}.seg")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            header = fmt.encode_segment_header(first)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if self._storage.fsync_policy != "never":
+                os.fsync(fd)
+                fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        segment = Segment(first, path)
+        if self.segments and self.segments[-1].base == first:
+            self.segments[-1] = segment  # an empty one of the same name, replaced
         else:
-            path = os.path.join(self.directory, f"{offset:020d}.seg")
-            self._segments.append([offset, path, offset - 1, 0])
-        self._file = open(path, "ab", buffering=1 << 20)
-        self._file_bytes = self._file.tell()
+            self.segments.append(segment)
+        self._fd = fd
+        return segment
 
-    def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+    def sync_fd(self) -> Optional[int]:
+        return self._fd
 
-    def fsync(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+    # -- retention -----------------------------------------------------------------
+
+    def _drop_head(self, keep: Callable[[int, int], bool]) -> int:
+        """
+        Move the head over the oldest messages until C{keep(timestamp,
+        frame bytes)} says to keep one.  Returns how many were dropped.
+        """
+        head = self._head
+        if head is None or not self._count:
+            return 0
+        dropped = 0
+        plen = len(self._prefix)
+        segments = self.segments
+        i = segments.index(head.segment)
+        while self._count:
+            segment = segments[i]
+            for data, batch, shift in self._batches(segment, head.pos):
+                if batch.first + batch.count <= head.offset or not batch.count:
+                    continue
+                at = batch.pos - shift + fmt.BATCH_HEADER
+                number = batch.first
+                while number < head.offset:
+                    at += 4 + fmt.u32.unpack_from(data, at)[0]
+                    number += 1
+                end = batch.first + batch.count
+                while number < end:
+                    (n,) = fmt.u32.unpack_from(data, at)
+                    timestamp = fmt.u64.unpack_from(data, at + 12)[0]
+                    if keep(timestamp, 4 + n + plen):
+                        head.pos, head.offset = batch.pos, number
+                        self._dropped(dropped)
+                        return dropped
+                    at += 4 + n
+                    number += 1
+                    dropped += 1
+                    head.count_before += 1
+                    head.bytes_before += 4 + n
+                    self._count -= 1
+                    self.nbytes -= 4 + n + plen
+                head.pos, head.offset = batch.end, end
+            # The whole segment is dropped: on to the next one with messages.
+            self._count -= segment.count - head.count_before
+            self.nbytes -= (segment.record_bytes - head.bytes_before) + (segment.count - head.count_before) * plen
+            dropped += segment.count - head.count_before
+            i += 1
+            while i < len(segments) and not segments[i].count:
+                i += 1
+            if i >= len(segments):
+                break
+            nxt = segments[i]
+            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0)
+        # Everything is dropped: the head waits at the end.
+        self._count = 0
+        self.nbytes = 0
+        last = segments[-1]
+        self._head = _Head(last, last.size, self.next_offset, last.count, last.record_bytes)
+        self._dropped(dropped)
+        return dropped
+
+    def _dropped(self, count: int) -> None:
+        if self._head is not None:
+            self.cache.drop_before(self._head.offset)
+
+    def _skip_whole_segments(self, cutoff: int) -> int:
+        """Drop, without reading them, the retained segments whose newest message is at or before C{cutoff}."""
+        head = self._head
+        dropped = 0
+        plen = len(self._prefix)
+        segments = self.segments
+        i = segments.index(head.segment)
+        while i < len(segments) - 1 and segments[i].last_ts <= cutoff and self._count:
+            segment = segments[i]
+            n = segment.count - head.count_before
+            self._count -= n
+            self.nbytes -= (segment.record_bytes - head.bytes_before) + n * plen
+            dropped += n
+            i += 1
+            while i < len(segments) - 1 and not segments[i].count:
+                i += 1
+            nxt = segments[i]
+            if not nxt.count:
+                break
+            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0)
+        return dropped
 
     def expire(self, cutoff: int) -> int:
-        dropped = self._memory.expire(cutoff)
-        self._delete_segments(cutoff)
+        dropped = 0
+        if self.retains and self._head is not None and self._count:
+            dropped = self._skip_whole_segments(cutoff)
+            head = self._head
+            entry = head.segment.entry_for_time(cutoff)
+            if entry is not None and entry[0] > head.offset:
+                # Whole index blocks before this entry are older: skip them unread.
+                skipped = entry[3] - head.count_before
+                self._count -= skipped
+                self.nbytes -= (entry[4] - head.bytes_before) + skipped * len(self._prefix)
+                dropped += skipped
+                self._head = _Head(head.segment, entry[1], entry[0], entry[3], entry[4])
+            dropped += self._drop_head(lambda timestamp, size: timestamp > cutoff)
+            if dropped:
+                self._dropped(dropped)
+        self._delete_segments(cutoff + self.retention_ttl)
         return dropped
 
     def trim(self, max_bytes: int) -> int:
-        dropped = self._memory.trim(max_bytes)
-        first = self._memory.first_offset()
-        if first is not None:
-            self._delete_segments_before(first)
-        return dropped
+        if not self.retains:
+            return 0
+        excess = [self.nbytes - max_bytes]
 
-    def _delete_segments(self, retention_cutoff: int) -> None:
+        def keep(timestamp: int, size: int) -> bool:
+            if excess[0] <= 0:
+                return True
+            excess[0] -= size
+            return False
+
+        return self._drop_head(keep)
+
+    def _delete_segments(self, now: int) -> None:
         """
-        Delete whole segments whose newest message is past both retention and
-        the compaction window (whose keys a restart must still know).
+        Delete whole segments before the head whose newest message is past
+        both retention and the compaction window (whose keys a restart must
+        still know).  The newest segment stays: it holds the next offset.
         """
-        now = retention_cutoff + self.retention_ttl
         cutoff = now - max(self.retention_ttl, self.compaction_window)
-        while len(self._segments) > 1 and self._segments[0][3] <= cutoff:
-            self._remove(self._segments.pop(0))
+        segments = self.segments
+        head = self._head.segment if self._head is not None and self.retains else None
+        while len(segments) > 1 and segments[0] is not head and segments[0].last_ts <= cutoff:
+            self._remove(segments.pop(0))
 
-    def _delete_segments_before(self, offset: int) -> None:
-        while len(self._segments) > 1 and self._segments[0][2] < offset and not self.compaction_window:
-            self._remove(self._segments.pop(0))
-
-    def _remove(self, segment) -> None:
-        try:
-            os.unlink(segment[1])
-        except OSError as e:
-            _log.warn("Could not delete segment {path}: {error}", path=segment[1], error=e)
+    def _remove(self, segment: Segment) -> None:
+        fd = self._read_fds.pop(segment.path, None)
+        if fd is not None:
+            os.close(fd)
+        for path in (segment.path, segment.path[:-4] + ".idx"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                _log.warn("Could not delete {path}: {error}", path=path, error=e)
 
     def disk_bytes(self) -> int:
-        return sum(os.path.getsize(s[1]) for s in self._segments if os.path.exists(s[1]))
+        return sum(s.size for s in self.segments)
 
     def close(self) -> None:
-        if self._file is not None:
-            self.fsync()
-            self._file.close()
-            self._file = None
+        """Close the files; the newest segment gets its index (a clean close)."""
+        if self._fd is not None:
+            self._fd = None
+        if self.segments and not self.segments[-1].damaged:
+            self._write_index(self.segments[-1])
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
+
+
+def _run_now(f, *args) -> Deferred:
+    return maybeDeferred(f, *args)
+
+
+def _fsync_all(fds: List[int]) -> None:
+    for fd in fds:
+        os.fsync(fd)
 
 
 @implementer(IStorage)
 class DiskStorage:
-    """Topics, their segment logs and durable commits under one directory."""
+    """
+    Topics, their segment logs and durable commits under one directory.
 
-    def __init__(self, directory: str, fsync: str = "interval", clock=None) -> None:
+    @param run_blocking: how to run blocking work (the fsyncs) off the
+        reactor: C{f(*args) -> Deferred}.  The default is the reactor's
+        thread pool; tests pass one that runs at once.
+    """
+
+    def __init__(self, directory: str, fsync: str = "interval", clock=None, cache_size: int = DEFAULT_CACHE_SIZE,
+                 run_blocking: Optional[Callable[..., Deferred]] = None, segment_bytes: int = SEGMENT_BYTES) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy is one of {FSYNC_POLICIES}")
         if clock is None:
             from twisted.internet import reactor as clock
+        if run_blocking is None:
+            from twisted.internet.threads import deferToThread as run_blocking
         self.directory = directory
         self.fsync_policy = fsync
         self.clock = clock
-        self.dirty: Set[DiskLog] = set()
-        self._fsync_due: Set[DiskLog] = set()
-        os.makedirs(os.path.join(directory, "topics"), exist_ok=True)
-        self._lock = open(os.path.join(directory, "lock"), "a+")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise DataDirLocked(f"{directory} is in use by another broker (its lock is held)") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"{os.getpid()}\n")
-        self._lock.flush()
+        self.cache_size = cache_size
+        self.segment_bytes = segment_bytes
+        self._run_blocking = run_blocking
+        self.damaged = 0
+        self.torn = 0
         self._logs: Dict[str, DiskLog] = {}
         self._commits: Dict[str, Dict[str, int]] = {}
         self._commits_path = os.path.join(directory, "commits.log")
+        self._commits_fd: Optional[int] = None
+        self._commit_lines: List[str] = []
+        self._commit_waiting: List[Deferred] = []
+        self._on_idle: List[Deferred] = []
+        self._lock = None
+        self._opened = False
+        # Group commit (fsync always): appends waiting for the next fsync,
+        # and whether one is running.
+        self._unsynced: List[Tuple[Optional[DiskLog], int, Deferred]] = []
+        self._syncing = False
+        self._retired: List[int] = []  # fds of rolled segments, closed once no fsync uses them
+        self._dirty: set = set()  # interval: logs written since the last fsync
+        self._ticker: Optional[LoopingCall] = None
+        self._cache_lru: "OrderedDict[DiskLog, int]" = OrderedDict()
+        self._cache_total = 0
+
+    # -- opening -------------------------------------------------------------------
+
+    def open(self) -> Deferred:
+        return maybeDeferred(self._open)
+
+    def _open(self) -> List[TopicState]:
+        os.makedirs(os.path.join(self.directory, "topics"), exist_ok=True)
+        self._lock = lock_data_dir(self.directory)
+        self._check_format()
+        self._opened = True
         self._load_commits()
-        self._commits_file = open(self._commits_path, "a", buffering=1 << 16, encoding="utf-8")
-        self._commits_dirty = False
-
-    # -- topics ---------------------------------------------------------------------
-
-    def _topic_dir(self, name: str) -> str:
-        # Hex keeps any legal topic name (".." included) a plain directory name.
-        return os.path.join(self.directory, "topics", name.encode().hex())
-
-    def topics(self) -> Iterator[TopicState]:
         now = round(self.clock.seconds() * 1000)
+        states = []
         root = os.path.join(self.directory, "topics")
         for entry in sorted(os.listdir(root)):
             meta_path = os.path.join(root, entry, "meta.json")
@@ -291,26 +875,90 @@ class DiskStorage:
                           meta["compaction_window"])
             next_offset, last_timestamp, keys = log.recover(now)
             self._logs[meta["name"]] = log
-            yield TopicState(meta["name"], meta["retention_ttl"], meta["compaction_window"],
-                             next_offset, last_timestamp, keys)
+            states.append(TopicState(meta["name"], meta["retention_ttl"], meta["compaction_window"],
+                                     next_offset, last_timestamp, keys))
+        self._commits_fd = os.open(self._commits_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if self.fsync_policy == "interval":
+            self._ticker = LoopingCall(self._tick)
+            self._ticker.clock = self.clock
+            self._ticker.start(FSYNC_INTERVAL, now=False)
+        return states
+
+    def _check_format(self) -> None:
+        path = os.path.join(self.directory, "FORMAT")
+        try:
+            with open(path, encoding="ascii") as f:
+                found = int(f.read().strip() or 0)
+        except FileNotFoundError:
+            found = None
+        except ValueError:
+            raise DataDirError(f"{path} is not a format number") from None
+        if found is not None and found > fmt.FORMAT:
+            raise DataDirError(f"{self.directory} is in format {found}, newer than this release's "
+                               f"({fmt.FORMAT}): use a newer zaichik")
+        if found != fmt.FORMAT:
+            # New, or release 0.1.0's (its segments are upgraded as they are opened).
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{fmt.FORMAT}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(self.directory)
+
+    # -- topics ---------------------------------------------------------------------
+
+    def _topic_dir(self, name: str) -> str:
+        # Hex keeps any legal topic name (".." included) a plain directory name.
+        return os.path.join(self.directory, "topics", name.encode().hex())
 
     def open_log(self, name: str, retention_ttl: int, compaction_window: int) -> DiskLog:
         log = self._logs.get(name)
         if log is not None:
             return log
         directory = self._topic_dir(name)
-        os.makedirs(directory, exist_ok=True)
-        meta = {"name": name, "retention_ttl": retention_ttl, "compaction_window": compaction_window}
-        tmp = os.path.join(directory, "meta.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, "meta.json"))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            meta = {"name": name, "retention_ttl": retention_ttl, "compaction_window": compaction_window}
+            tmp = os.path.join(directory, "meta.json.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(directory, "meta.json"))
+            fsync_dir(directory)
+            fsync_dir(os.path.dirname(directory))
+        except OSError as e:
+            raise _storage_error(e, f"creating topic {name}") from None
         log = DiskLog(self, directory, name, retention_ttl, compaction_window)
         log.recover(0)
         self._logs[name] = log
         return log
+
+    # -- the cache -------------------------------------------------------------------
+
+    def cached(self, log: DiskLog, size: int) -> None:
+        """C{log} cached C{size} more bytes: keep all caches within --cache-size."""
+        lru = self._cache_lru
+        lru[log] = lru.get(log, 0) + size
+        lru.move_to_end(log)
+        self._cache_total += size
+        if self._cache_total <= self.cache_size:
+            return
+        for other in list(lru):
+            if self._cache_total <= self.cache_size:
+                return
+            if other is log:
+                break
+            self._cache_total -= lru.pop(other)
+            other.cache = MemoryLog(other._timestamp_at)
+        # Only this log is left: keep its newest messages within the budget.
+        cache = log.cache
+        before = cache.nbytes
+        cache.trim(max(self.cache_size * 3 // 4, 0))
+        freed = (before - cache.nbytes) * (lru[log] / max(before, 1))
+        lru[log] -= int(freed)
+        self._cache_total -= int(freed)
 
     # -- commits --------------------------------------------------------------------
 
@@ -324,74 +972,221 @@ class DiskStorage:
             try:
                 client_id, topic, offset = json.loads(line)
             except ValueError:
-                _log.warn("Skipping a torn line at the end of {path}", path=self._commits_path)
+                _log.warn("Skipping a torn line in {path}", path=self._commits_path)
                 continue
             self._commits.setdefault(client_id, {})[topic] = offset
-        # Rewrite compacted: one line per position.
+        # Rewrite compacted, one line per position; if that fails (a full
+        # disk), the file as it is serves.
         tmp = self._commits_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for client_id, positions in self._commits.items():
-                for topic, offset in positions.items():
-                    f.write(json.dumps([client_id, topic, offset]) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._commits_path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for client_id, positions in self._commits.items():
+                    for topic, offset in positions.items():
+                        f.write(json.dumps([client_id, topic, offset]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._commits_path)
+            fsync_dir(self.directory)
+        except OSError as e:
+            _log.warn("Could not compact {path}: {error}", path=self._commits_path, error=e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def commits(self) -> Dict[str, Dict[str, int]]:
         return self._commits
 
-    def record_commit(self, client_id: str, topic: str, offset: int) -> None:
+    def record_commit(self, client_id: str, topic: str, offset: int) -> Deferred:
         self._commits.setdefault(client_id, {})[topic] = offset
-        self._commits_file.write(json.dumps([client_id, topic, offset]) + "\n")
-        self._commits_dirty = True
+        self._commit_lines.append(json.dumps([client_id, topic, offset]) + "\n")
+        d: Deferred = Deferred()
+        self._commit_waiting.append(d)
+        return d
+
+    def _write_commits(self) -> Optional[StorageError]:
+        if not self._commit_lines:
+            return None
+        data = "".join(self._commit_lines).encode("utf-8")
+        self._commit_lines = []
+        fd = self._commits_fd
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            return _storage_error(e, "writing commits")
+        return None
 
     # -- durability -----------------------------------------------------------------
 
+    def written(self, log: DiskLog, end: int) -> Deferred:
+        """C{log} wrote up to offset C{end}: fires once that is as durable as the policy says."""
+        if self.fsync_policy != "always":
+            log.visible_end = end
+            if self.fsync_policy == "interval":
+                self._dirty.add(log)
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._unsynced.append((log, end, d))
+        return d
+
     def sync(self) -> None:
-        """
-        End of a read batch: hand what was written to the kernel, and with
-        C{always} fsync it before the batch's replies are sent.
-        """
-        dirty = self.dirty
-        if not dirty and not self._commits_dirty:
+        """The end of a unit of work: write its commits; with C{always}, fsync the unit."""
+        waiting, self._commit_waiting = self._commit_waiting, []
+        error = self._write_commits() if self._commits_fd is not None else None
+        if error is not None:
+            for d in waiting:
+                d.errback(error)
+            waiting = []
+        if self.fsync_policy == "always":
+            self._unsynced.extend((None, 0, d) for d in waiting)
+            if self._unsynced and not self._syncing:
+                self._fsync_group()
             return
-        always = self.fsync_policy == "always"
-        for log in dirty:
-            if always:
-                log.fsync()
-            else:
-                log.flush()
-        if self.fsync_policy == "interval":
-            self._fsync_due |= dirty
-        self.dirty = set()
+        if waiting and self.fsync_policy == "interval":
+            self._commits_dirty = True
+        for d in waiting:
+            d.callback(None)
+
+    _commits_dirty = False
+
+    def _fsync_group(self) -> None:
+        group, self._unsynced = self._unsynced, []
+        fds = {log.sync_fd() for log, _, _ in group if log is not None} - {None}
+        if any(log is None for log, _, _ in group):
+            fds.add(self._commits_fd)
+        self._syncing = True
+        self._run_blocking(_fsync_all, list(fds)).addBoth(self._synced, group)
+
+    def _synced(self, result, group) -> None:
+        self._syncing = False
+        self._close_retired()
+        if isinstance(result, Failure):
+            error = result.value
+            # After a failed fsync nothing written since the last good one can
+            # be trusted (the kernel may have dropped it): stop writing.
+            _log.critical("fsync failed ({error}): refusing writes until restarted", error=error)
+            for log in self._logs.values():
+                log.broken = f"fsync failed: {error}"
+            for log, end, d in group:
+                d.errback(StorageError(f"storage failed: fsync: {error}"))
+        else:
+            for log, end, d in group:
+                if log is not None and end > log.visible_end:
+                    log.visible_end = end
+                d.callback(None)
+        if self._unsynced:
+            self._fsync_group()
+        else:
+            self._idle()
+
+    def _idle(self) -> None:
+        waiting, self._on_idle = self._on_idle, []
+        for d in waiting:
+            d.callback(None)
+
+    def retire_fd(self, fd: int) -> None:
+        """A rolled segment's fd: fsynced (unless never), closed once no fsync in flight uses it."""
+        if self.fsync_policy != "never":
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                _log.warn("fsync of a rolled segment failed: {error}", error=e)
+        self._retired.append(fd)
+        if not self._syncing:
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            os.close(fd)
+
+    def _tick(self) -> None:
+        """The C{interval} policy: fsync what was written in the last 100 ms, in a thread."""
+        if self._syncing or not (self._dirty or self._commits_dirty):
+            return
+        fds = [log.sync_fd() for log in self._dirty if log.sync_fd() is not None]
         if self._commits_dirty:
-            self._commits_file.flush()
-            if always:
-                os.fsync(self._commits_file.fileno())
-            self._commits_dirty = False
-            self._commits_fsync_due = True
+            fds.append(self._commits_fd)
+        self._dirty = set()
+        self._commits_dirty = False
+        self._syncing = True
 
-    _commits_fsync_due = False
+        def done(result):
+            self._syncing = False
+            self._close_retired()
+            if isinstance(result, Failure):
+                _log.failure("Interval fsync failed", result)
+            self._idle()
 
-    def fsync_interval(self) -> None:
-        """The C{interval} policy's tick (every 100 ms)."""
-        due, self._fsync_due = self._fsync_due, set()
-        for log in due:
-            log.fsync()
-        if self._commits_fsync_due:
-            self._commits_fsync_due = False
-            os.fsync(self._commits_file.fileno())
+        self._run_blocking(_fsync_all, fds).addBoth(done)
+
+    # -- closing --------------------------------------------------------------------
 
     _closed = False
 
-    def close(self) -> None:
-        if self._closed:
-            return
+    def close(self) -> Deferred:
+        if self._closed or not self._opened:
+            return succeed(None)
         self._closed = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
         self.sync()
+        if self._syncing:
+            # An fsync runs in a thread on these files: close after it.
+            d: Deferred = Deferred()
+            self._on_idle.append(d)
+            return d.addCallback(lambda _: self._close_now())
+        self._close_now()
+        return succeed(None)
+
+    def _close_now(self) -> None:
+        error = self._write_commits()
+        if error is not None:
+            _log.error("Could not write the last commits: {error}", error=error.message)
+        fds = [log.sync_fd() for log in self._logs.values() if log.sync_fd() is not None] + [self._commits_fd]
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                _log.error("fsync at close failed: {error}", error=e)
+        self._close_retired()
         for log in self._logs.values():
             log.close()
-        self._commits_file.flush()
-        os.fsync(self._commits_file.fileno())
-        self._commits_file.close()
+        for fd in fds:
+            os.close(fd)
         self._lock.close()
+
+
+def lock_data_dir(directory: str):
+    """Lock C{directory} for this process (writing its pid) or raise L{DataDirLocked}."""
+    lock = open(os.path.join(directory, "lock"), "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise DataDirLocked(f"{directory} is in use by another broker (its lock is held)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def check_not_locked(directory: str) -> None:
+    """Raise L{DataDirLocked} if a broker holds C{directory} now (for a clear error before starting)."""
+    path = os.path.join(directory, "lock")
+    if not os.path.exists(path):
+        return
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataDirLocked(f"{directory} is in use by another broker (its lock is held)") from None
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

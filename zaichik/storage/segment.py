@@ -1,0 +1,239 @@
+"""
+The on-disk format of a topic's segments and their indexes (format 2),
+without any I/O: encoding batches, finding them in bytes, the records in
+them.  docs/storage.rst describes the same format for people.
+
+A segment file::
+
+    header   magic "ZKSG", u16 format (2), u16 flags (0), u64 base offset   16 bytes
+    batch*
+
+A batch (one topic's messages of one unit of work, or of an upgrade)::
+
+    magic "ZKB2"  u32 length  u32 crc32      the CRC covers the `length` bytes after it
+    u64 first offset  u32 count  u64 first timestamp  u64 last timestamp
+    record * count                           offsets first .. first+count-1
+
+A record::
+
+    u32 n, then n bytes: u64 offset, u64 timestamp (ms),
+                         u16 key length, key, u32 value length, value
+
+A batch with count 0 is a gap marker: offsets below its first offset are
+used, even if no record shows them (written after a torn tail is found, so
+that those offsets are never given again).
+
+All integers are big-endian.  A record holds no topic name: the broker
+makes a MESSAGE frame from it by putting the topic in front.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import List, NamedTuple, Optional, Tuple
+
+SEGMENT_MAGIC = b"ZKSG"
+BATCH_MAGIC = b"ZKB2"
+INDEX_MAGIC = b"ZKIX"
+FORMAT = 2
+
+segment_header = struct.Struct(">4sHHQ")
+SEGMENT_HEADER = segment_header.size  # 16
+batch_header = struct.Struct(">4sIIQIQQ")
+BATCH_HEADER = batch_header.size  # 40
+_batch_rest = struct.Struct(">QIQQ")  # what the CRC covers of the header: 28 bytes
+CRC_FROM = 12
+u32 = struct.Struct(">I")
+u64 = struct.Struct(">Q")
+u16 = struct.Struct(">H")
+# The smallest record: its length, offset, timestamp, key length 0, value length.
+MIN_RECORD = 4 + 8 + 8 + 2 + 4
+
+
+def crc(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def encode_segment_header(base: int) -> bytes:
+    return segment_header.pack(SEGMENT_MAGIC, FORMAT, 0, base)
+
+
+def encode_batch(first: int, frames: List[bytes], skip: int) -> bytes:
+    """
+    A batch of MESSAGE frames whose offsets run from C{first}: each
+    frame's first C{skip} bytes (its length and topic) are left out.
+    """
+    pack = u32.pack
+    parts = []
+    append = parts.append
+    for frame in frames:
+        append(pack(len(frame) - skip))
+        append(frame[skip:])
+    records = b"".join(parts)
+    first_ts = u64.unpack_from(frames[0], skip + 8)[0]
+    last_ts = u64.unpack_from(frames[-1], skip + 8)[0]
+    rest = _batch_rest.pack(first, len(frames), first_ts, last_ts)
+    checksum = zlib.crc32(records, zlib.crc32(rest)) & 0xFFFFFFFF
+    return b"".join((BATCH_MAGIC, u32.pack(len(rest) + len(records)), u32.pack(checksum), rest, records))
+
+
+def encode_gap(first: int) -> bytes:
+    """A gap marker: every offset below C{first} is used."""
+    rest = _batch_rest.pack(first, 0, 0, 0)
+    return b"".join((BATCH_MAGIC, u32.pack(len(rest)), u32.pack(crc(rest)), rest))
+
+
+class Batch(NamedTuple):
+    pos: int  # where it starts
+    first: int
+    count: int
+    first_ts: int
+    last_ts: int
+    end: int  # where the next one starts
+
+    @property
+    def record_bytes(self) -> int:
+        return self.end - self.pos - BATCH_HEADER
+
+
+def batch_at(data, at: int, min_first: int = 0, limit: Optional[int] = None) -> Optional[Batch]:
+    """
+    The valid batch starting at C{data[at:]}, or None: its magic, length,
+    CRC and offsets (not below C{min_first}) must all hold.  C{at} and the
+    batch's positions count from C{data}'s start.
+    """
+    end = len(data) if limit is None else limit
+    if end - at < BATCH_HEADER:
+        return None
+    magic, length, checksum, first, count, first_ts, last_ts = batch_header.unpack_from(data, at)
+    total = CRC_FROM + length
+    if (magic != BATCH_MAGIC or length < _batch_rest.size or at + total > end or first < min_first
+            or count * MIN_RECORD > length - _batch_rest.size):
+        return None
+    if crc(memoryview(data)[at + CRC_FROM : at + total]) != checksum:
+        return None
+    return Batch(at, first, count, first_ts, last_ts, at + total)
+
+
+def next_batch(data, at: int, min_first: int = 0) -> Optional[Batch]:
+    """The first valid batch after byte C{at} (to step over damage), or None."""
+    find = data.find
+    at = find(BATCH_MAGIC, at + 1)
+    while at != -1:
+        batch = batch_at(data, at, min_first)
+        if batch is not None:
+            return batch
+        at = find(BATCH_MAGIC, at + 1)
+    return None
+
+
+class Scan(NamedTuple):
+    batches: List[Batch]
+    damage: List[Tuple[int, int]]  # byte ranges that hold no valid batch, with a valid one after
+    torn: Optional[int]  # where a bad tail starts (nothing valid after it), or None
+
+
+def scan(data, base: int, start: int = SEGMENT_HEADER) -> Scan:
+    """Every batch of a whole segment's bytes, checking each."""
+    batches: List[Batch] = []
+    damage: List[Tuple[int, int]] = []
+    torn = None
+    at = start
+    end = len(data)
+    expected = base
+    while at < end:
+        batch = batch_at(data, at, expected)
+        if batch is None:
+            batch = next_batch(data, at, expected)
+            if batch is None:
+                torn = at
+                break
+            damage.append((at, batch.pos))
+        batches.append(batch)
+        expected = batch.first + batch.count
+        at = batch.end
+    return Scan(batches, damage, torn)
+
+
+def records(data, batch: Batch, offset_at: int = 0):
+    """
+    C{(offset, body start, body end)} of each record of C{batch} (positions
+    in C{data}, shifted by C{offset_at}: where C{data} starts in the file).
+    """
+    unpack = u32.unpack_from
+    at = batch.pos - offset_at + BATCH_HEADER
+    offset = batch.first
+    for _ in range(batch.count):
+        (n,) = unpack(data, at)
+        yield offset, at + 4, at + 4 + n
+        at += 4 + n
+        offset += 1
+
+
+def key_of(data, body: int) -> bytes:
+    """The key of the record whose body starts at C{body} (b"" when none)."""
+    (n,) = u16.unpack_from(data, body + 16)
+    return bytes(data[body + 18 : body + 18 + n])
+
+
+# -- the index of a closed segment ----------------------------------------------
+
+index_header = struct.Struct(">4sHHQQQQQQQI")
+index_entry = struct.Struct(">QQQQQ")
+NO_OFFSET = (1 << 64) - 1
+
+
+def encode_index(size: int, count: int, record_bytes: int, first: Optional[int], end: int,
+                 first_ts: int, last_ts: int, entries) -> bytes:
+    """
+    A segment's summary and sparse index: C{entries} are
+    C{(offset, position, timestamp, count before, record bytes before)} of
+    the batches that start an index block.
+    """
+    parts = [index_header.pack(INDEX_MAGIC, FORMAT, 0, size, count, record_bytes,
+                               NO_OFFSET if first is None else first, end, first_ts, last_ts, len(entries))]
+    parts.extend(index_entry.pack(*entry) for entry in entries)
+    body = b"".join(parts)
+    return body + u32.pack(crc(body))
+
+
+def decode_index(data: bytes):
+    """C{(size, count, record_bytes, first, end, first_ts, last_ts, entries)}, or None if not valid."""
+    if len(data) < index_header.size + 4 or crc(data[:-4]) != u32.unpack_from(data, len(data) - 4)[0]:
+        return None
+    magic, version, _, size, count, record_bytes, first, end, first_ts, last_ts, n = index_header.unpack_from(data)
+    if magic != INDEX_MAGIC or version != FORMAT or len(data) != index_header.size + n * index_entry.size + 4:
+        return None
+    entries = [index_entry.unpack_from(data, index_header.size + i * index_entry.size) for i in range(n)]
+    return size, count, record_bytes, (None if first == NO_OFFSET else first), end, first_ts, last_ts, entries
+
+
+# -- release 0.1.0's segments ----------------------------------------------------------
+
+_v1_record = struct.Struct(">II")
+
+
+def is_v1(head: bytes) -> bool:
+    """Does a segment starting with C{head} come from release 0.1.0 (no magic)?"""
+    return bool(head) and not head.startswith(SEGMENT_MAGIC)
+
+
+def v1_frames(data: bytes) -> Tuple[List[bytes], int]:
+    """
+    The frames of a 0.1.0 segment (C{u32 length, u32 crc32(frame), frame}
+    records), and the byte where the valid ones end.
+    """
+    frames = []
+    at = 0
+    end = len(data)
+    while end - at >= 8:
+        length, checksum = _v1_record.unpack_from(data, at)
+        if at + 8 + length > end:
+            break
+        frame = data[at + 8 : at + 8 + length]
+        if crc(frame) != checksum:
+            break
+        frames.append(frame)
+        at += 8 + length
+    return frames, at
