@@ -64,6 +64,43 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "zaichik_errors_total", code="LIMIT"), 0)
 
 
+    def test_storage_counters(self):
+        """Damage found on disk, torn tails, refused appends and the cache are counted."""
+        import os
+        import shutil
+        import tempfile
+
+        from twisted.internet.defer import fail, maybeDeferred
+
+        from zaichik.storage import StorageError
+        from zaichik.storage.disk import DiskStorage
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        clock = Clock()
+        clock.advance(1_000)
+        storage = DiskStorage(directory, fsync="never", clock=clock, run_blocking=maybeDeferred)
+        service = BrokerService(storage=storage, clock=clock)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        topic = service.create_topic("orders", retention_ttl=60_000, compaction_window=0)
+        topic.publish(None, b"stored")
+        storage.damaged, storage.torn = 2, 1
+        log = topic._log
+        self.patch(log, "append", lambda first, frames: fail(StorageError("disk full", full=True)))
+        topic.publish(None, b"refused")
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(service))
+        metrics = samples(generate_latest(registry).decode())
+        self.assertEqual(value(metrics, "zaichik_storage_damaged_total"), 2)
+        self.assertEqual(value(metrics, "zaichik_storage_torn_tails_total"), 1)
+        self.assertEqual(value(metrics, "zaichik_store_errors_total", topic="orders"), 1)
+        self.assertGreater(value(metrics, "zaichik_storage_cache_bytes"), 0)
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="orders"), 1)
+        self.assertTrue(os.listdir(directory))
+
+
 METRICS_PORT = free_port()
 
 

@@ -46,6 +46,23 @@ class BrokerCollector:
             errors.add_metric([code.name], stats.errors.get(int(code), 0))
         yield errors
 
+        storage = service.storage
+        yield CounterMetricFamily("zaichik_storage_damaged",
+                                  "Damaged ranges found in storage and skipped (see `zaichik check`).",
+                                  value=storage.damaged)
+        yield CounterMetricFamily("zaichik_storage_torn_tails",
+                                  "Writes found torn by a crash at start (their offsets are skipped).",
+                                  value=storage.torn)
+        yield GaugeMetricFamily("zaichik_storage_cache_bytes",
+                                "Bytes of recent messages cached in memory by storage.", value=storage.cache_bytes)
+        store_errors = CounterMetricFamily("zaichik_store_errors",
+                                           "Appends storage refused (a full disk, an I/O error), by topic.",
+                                           labels=["topic"])
+        for name, topic in topics.items():
+            if topic.store_errors:
+                store_errors.add_metric([name], topic.store_errors)
+        yield store_errors
+
         messages_in = CounterMetricFamily("zaichik_messages_in", "Messages stored, by topic.",
                                           labels=["topic"])
         messages_out = CounterMetricFamily("zaichik_messages_out", "Messages sent to subscribers, by topic.",

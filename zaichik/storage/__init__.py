@@ -121,7 +121,9 @@ class IStorage(Interface):
     of units of work, each ended by L{sync}; then L{close}.
     """
 
-    damaged = Attribute("Damaged records found and skipped so far (a count, for metrics).")
+    damaged = Attribute("Damaged ranges found and skipped so far (a count, for metrics).")
+    torn = Attribute("Writes found torn by a crash at start (a count, for metrics).")
+    cache_bytes = Attribute("Bytes of messages held in memory as a cache (0 where all is in memory).")
 
     def open() -> "Deferred":
         """

@@ -501,7 +501,6 @@ class DiskLog:
         prefix = self._prefix
         plen = len(prefix)
         pack = fmt.u32.pack
-        unpack = fmt.u32.unpack_from
         segments = self.segments
         i = segments.index(segment)
         want = offset
@@ -513,17 +512,17 @@ class DiskLog:
                     return first, frames  # a gap: the next read starts after it
                 if not frames:
                     first = want = max(want, batch.first)
-                at = batch.pos - shift + fmt.BATCH_HEADER
-                number = batch.first
-                while number < want:  # records before the one wanted
-                    at += 4 + unpack(data, at)[0]
-                    number += 1
+                sizes, at = fmt.record_sizes(data, batch, shift)
+                skip = want - batch.first  # records before the one wanted
+                if skip:
+                    at += sum(sizes[:skip])
+                take = min(batch.count - skip, stop - want, limit - len(frames))
+                append = frames.append
+                for n in sizes[skip : skip + take]:
+                    append(b"".join((pack(n + plen), prefix, data[at : at + n])))
+                    at += n
+                number = want + take
                 end = batch.first + batch.count
-                while number < end and number < stop and len(frames) < limit:
-                    (n,) = unpack(data, at)
-                    frames.append(b"".join((pack(n + plen), prefix, data[at + 4 : at + 4 + n])))
-                    at += 4 + n
-                    number += 1
                 want = number
                 if number >= stop or len(frames) >= limit:
                     if number < end:
@@ -575,9 +574,11 @@ class DiskLog:
         """Write C{data} at the end of the newest segment; on failure leave the file as it was."""
         fd = self._fd
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            done = os.write(fd, data)
+            if done < len(data):
+                view = memoryview(data)[done:]
+                while view:
+                    view = view[os.write(fd, view):]
         except OSError as e:
             try:
                 os.ftruncate(fd, pos)
@@ -659,20 +660,21 @@ class DiskLog:
             for data, batch, shift in self._batches(segment, head.pos):
                 if batch.first + batch.count <= head.offset or not batch.count:
                     continue
-                at = batch.pos - shift + fmt.BATCH_HEADER
+                sizes, at = fmt.record_sizes(data, batch, shift)
                 number = batch.first
-                while number < head.offset:
-                    at += 4 + fmt.u32.unpack_from(data, at)[0]
-                    number += 1
+                skip = head.offset - number
+                if skip > 0:
+                    at += sum(sizes[:skip])
+                    number += skip
                 end = batch.first + batch.count
                 while number < end:
-                    (n,) = fmt.u32.unpack_from(data, at)
-                    timestamp = fmt.u64.unpack_from(data, at + 12)[0]
+                    n = sizes[number - batch.first]
+                    timestamp = fmt.u64.unpack_from(data, at + 8)[0]
                     if keep(timestamp, 4 + n + plen):
                         head.pos, head.offset = batch.pos, number
                         self._dropped(dropped)
                         return dropped
-                    at += 4 + n
+                    at += n
                     number += 1
                     dropped += 1
                     head.count_before += 1
@@ -936,6 +938,10 @@ class DiskStorage:
         return log
 
     # -- the cache -------------------------------------------------------------------
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache_total
 
     def cached(self, log: DiskLog, size: int) -> None:
         """C{log} cached C{size} more bytes: keep all caches within --cache-size."""

@@ -176,6 +176,8 @@ class MemoryStorage:
     """Keeps everything in memory: nothing survives the process."""
 
     damaged = 0
+    torn = 0
+    cache_bytes = 0
 
     def __init__(self) -> None:
         self._commits: Dict[str, Dict[str, int]] = {}

@@ -12,12 +12,15 @@ A batch (one topic's messages of one unit of work, or of an upgrade)::
 
     magic "ZKB2"  u32 length  u32 crc32      the CRC covers the `length` bytes after it
     u64 first offset  u32 count  u64 first timestamp  u64 last timestamp
-    record * count                           offsets first .. first+count-1
+    u32 size * count                         each record's size, then
+    record * count                           the records: offsets first .. first+count-1
 
-A record::
+A record (C{size} bytes)::
 
-    u32 n, then n bytes: u64 offset, u64 timestamp (ms),
-                         u16 key length, key, u32 value length, value
+    u64 offset, u64 timestamp (ms), u16 key length, key, u32 value length, value
+
+The sizes come first so that a batch is written, and read, with one
+C{struct} call for all of them rather than one per record.
 
 A batch with count 0 is a gap marker: offsets below its first offset are
 used, even if no record shows them (written after a torn tail is found, so
@@ -64,18 +67,29 @@ def encode_batch(first: int, frames: List[bytes], skip: int) -> bytes:
     A batch of MESSAGE frames whose offsets run from C{first}: each
     frame's first C{skip} bytes (its length and topic) are left out.
     """
-    pack = u32.pack
-    parts = []
-    append = parts.append
-    for frame in frames:
-        append(pack(len(frame) - skip))
-        append(frame[skip:])
-    records = b"".join(parts)
+    count = len(frames)
+    bodies = [frame[skip:] for frame in frames]
+    sizes = sizes_struct(count).pack(*map(len, bodies))
+    records = b"".join(bodies)
     first_ts = u64.unpack_from(frames[0], skip + 8)[0]
     last_ts = u64.unpack_from(frames[-1], skip + 8)[0]
-    rest = _batch_rest.pack(first, len(frames), first_ts, last_ts)
-    checksum = zlib.crc32(records, zlib.crc32(rest)) & 0xFFFFFFFF
-    return b"".join((BATCH_MAGIC, u32.pack(len(rest) + len(records)), u32.pack(checksum), rest, records))
+    rest = _batch_rest.pack(first, count, first_ts, last_ts)
+    checksum = zlib.crc32(records, zlib.crc32(sizes, zlib.crc32(rest))) & 0xFFFFFFFF
+    return b"".join((BATCH_MAGIC, u32.pack(len(rest) + len(sizes) + len(records)), u32.pack(checksum),
+                     rest, sizes, records))
+
+
+_sizes: dict = {}
+
+
+def sizes_struct(count: int) -> struct.Struct:
+    """The C{struct} of C{count} record sizes (cached: batches repeat their counts)."""
+    found = _sizes.get(count)
+    if found is None:
+        found = struct.Struct(f">{count}I")
+        if len(_sizes) < 4096:
+            _sizes[count] = found
+    return found
 
 
 def encode_gap(first: int) -> bytes:
@@ -156,18 +170,22 @@ def scan(data, base: int, start: int = SEGMENT_HEADER) -> Scan:
     return Scan(batches, damage, torn)
 
 
-def records(data, batch: Batch, offset_at: int = 0):
+def record_sizes(data, batch: Batch, shift: int = 0) -> Tuple[Tuple[int, ...], int]:
     """
-    C{(offset, body start, body end)} of each record of C{batch} (positions
-    in C{data}, shifted by C{offset_at}: where C{data} starts in the file).
+    The sizes of C{batch}'s records and where the first one starts in
+    C{data} (which starts at byte C{shift} of the file).
     """
-    unpack = u32.unpack_from
-    at = batch.pos - offset_at + BATCH_HEADER
+    at = batch.pos - shift + BATCH_HEADER
+    return sizes_struct(batch.count).unpack_from(data, at), at + 4 * batch.count
+
+
+def records(data, batch: Batch, shift: int = 0):
+    """C{(offset, start, end)} of each record of C{batch}, as positions in C{data}."""
+    sizes, at = record_sizes(data, batch, shift)
     offset = batch.first
-    for _ in range(batch.count):
-        (n,) = unpack(data, at)
-        yield offset, at + 4, at + 4 + n
-        at += 4 + n
+    for size in sizes:
+        yield offset, at, at + size
+        at += size
         offset += 1
 
 
