@@ -361,6 +361,56 @@ class ProcessTests(TestCase):
         self.assertEqual(got, acknowledged)  # every acknowledged message, in order, no gaps
 
 
+class DaemonTests(TestCase):
+    def test_lock_records_the_daemons_pid(self):
+        """Storage is opened after twistd daemonizes: the lock names the running broker."""
+        from zaichik.testing import TWISTD, free_port
+
+        work = tempfile.mkdtemp(prefix="zaichik-daemon-")
+        self.addCleanup(shutil.rmtree, work, True)
+        data, pidfile = os.path.join(work, "data"), os.path.join(work, "twistd.pid")
+        port = free_port()
+        subprocess.run(TWISTD + ["--pidfile", pidfile, "--logfile", os.path.join(work, "log"), "zaichik",
+                                 "--port", f"tcp:{port}:interface=127.0.0.1", "--data-dir", data],
+                       cwd=ROOT, env=ENV, check=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not os.path.exists(os.path.join(data, "lock")):
+            time.sleep(0.05)
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: os.path.exists(f"/proc/{pid}") and os.kill(pid, signal.SIGKILL))
+        while time.monotonic() < deadline:
+            with open(os.path.join(data, "lock")) as f:
+                written = f.read().strip()
+            if written:
+                break
+            time.sleep(0.05)
+        self.assertEqual(int(written), pid)
+        os.kill(pid, signal.SIGTERM)
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+
+
+class UnitOfWorkTests(DiskTestCase):
+    def test_a_session_driven_directly_is_durable_before_it_answers(self):
+        """No unit of work around the call: the session opens its own, so PUBLISHED means written."""
+        service = self.start(fsync="never")
+        replies = []
+        path = os.path.join(self.dir, "topics", b"t".hex())
+        sizes = []
+
+        def reply(r):
+            segs = [f for f in os.listdir(path) if f.endswith(".seg")]
+            sizes.append(sum(os.path.getsize(os.path.join(path, f)) for f in segs))
+            replies.append(r)
+
+        session = Session(service, reply, lambda b: None, lambda: None)
+        session.handle(codec.CreateTopic(1, "t", 60_000, 0))
+        session.handle(codec.Publish(2, "t", b"v" * 100))
+        self.assertEqual(replies, [codec.Ok(1), codec.Published(2, 0, False)])
+        self.assertGreater(sizes[1], 100)  # the message was in the segment when PUBLISHED was sent
+
+
 class ByteBoundTests(DiskTestCase):
     def test_trimmed_messages_stay_trimmed_after_restart(self):
         from zaichik.service import Limits

@@ -105,7 +105,7 @@ class Segment:
     """
 
     __slots__ = ("base", "path", "size", "count", "record_bytes", "first", "end", "first_ts", "last_ts",
-                 "entries", "_offsets", "damaged", "_indexed_at")
+                 "entries", "_offsets", "_times", "damaged", "_indexed_at")
 
     def __init__(self, base: int, path: str) -> None:
         self.base = base
@@ -119,6 +119,7 @@ class Segment:
         self.last_ts = 0
         self.entries: List[Tuple[int, int, int, int, int]] = []
         self._offsets: List[int] = []
+        self._times: List[int] = []
         self.damaged: List[Tuple[int, int]] = []  # byte ranges found bad
         self._indexed_at = -INDEX_EVERY
 
@@ -133,6 +134,7 @@ class Segment:
         if batch.pos - self._indexed_at >= INDEX_EVERY:
             self.entries.append((batch.first, batch.pos, batch.first_ts, self.count, self.record_bytes))
             self._offsets.append(batch.first)
+            self._times.append(batch.first_ts)
             self._indexed_at = batch.pos
         self.count += batch.count
         self.record_bytes += batch.record_bytes
@@ -147,12 +149,8 @@ class Segment:
 
     def entry_for_time(self, cutoff: int) -> Optional[Tuple[int, int, int, int, int]]:
         """The last index entry whose batch starts at or before C{cutoff} (ms)."""
-        found = None
-        for entry in self.entries:
-            if entry[2] > cutoff:
-                break
-            found = entry
-        return found
+        i = bisect_right(self._times, cutoff) - 1
+        return self.entries[i] if i >= 0 else None
 
     def index_bytes(self) -> bytes:
         return fmt.encode_index(self.size, self.count, self.record_bytes, self.first, self.end,
@@ -166,6 +164,7 @@ class Segment:
          entries) = decoded
         self.entries = [tuple(e) for e in entries]
         self._offsets = [e[0] for e in self.entries]
+        self._times = [e[2] for e in self.entries]
         self._indexed_at = self.entries[-1][1] if self.entries else -INDEX_EVERY
         return True
 
@@ -173,10 +172,14 @@ class Segment:
 class _Head:
     """Where a log's retained messages begin: a segment, a batch in it, an offset."""
 
-    __slots__ = ("segment", "pos", "offset", "count_before", "bytes_before")
+    __slots__ = ("segment", "pos", "offset", "count_before", "bytes_before", "timestamp")
 
-    def __init__(self, segment: Segment, pos: int, offset: int, count_before: int, bytes_before: int) -> None:
+    def __init__(self, segment: Segment, pos: int, offset: int, count_before: int, bytes_before: int,
+                 timestamp: int = 0) -> None:
         self.segment = segment
+        # The head message's timestamp, or one at or before it (0: unknown):
+        # nothing is older than the head, so a cutoff before it drops nothing.
+        self.timestamp = timestamp
         self.pos = pos  # the batch holding `offset`
         self.offset = offset
         self.count_before = count_before  # messages of the segment before `offset`
@@ -245,7 +248,7 @@ class DiskLog:
                     self.nbytes += segment.record_bytes + segment.count * len(self._prefix)
                     if self._head is None:
                         entry = segment.entries[0]
-                        self._head = _Head(segment, entry[1], entry[0], 0, 0)
+                        self._head = _Head(segment, entry[1], entry[0], 0, 0, entry[2])
         keys = self._recover_keys(now) if self.compaction_window else []
         return next_offset, last_timestamp, keys
 
@@ -563,7 +566,7 @@ class DiskLog:
         if self.retains:
             if self._head is None or not self._count:
                 self._head = _Head(segment, pos, first, segment.count - len(frames),
-                                   segment.record_bytes - batch.record_bytes)
+                                   segment.record_bytes - batch.record_bytes, batch.first_ts)
             self._count += len(frames)
             self.nbytes += batch.record_bytes + len(frames) * len(self._prefix)
             self.cache.add(first, frames)
@@ -671,7 +674,7 @@ class DiskLog:
                     n = sizes[number - batch.first]
                     timestamp = fmt.u64.unpack_from(data, at + 8)[0]
                     if keep(timestamp, 4 + n + plen):
-                        head.pos, head.offset = batch.pos, number
+                        head.pos, head.offset, head.timestamp = batch.pos, number, timestamp
                         self._dropped(dropped)
                         return dropped
                     at += n
@@ -692,7 +695,7 @@ class DiskLog:
             if i >= len(segments):
                 break
             nxt = segments[i]
-            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0)
+            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0, nxt.first_ts)
         # Everything is dropped: the head waits at the end.
         self._count = 0
         self.nbytes = 0
@@ -724,12 +727,12 @@ class DiskLog:
             nxt = segments[i]
             if not nxt.count:
                 break
-            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0)
+            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0, nxt.first_ts)
         return dropped
 
     def expire(self, cutoff: int) -> int:
         dropped = 0
-        if self.retains and self._head is not None and self._count:
+        if self.retains and self._head is not None and self._count and self._head.timestamp <= cutoff:
             dropped = self._skip_whole_segments(cutoff)
             head = self._head
             entry = head.segment.entry_for_time(cutoff)
@@ -739,7 +742,7 @@ class DiskLog:
                 self._count -= skipped
                 self.nbytes -= (entry[4] - head.bytes_before) + skipped * len(self._prefix)
                 dropped += skipped
-                self._head = _Head(head.segment, entry[1], entry[0], entry[3], entry[4])
+                self._head = _Head(head.segment, entry[1], entry[0], entry[3], entry[4], entry[2])
             dropped += self._drop_head(lambda timestamp, size: timestamp > cutoff)
             if dropped:
                 self._dropped(dropped)
