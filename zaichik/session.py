@@ -169,6 +169,7 @@ class Session:
         return True
 
     _watched = None
+    _told = None
 
     def fail(self, rid: int, error: ZaichikError, close: bool = False) -> None:
         """
@@ -222,9 +223,10 @@ class Session:
             if type(item) is bytes:
                 self._write(item)
             elif pending is not None and pending.error is not None:
-                if item.rid or pending.error is not getattr(self, "_last_error", None):
-                    # A fire-and-forget publish's failure is told once (rid 0).
-                    self._last_error = pending.error
+                if item.rid or pending.error is not self._told:
+                    if not item.rid:
+                        # A fire-and-forget publish's failure is told once (rid 0).
+                        self._told = pending.error
                     self.service.stats.error(int(pending.error.code))
                     self._send_reply(codec.Error(item.rid, int(pending.error.code), pending.error.message[:1000]))
             elif item.rid or type(item) not in _SILENT_AT_RID_0:

@@ -219,10 +219,13 @@ class DiskLog:
 
     # -- recovery ----------------------------------------------------------------
 
-    def recover(self, now: int) -> Tuple[int, int, List[Tuple[bytes, int, int]]]:
+    def recover(self, now: int, upgrade: bool = False) -> Tuple[int, int, List[Tuple[bytes, int, int]]]:
         """
         Take the segments back: from their indexes where those hold, else
-        by reading them (checking every batch).
+        by reading them (checking every batch).  With C{upgrade} (a data dir
+        of release 0.1.0, which has no FORMAT file), segments in that
+        release's format are rewritten first; in a current data dir a
+        segment without its magic is damaged, never taken for an old one.
 
         @return: C{(next_offset, last_timestamp, keys)}, C{keys} being
             C{(key, timestamp, offset)} of keyed messages still inside the
@@ -232,7 +235,8 @@ class DiskLog:
         for i, name in enumerate(names):
             path = os.path.join(self.directory, name)
             base = int(name[:-4])
-            self._upgrade_v1(path, base)
+            if upgrade:
+                self._upgrade_v1(path, base)
             segment = Segment(base, path)
             newest = i == len(names) - 1
             if not self._load_index(segment) and not self._scan(segment, newest):
@@ -571,7 +575,7 @@ class DiskLog:
             self.nbytes += batch.record_bytes + len(frames) * len(self._prefix)
             self.cache.add(first, frames)
             self._storage.cached(self, batch.record_bytes + len(frames) * (len(self._prefix) + 64))
-        return self._storage.written(self, end)
+        return self._storage.written(self, end, pos)
 
     def _write(self, data: bytes, pos: int) -> None:
         """Write C{data} at the end of the newest segment; on failure leave the file as it was."""
@@ -640,6 +644,16 @@ class DiskLog:
             self.segments.append(segment)
         self._fd = fd
         return segment
+
+    def cut_back(self, pos: int) -> None:
+        """Cut the newest segment back to byte C{pos} (appends that were refused)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, pos)
+        except OSError as e:
+            _log.error("Could not cut {path} back to byte {pos}: {error}", path=self.segments[-1].path,
+                       pos=pos, error=e)
 
     def sync_fd(self) -> Optional[int]:
         return self._fd
@@ -862,7 +876,15 @@ class DiskStorage:
     def _open(self) -> List[TopicState]:
         os.makedirs(os.path.join(self.directory, "topics"), exist_ok=True)
         self._lock = lock_data_dir(self.directory)
-        self._check_format()
+        try:
+            return self._recover()
+        except BaseException:
+            self._lock.close()  # refused or failed: the data dir is free again
+            self._lock = None
+            raise
+
+    def _recover(self) -> List[TopicState]:
+        upgrade = self._check_format()
         self._opened = True
         self._load_commits()
         now = round(self.clock.seconds() * 1000)
@@ -878,10 +900,12 @@ class DiskStorage:
                 continue
             log = DiskLog(self, os.path.join(root, entry), meta["name"], meta["retention_ttl"],
                           meta["compaction_window"])
-            next_offset, last_timestamp, keys = log.recover(now)
+            next_offset, last_timestamp, keys = log.recover(now, upgrade)
             self._logs[meta["name"]] = log
             states.append(TopicState(meta["name"], meta["retention_ttl"], meta["compaction_window"],
                                      next_offset, last_timestamp, keys))
+        if upgrade:
+            self._write_format()  # only once every segment is in this format
         self._commits_fd = os.open(self._commits_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self.fsync_policy == "interval":
             self._ticker = LoopingCall(self._tick)
@@ -889,27 +913,30 @@ class DiskStorage:
             self._ticker.start(FSYNC_INTERVAL, now=False)
         return states
 
-    def _check_format(self) -> None:
+    def _check_format(self) -> bool:
+        """Refuse a newer format; True when the data dir is new or release 0.1.0's (no FORMAT)."""
         path = os.path.join(self.directory, "FORMAT")
         try:
             with open(path, encoding="ascii") as f:
                 found = int(f.read().strip() or 0)
         except FileNotFoundError:
-            found = None
+            return True
         except ValueError:
             raise DataDirError(f"{path} is not a format number") from None
-        if found is not None and found > fmt.FORMAT:
-            raise DataDirError(f"{self.directory} is in format {found}, newer than this release's "
-                               f"({fmt.FORMAT}): use a newer zaichik")
         if found != fmt.FORMAT:
-            # New, or release 0.1.0's (its segments are upgraded as they are opened).
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(f"{fmt.FORMAT}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(self.directory)
+            raise DataDirError(f"{self.directory} is in format {found}, not this release's "
+                               f"({fmt.FORMAT}): use the zaichik that wrote it, or a newer one")
+        return False
+
+    def _write_format(self) -> None:
+        path = os.path.join(self.directory, "FORMAT")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{fmt.FORMAT}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.directory)
 
     # -- topics ---------------------------------------------------------------------
 
@@ -1007,11 +1034,26 @@ class DiskStorage:
         return self._commits
 
     def record_commit(self, client_id: str, topic: str, offset: int) -> Deferred:
-        self._commits.setdefault(client_id, {})[topic] = offset
+        positions = self._commits.setdefault(client_id, {})
+        previous = positions.get(topic)
+        positions[topic] = offset
         self._commit_lines.append(json.dumps([client_id, topic, offset]) + "\n")
         d: Deferred = Deferred()
+        # If the write fails, the position goes back to what it was.
+        d.addErrback(self._commitFailed, client_id, topic, offset, previous)
         self._commit_waiting.append(d)
         return d
+
+    def _commitFailed(self, failure, client_id: str, topic: str, offset: int, previous: Optional[int]):
+        positions = self._commits.get(client_id, {})
+        if positions.get(topic) == offset:
+            if previous is None:
+                positions.pop(topic, None)
+                if not positions:
+                    self._commits.pop(client_id, None)
+            else:
+                positions[topic] = previous
+        return failure
 
     def _write_commits(self) -> Optional[StorageError]:
         if not self._commit_lines:
@@ -1034,15 +1076,18 @@ class DiskStorage:
 
     # -- durability -----------------------------------------------------------------
 
-    def written(self, log: DiskLog, end: int) -> Deferred:
-        """C{log} wrote up to offset C{end}: fires once that is as durable as the policy says."""
+    def written(self, log: DiskLog, end: int, pos: int) -> Deferred:
+        """
+        C{log} wrote up to offset C{end}, from byte C{pos} of its newest
+        segment: fires once that is as durable as the policy says.
+        """
         if self.fsync_policy != "always":
             log.visible_end = end
             if self.fsync_policy == "interval":
                 self._dirty.add(log)
             return succeed(None)
         d: Deferred = Deferred()
-        self._unsynced.append((log, end, d))
+        self._unsynced.append((log, end, d, pos))
         return d
 
     def sync(self) -> None:
@@ -1054,7 +1099,7 @@ class DiskStorage:
                 d.errback(error)
             waiting = []
         if self.fsync_policy == "always":
-            self._unsynced.extend((None, 0, d) for d in waiting)
+            self._unsynced.extend((None, 0, d, 0) for d in waiting)
             if self._unsynced and not self._syncing:
                 self._fsync_group()
             return
@@ -1067,8 +1112,8 @@ class DiskStorage:
 
     def _fsync_group(self) -> None:
         group, self._unsynced = self._unsynced, []
-        fds = {log.sync_fd() for log, _, _ in group if log is not None} - {None}
-        if any(log is None for log, _, _ in group):
+        fds = {entry[0].sync_fd() for entry in group if entry[0] is not None} - {None}
+        if any(entry[0] is None for entry in group):
             fds.add(self._commits_fd)
         self._syncing = True
         self._run_blocking(_fsync_all, list(fds)).addBoth(self._synced, group)
@@ -1083,10 +1128,21 @@ class DiskStorage:
             _log.critical("fsync failed ({error}): refusing writes until restarted", error=error)
             for log in self._logs.values():
                 log.broken = f"fsync failed: {error}"
-            for log, end, d in group:
+            # What was written since the last good fsync is cut off (it was
+            # refused: a restart must not serve it), and every append waiting
+            # for an fsync fails.
+            group = group + self._unsynced
+            self._unsynced = []
+            cut: Dict[DiskLog, int] = {}
+            for log, end, d, pos in group:
+                if log is not None:
+                    cut[log] = min(pos, cut.get(log, pos))
+            for log, pos in cut.items():
+                log.cut_back(pos)
+            for log, end, d, pos in group:
                 d.errback(StorageError(f"storage failed: fsync: {error}"))
         else:
-            for log, end, d in group:
+            for log, end, d, pos in group:
                 if log is not None and end > log.visible_end:
                     log.visible_end = end
                 d.callback(None)
