@@ -479,6 +479,16 @@ class CommitTests(SessionCase):
         self.assertIn(Ok(5), items)
         self.assertEqual(c.offsets(items), [2, 3])
 
+    def test_commit_reply_comes_before_the_messages_it_releases(self):
+        """The spec: a reply comes before any MESSAGE frame its request releases."""
+        c = self.conn()
+        c.send(Subscribe(1, "t", Start.EARLIEST, 0, 1))
+        self.topic.publish_many([(None, b"v")] * 3)
+        self.assertEqual(c.offsets(c.new()), [0])
+        items = c.send(Commit(2, "t", 0))
+        self.assertEqual(items[0], Ok(2))
+        self.assertEqual(c.offsets(items[1:]), [1])
+
 
     def test_highest_sent_is_not_lowered_by_sending_again(self):
         """BAD_OFFSET is only for offsets past the highest sent to this connection."""

@@ -451,8 +451,8 @@ class Session:
         # Even a commit that does not move the committed offset acknowledges
         # what this subscription sent up to it (messages sent again after a
         # resume sit at or below the committed offset): the window opens.
-        subscription.acknowledge(request.offset)
         self._reply(codec.Ok(request.rid), waiting)
+        subscription.acknowledge(request.offset)  # after the reply: what it releases follows it
 
     def _close(self, request: codec.Close) -> None:
         self._reply(codec.Ok(request.rid))

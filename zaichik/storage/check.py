@@ -218,6 +218,9 @@ def check(data_dir: str, progress: Optional[Progress] = None) -> Report:
     report = Report(os.path.abspath(data_dir))
     if not _check_format(data_dir, report):
         return report  # a newer release's: its files cannot be judged by this one
+    # Without FORMAT (a new data dir, or one of 0.1.0) the broker upgrades
+    # every segment without the magic; with it, such a segment is damaged.
+    upgrade = not os.path.exists(os.path.join(data_dir, "FORMAT"))
     _check_lock(data_dir, report)
 
     topic_dirs = []
@@ -246,7 +249,7 @@ def check(data_dir: str, progress: Optional[Progress] = None) -> Report:
     counter = _Counter(total, progress)
     counter.add(0)
     for path, names in topic_dirs:
-        report.topics.append(_check_topic(data_dir, path, names, counter))
+        report.topics.append(_check_topic(data_dir, path, names, counter, upgrade))
     counter.done()
 
     seen: Dict[str, TopicReport] = {}
@@ -291,8 +294,8 @@ def _check_format(data_dir: str, report: Report) -> bool:
             text = f.read()
     except FileNotFoundError:
         report.findings.append(Finding(NOTE, "format-missing", "FORMAT",
-                                       "FORMAT is missing: a new data dir, or one of release 0.1.0 (the broker "
-                                       "writes it when it starts)"))
+                                       "FORMAT is missing: a new data dir, or one of release 0.1.0 (when it "
+                                       "starts, the broker upgrades the segments of 0.1.0, then writes FORMAT)"))
         return True
     except OSError as e:
         report.findings.append(Finding(ERROR, "unreadable", "FORMAT", f"cannot be read: {e.strerror}"))
@@ -312,8 +315,9 @@ def _check_format(data_dir: str, report: Report) -> bool:
                                        "its files were not checked"))
         return False
     if found < fmt.FORMAT:
-        report.findings.append(Finding(NOTE, "format-old", "FORMAT",
-                                       f"FORMAT says {found}: the broker writes {fmt.FORMAT} when it starts"))
+        report.findings.append(Finding(DAMAGE, "format-invalid", "FORMAT",
+                                       f"FORMAT says {found}, which no release writes: the broker refuses to "
+                                       "start"))
     return True
 
 
@@ -350,7 +354,7 @@ def _lock_holder(path: str) -> Optional[int]:
 # -- a topic ------------------------------------------------------------------------------
 
 
-def _check_topic(data_dir: str, path: str, names: List[str], counter: _Counter) -> TopicReport:
+def _check_topic(data_dir: str, path: str, names: List[str], counter: _Counter, upgrade: bool) -> TopicReport:
     topic = TopicReport(_rel(data_dir, path), None)
     segments = [n for n in names if n.endswith(".seg")]
     _check_meta(data_dir, path, topic, bool(segments))
@@ -382,7 +386,7 @@ def _check_topic(data_dir: str, path: str, names: List[str], counter: _Counter) 
             continue
         base = int(name[:-4])
         following = next((int(n[:-4]) for n in segments[i + 1 :] if _SEGMENT_NAME.match(n)), None)
-        report = _check_segment(data_dir, seg_path, base, newest, following, prefix_len, counter)
+        report = _check_segment(data_dir, seg_path, base, newest, following, prefix_len, counter, upgrade)
         topic.segments.append(report)
         if report.end_offset is None:
             continue
@@ -503,7 +507,7 @@ def _read(path: str, counter: _Counter) -> bytearray:
 
 
 def _check_segment(data_dir: str, path: str, base: int, newest: bool, following: Optional[int],
-                   prefix_len: Optional[int], counter: _Counter) -> SegmentReport:
+                   prefix_len: Optional[int], counter: _Counter, upgrade: bool) -> SegmentReport:
     rel = _rel(data_dir, path)
     report = SegmentReport(rel, base, _size(path))
     add = report.findings.append
@@ -522,7 +526,7 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
             add(Finding(DAMAGE, "empty-segment", rel, "empty (not even a header): the broker ignores it"))
         return report
 
-    if fmt.is_v1(data[:4]) and not _damaged_v2_header(data, base):
+    if upgrade and fmt.is_v1(data[:4]) and not _damaged_v2_header(data, base):
         _check_v1(data, report, newest, prefix_len)
         _check_index(path, data, None, report)
         return report
@@ -537,7 +541,7 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
 
     report.format = fmt.FORMAT
     result = fmt.scan(data, base)
-    _check_header(data, base, report, result)
+    _check_header(data, base, report, result, upgrade)
 
     # What each valid batch holds, and the offsets a damaged range costs.
     expected = base
@@ -579,7 +583,7 @@ def _damaged_v2_header(data, base: int) -> bool:
     return bool(fmt.scan(data, base).batches)
 
 
-def _check_header(data, base: int, report: SegmentReport, result: fmt.Scan) -> None:
+def _check_header(data, base: int, report: SegmentReport, result: fmt.Scan, upgrade: bool) -> None:
     magic, version, flags, header_base = fmt.segment_header.unpack_from(data)
     wrong = []
     if magic != fmt.SEGMENT_MAGIC:
@@ -594,11 +598,14 @@ def _check_header(data, base: int, report: SegmentReport, result: fmt.Scan) -> N
         return
     message = (f"damaged segment header: {', '.join(wrong)}; the batches after it are read anyway "
                f"({sum(b.count for b in result.batches)} messages)")
-    if magic != fmt.SEGMENT_MAGIC:
-        # disk.DiskLog._upgrade_v1 runs before the header is looked at.
-        message += (". Without its magic the broker takes this file for a segment of release 0.1.0, and its "
-                    "upgrade keeps none of these messages: restore the first 4 bytes to 'ZKSG' before starting "
-                    "the broker")
+    if magic != fmt.SEGMENT_MAGIC and upgrade:
+        # Without FORMAT, disk.DiskLog._upgrade_v1 runs before the header is looked at.
+        message += (". In a data dir without FORMAT the broker takes a segment without its magic for one of "
+                    "release 0.1.0, and the upgrade keeps none of these messages: restore the first 4 bytes "
+                    "to 'ZKSG' before starting the broker")
+    elif magic != fmt.SEGMENT_MAGIC and not result.batches and fmt.v1_frames(bytes(data[:1 << 16]))[0]:
+        message += (". It looks like a segment of release 0.1.0, which is upgraded only in a data dir without "
+                    "FORMAT")
     report.findings.append(Finding(DAMAGE, "header", report.path, message, at=0, length=fmt.SEGMENT_HEADER))
 
 
