@@ -18,7 +18,7 @@ from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
 from zaichik.storage import IStorage
 from zaichik.storage.memory import MemoryStorage
-from zaichik.topic import Topic
+from zaichik.topic import KeyBudget, Topic
 from zaichik.work import UnitOfWork
 
 _log = Logger()
@@ -45,6 +45,14 @@ class Limits:
         topic's publishers are not read until the subscriber drains.
     @ivar idle_timeout: seconds a connection may send nothing before it is
         told LIMIT and closed (PING keeps it alive); 0 for none.
+    @ivar max_key_size: bytes of a message key; a longer one is refused (LIMIT).
+    @ivar max_compaction_keys: compaction keys one topic remembers (each
+        costs a few hundred bytes); a publish with a new key beyond it is
+        refused with LIMIT until keys leave their window.
+    @ivar max_compaction_keys_total: the same, for all topics together.
+    @ivar max_client_id: bytes of a HELLO's client_id.
+    @ivar durable_ttl: ms after which a durable client's positions are
+        forgotten if it has neither been connected nor committed.
     """
 
     max_connections: int = 10_000
@@ -55,6 +63,11 @@ class Limits:
     max_output_buffer: int = 16 * 1024 * 1024
     slow_consumer: str = "disconnect"
     idle_timeout: float = 300.0
+    max_key_size: int = 1024
+    max_compaction_keys: int = 1_000_000
+    max_compaction_keys_total: int = 4_000_000
+    max_client_id: int = 256
+    durable_ttl: int = 7 * 24 * 3600 * 1000
 
 
 @dataclass
@@ -102,7 +115,7 @@ class BrokerService(Service):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
-        self.storage = IStorage(storage if storage is not None else MemoryStorage())
+        self.storage = IStorage(storage if storage is not None else MemoryStorage(clock))
         self.authenticator = IAuthenticator(authenticator if authenticator is not None else AllowAll())
         self.default_retention = default_retention
         self.default_compaction_window = default_compaction_window
@@ -111,8 +124,12 @@ class BrokerService(Service):
         self.stats = Stats()
         self.connections = 0
         self.work = UnitOfWork(self.storage.sync)
+        limits = self.limits
+        self.keys = KeyBudget(limits.max_compaction_keys, limits.max_compaction_keys_total, limits.max_key_size)
         self.topics: Dict[str, Topic] = {}
         self._durable_sessions: Dict[str, object] = {}
+        self._last_seen: Dict[str, int] = {}  # client_id -> when it last left (ms)
+        self._durable_queue: List[str] = []
         self._sweeper: Optional[LoopingCall] = None
         self.ready: Deferred = Deferred()
 
@@ -168,7 +185,44 @@ class BrokerService(Service):
                 expired += topic.expire()
             except Exception:
                 _log.failure("Retention sweep failed on {topic}", topic=topic.name)
+        try:
+            self._expire_durable()
+        except Exception:
+            _log.failure("Expiring durable positions failed")
         return expired
+
+    # At most this many durable clients are looked at per sweep (a large
+    # number of them is gone through over several sweeps).
+    DURABLE_SWEEP = 5_000
+
+    def _expire_durable(self) -> None:
+        """
+        Forget the positions of durable clients neither connected nor
+        committing for --durable-ttl: client_ids are the client's to make
+        up, and each costs memory and a line in storage.
+        """
+        ttl = self.limits.durable_ttl
+        if not ttl:
+            return
+        if not self._durable_queue:
+            self._durable_queue = list(self.storage.commits())
+        queue = self._durable_queue
+        batch, self._durable_queue = queue[-self.DURABLE_SWEEP:], queue[: -self.DURABLE_SWEEP]
+        now = round(self.clock.seconds() * 1000)
+        commits = self.storage.last_commit_times()
+        for client_id in batch:
+            if client_id in self._durable_sessions:
+                continue
+            last = max(commits.get(client_id, 0), self._last_seen.get(client_id, 0))
+            if last == 0:
+                self._last_seen[client_id] = now  # not known when it was last used: from now on
+            elif now - last >= ttl:
+                self.storage.forget_client(client_id)
+                self._last_seen.pop(client_id, None)
+                self.durable_forgotten += 1
+                _log.info("Forgot the positions of {client_id}, unused for {ttl} ms", client_id=client_id, ttl=ttl)
+
+    durable_forgotten = 0
 
     # -- topics --------------------------------------------------------------
 
@@ -176,7 +230,7 @@ class BrokerService(Service):
         log = self.storage.open_log(name, retention, window)
         limits = self.limits
         topic = Topic(name, log, self.clock, retention, window, limits.max_retained_bytes, next_offset,
-                      self.work, reject_over_bytes=limits.retained_bytes_policy == "reject")
+                      self.work, reject_over_bytes=limits.retained_bytes_policy == "reject", keys=self.keys)
         self.topics[name] = topic
         return topic
 
@@ -227,6 +281,7 @@ class BrokerService(Service):
     def detach(self, client_id: str, session) -> None:
         if self._durable_sessions.get(client_id) is session:
             del self._durable_sessions[client_id]
+            self._last_seen[client_id] = round(self.clock.seconds() * 1000)
 
     def durable_positions(self) -> Dict[str, Dict[str, int]]:
         """Committed offsets of durable clients: C{{client_id: {topic: offset}}}."""

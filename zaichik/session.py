@@ -153,12 +153,16 @@ class Session:
         try:
             offset, duplicate = topic.publish(key, value)
             pending = topic.pending
+            if pending is not None and pending.done:
+                pending = None  # (a duplicate of a message stored earlier)
             if rid:
                 self._reply(codec.Published(rid, offset, duplicate), pending)
             elif pending is not self._watched:
                 # A fire-and-forget publish: only its failure is told, once.
                 self._watched = pending
                 self._reply(codec.Published(0, offset, duplicate), pending)
+        except ZaichikError as e:
+            self.fail(rid, e)
         except Exception:
             _log.failure("Internal error publishing to {topic}", topic=name)
             self.fail(rid, ZaichikError(ErrorCode.INTERNAL, "internal error"))
@@ -316,6 +320,11 @@ class Session:
         self._hello_seen = True
         if self._requests > 1:
             raise ZaichikError(ErrorCode.PROTOCOL, "HELLO must be the first request")
+        limit = self.service.limits.max_client_id
+        if len(request.client_id.encode()) > limit:
+            self.fail(request.rid, ZaichikError(ErrorCode.LIMIT, f"a client_id is at most {limit} bytes"),
+                      close=True)
+            return None
         if request.version != codec.PROTOCOL_VERSION:
             raise ZaichikError(
                 ErrorCode.UNSUPPORTED_VERSION,

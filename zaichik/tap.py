@@ -77,6 +77,17 @@ class Options(usage.Options):
          "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
          "endpoint description (tcp:9102:interface=127.0.0.1)."],
         ["log-format", None, "text", "text, or json: one JSON object a line with structured fields."],
+        ["max-key-size", None, Limits.max_key_size, "Bytes of a message key at most (LIMIT beyond).",
+         _non_negative_int],
+        ["max-compaction-keys", None, Limits.max_compaction_keys,
+         "Compaction keys one topic remembers at most; a new key beyond it is refused with LIMIT "
+         "until keys leave their window (a key costs a few hundred bytes).", _non_negative_int],
+        ["max-compaction-keys-total", None, Limits.max_compaction_keys_total,
+         "Compaction keys of all topics together at most.", _non_negative_int],
+        ["max-client-id", None, Limits.max_client_id, "Bytes of a HELLO client_id at most.", _non_negative_int],
+        ["durable-ttl", None, Limits.durable_ttl,
+         "Forget a durable client's positions after it has neither been connected nor committed "
+         "for this long (default 7d; 0: never).", parse_duration],
         ["idle-timeout", None, int(Limits.idle_timeout * 1000),
          "Close connections that send nothing for this long; PING keeps them alive (0: never).",
          parse_duration],
@@ -129,6 +140,11 @@ def makeService(config: Options) -> MultiService:
         max_output_buffer=config["max-output-buffer"],
         slow_consumer=config["slow-consumer"],
         idle_timeout=config["idle-timeout"] / 1000.0,
+        max_key_size=config["max-key-size"],
+        max_compaction_keys=config["max-compaction-keys"],
+        max_compaction_keys_total=config["max-compaction-keys-total"],
+        max_client_id=config["max-client-id"],
+        durable_ttl=config["durable-ttl"],
     )
     authenticator = None
     if config["auth"]:

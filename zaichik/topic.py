@@ -35,6 +35,20 @@ class ISubscriber(Interface):
         """
 
 
+class KeyBudget:
+    """
+    Bounds on compaction keys, which a client could otherwise grow without
+    end: per topic, for the whole broker (C{used} counts every topic's), and
+    the size of one key.  Each is a C{twistd zaichik} option.
+    """
+
+    def __init__(self, per_topic: int = 1_000_000, total: int = 4_000_000, max_key_size: int = 1024) -> None:
+        self.per_topic = per_topic
+        self.total = total
+        self.max_key_size = max_key_size
+        self.used = 0
+
+
 class Topic:
     """
     One topic.
@@ -54,6 +68,7 @@ class Topic:
         next_offset: int = 0,
         work: Optional[UnitOfWork] = None,
         reject_over_bytes: bool = False,
+        keys: Optional["KeyBudget"] = None,
     ) -> None:
         self.name = name
         self.retention_ttl = retention_ttl
@@ -87,6 +102,8 @@ class Topic:
         # inside its window, and the keys in the order they were stored so
         # that the ones whose window has passed can be forgotten cheaply.
         self._keys: Dict[bytes, Tuple[int, int]] = {}
+        # The bounds on keys (shared by every topic of a broker).
+        self.keys = keys if keys is not None else KeyBudget()
         self._key_order: Deque[Tuple[int, bytes]] = deque()
 
     # -- backpressure (the "block" slow-consumer policy) ----------------------
@@ -127,6 +144,8 @@ class Topic:
         """
         self._last_timestamp = max(self._last_timestamp, last_timestamp)
         for key, timestamp, offset in keys:
+            if key not in self._keys:
+                self.keys.used += 1
             self._keys[key] = (timestamp, offset)
             self._key_order.append((timestamp, key))
 
@@ -179,12 +198,16 @@ class Topic:
     def publish_many(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> List[Tuple[int, bool]]:
         """
         Store several messages as if published one after the other, and
-        deliver the stored ones to each subscriber in one call.
+        deliver the stored ones to each subscriber in one call.  A batch
+        that breaks a limit is refused whole, before anything is stored.
         """
         now = self.now()
+        entries = list(entries)
         if self.reject_over_bytes:
-            entries = list(entries)
             self._check_room(now, entries)
+        keyed = [key for key, _ in entries if key]
+        if keyed:
+            self._check_keys(now, keyed)
         store = self._store
         results = [store(now, key, value) for key, value in entries]
         if self._unsent:
@@ -215,15 +238,25 @@ class Topic:
 
     def _store(self, now: int, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
         window = self.compaction_window
-        if key and window:
-            seen = self._keys.get(key)
-            if seen is not None and now - seen[0] < window:
-                self.duplicates += 1
-                return seen[1], True
-            if len(self._key_order) > 2 * len(self._keys) + 64:
-                # Keys stored again after their window leave stale entries
-                # behind; forget those before the deque outgrows the keys.
-                self._forget_keys(now)
+        if key:
+            if len(key) > self.keys.max_key_size:
+                raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
+                                                    f"{self.keys.max_key_size} (--max-key-size)")
+            if window:
+                keys = self._keys
+                seen = keys.get(key)
+                if seen is not None and now - seen[0] < window:
+                    self.duplicates += 1
+                    return seen[1], True
+                if len(self._key_order) > 2 * len(keys) + 64:
+                    # Keys stored again after their window leave stale entries
+                    # behind; forget those before the deque outgrows the keys.
+                    self._forget_keys(now)
+                if key not in keys:
+                    budget = self.keys
+                    if len(keys) >= budget.per_topic or budget.used >= budget.total:
+                        self._make_room_for_keys(now, 1)
+                    budget.used += 1
         offset = self.next_offset
         frame = codec.message_frame(self._prefix, offset, now, key, value)
         self.next_offset = offset + 1
@@ -302,6 +335,7 @@ class Topic:
             seen = self._keys.get(key)
             if seen is not None and seen[1] == offset:
                 del self._keys[key]
+                self.keys.used -= 1
         end = first + len(frames)
         if self.next_offset == end:
             self.next_offset = first
@@ -333,11 +367,40 @@ class Topic:
         order = self._key_order
         keys = self._keys
         cutoff = now - self.compaction_window
+        before = len(keys)
         while order and order[0][0] <= cutoff:
             timestamp, key = order.popleft()
             seen = keys.get(key)
             if seen is not None and seen[0] == timestamp:
                 del keys[key]
+        self.keys.used -= before - len(keys)
+
+    def _check_keys(self, now: int, keyed: List[bytes]) -> None:
+        """Refuse (with LIMIT) keys over --max-key-size, or new keys the bounds have no room for."""
+        budget = self.keys
+        longest = max(map(len, keyed))
+        if longest > budget.max_key_size:
+            raise ZaichikError(ErrorCode.LIMIT, f"a key of {longest} bytes is over the limit of "
+                                                f"{budget.max_key_size} (--max-key-size)")
+        if self.compaction_window:
+            new = len(set(keyed).difference(self._keys))
+            if new and (len(self._keys) + new > budget.per_topic or budget.used + new > budget.total):
+                self._make_room_for_keys(now, new)
+
+    def _make_room_for_keys(self, now: int, new: int) -> None:
+        """
+        Forget the keys whose window has passed; if that leaves no room for
+        C{new} more, refuse with LIMIT (forgetting a live key early would
+        break first-wins).
+        """
+        self._forget_keys(now)
+        budget = self.keys
+        if len(self._keys) + new > budget.per_topic:
+            raise ZaichikError(ErrorCode.LIMIT, f"topic {self.name} holds {len(self._keys)} compaction keys, "
+                                                f"the limit (--max-compaction-keys)")
+        if budget.used + new > budget.total:
+            raise ZaichikError(ErrorCode.LIMIT, f"the broker holds {budget.used} compaction keys, the limit "
+                                                f"(--max-compaction-keys-total)")
 
     @property
     def retained(self) -> int:

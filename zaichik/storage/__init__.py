@@ -149,6 +149,12 @@ class IStorage(Interface):
         fires once that is as durable as the policy promises.
         """
 
+    def last_commit_times() -> Dict[str, int]:
+        """When each durable client last committed (ms), as far as storage knows."""
+
+    def forget_client(client_id: str) -> None:
+        """Forget every position of C{client_id} (unused for --durable-ttl); durable with the next sync."""
+
     def sync() -> None:
         """
         The end of a unit of work: what was appended or committed in it may

@@ -284,6 +284,14 @@ class DiskLog:
             segment.add(batch)
         segment.size = len(data)
         for start, end in result.damage:
+            gap = fmt.batch_at(data, end)
+            if gap is not None and not gap.count:
+                # A torn tail found at an earlier start, with the gap marker
+                # written after it: known, not new damage.
+                segment.damaged.append((start, end))
+                _log.info("{path}: bytes {start} to {end} are a write torn by an earlier crash (skipped)",
+                          path=segment.path, start=start, end=end)
+                continue
             self._damage(segment, start, end, "at start-up")
         if result.torn is not None:
             torn = result.torn
@@ -306,8 +314,11 @@ class DiskLog:
         most = lost // fmt.MIN_RECORD + 1
         if len(header) == fmt.BATCH_HEADER and header[:4] == fmt.BATCH_MAGIC:
             claimed = fmt.batch_header.unpack(header)
-            if claimed[3] >= segment.end and claimed[4] <= most:
-                most = max(most, claimed[3] + claimed[4] - segment.end)
+            length, first, count = claimed[1], claimed[3], claimed[4]
+            if first >= segment.end and count * fmt.MIN_RECORD <= length:
+                # The header survived: the batch claimed these offsets (they
+                # may have been delivered before the crash).
+                most = max(most, first + count - segment.end)
         skip_to = segment.end + most
         _log.warn("Torn write at the end of {path} (byte {at}, {lost} bytes): offsets {first} to {last} "
                   "are skipped, never given again", path=segment.path, at=torn, lost=lost,
@@ -855,6 +866,9 @@ class DiskStorage:
         self._commits_fd: Optional[int] = None
         self._commit_lines: List[str] = []
         self._commit_waiting: List[Deferred] = []
+        self._last_commit: Dict[str, int] = {}
+        self._commit_lines_on_disk = 0
+        self._live_positions = 0
         self._on_idle: List[Deferred] = []
         self._lock = None
         self._opened = False
@@ -898,11 +912,19 @@ class DiskStorage:
             except (OSError, ValueError):
                 _log.warn("Skipping {dir}: no readable meta.json", dir=os.path.join(root, entry))
                 continue
-            log = DiskLog(self, os.path.join(root, entry), meta["name"], meta["retention_ttl"],
-                          meta["compaction_window"])
+            try:
+                name, retention, window = meta["name"], int(meta["retention_ttl"]), int(meta["compaction_window"])
+                if not codec.is_valid_topic(name):
+                    raise ValueError(name)
+            except (KeyError, TypeError, ValueError):
+                _log.error("Skipping {dir}: its meta.json lacks a valid name, retention_ttl or "
+                           "compaction_window", dir=os.path.join(root, entry))
+                self.damaged += 1
+                continue
+            log = DiskLog(self, os.path.join(root, entry), name, retention, window)
             next_offset, last_timestamp, keys = log.recover(now, upgrade)
-            self._logs[meta["name"]] = log
-            states.append(TopicState(meta["name"], meta["retention_ttl"], meta["compaction_window"],
+            self._logs[name] = log
+            states.append(TopicState(name, retention, window,
                                      next_offset, last_timestamp, keys))
         if upgrade:
             self._write_format()  # only once every segment is in this format
@@ -999,26 +1021,51 @@ class DiskStorage:
     # -- commits --------------------------------------------------------------------
 
     def _load_commits(self) -> None:
+        """
+        Read commits.log: C{[client_id, topic, offset, ms]} lines (C{ms}
+        missing in release 0.1.0's), and C{[client_id, null]} for a client
+        forgotten (see L{forget_client}).  A line that is not one of these
+        is skipped (a torn write), with a warning.
+        """
         try:
-            with open(self._commits_path, encoding="utf-8") as f:
-                lines = f.readlines()
+            with open(self._commits_path, "rb") as f:
+                lines = f.read().splitlines()
         except FileNotFoundError:
             return
+        now = round(self.clock.seconds() * 1000)
+        skipped = 0
         for line in lines:
             try:
-                client_id, topic, offset = json.loads(line)
-            except ValueError:
-                _log.warn("Skipping a torn line in {path}", path=self._commits_path)
+                entry = json.loads(line.decode("utf-8"))
+                client_id, topic = entry[0], entry[1]
+                if not isinstance(client_id, str):
+                    raise TypeError(client_id)
+                if topic is None:
+                    self._commits.pop(client_id, None)
+                    self._last_commit.pop(client_id, None)
+                    continue
+                offset = entry[2]
+                if not isinstance(topic, str) or not isinstance(offset, int) or isinstance(offset, bool):
+                    raise TypeError(entry)
+                when = entry[3] if len(entry) > 3 and isinstance(entry[3], int) else now
+            except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError):
+                skipped += 1
                 continue
             self._commits.setdefault(client_id, {})[topic] = offset
-        # Rewrite compacted, one line per position; if that fails (a full
-        # disk), the file as it is serves.
+            self._last_commit[client_id] = max(when, self._last_commit.get(client_id, 0))
+        if skipped:
+            _log.warn("Skipped {n} unreadable lines in {path}", n=skipped, path=self._commits_path)
+        self._rewrite_commits()
+
+    def _rewrite_commits(self) -> None:
+        """Rewrite commits.log compacted, one line per position; if that fails (a full disk), the file serves as it is."""
         tmp = self._commits_path + ".tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 for client_id, positions in self._commits.items():
+                    when = self._last_commit.get(client_id, 0)
                     for topic, offset in positions.items():
-                        f.write(json.dumps([client_id, topic, offset]) + "\n")
+                        f.write(json.dumps([client_id, topic, offset, when]) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._commits_path)
@@ -1029,26 +1076,46 @@ class DiskStorage:
                 os.unlink(tmp)
             except OSError:
                 pass
+            return
+        self._live_positions = self._commit_lines_on_disk = sum(len(p) for p in self._commits.values())
+        if self._commits_fd is not None:
+            self.retire_fd(self._commits_fd)  # (an fsync in a thread may still use it)
+            self._commits_fd = os.open(self._commits_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def commits(self) -> Dict[str, Dict[str, int]]:
         return self._commits
 
+    def last_commit_times(self) -> Dict[str, int]:
+        return self._last_commit
+
     def record_commit(self, client_id: str, topic: str, offset: int) -> Deferred:
         positions = self._commits.setdefault(client_id, {})
         previous = positions.get(topic)
+        if previous is None:
+            self._live_positions += 1
         positions[topic] = offset
-        self._commit_lines.append(json.dumps([client_id, topic, offset]) + "\n")
+        when = round(self.clock.seconds() * 1000)
+        self._last_commit[client_id] = when
+        self._commit_lines.append(json.dumps([client_id, topic, offset, when]) + "\n")
         d: Deferred = Deferred()
         # If the write fails, the position goes back to what it was.
         d.addErrback(self._commitFailed, client_id, topic, offset, previous)
         self._commit_waiting.append(d)
         return d
 
+    def forget_client(self, client_id: str) -> None:
+        positions = self._commits.pop(client_id, None)
+        if positions is not None:
+            self._live_positions -= len(positions)
+            self._last_commit.pop(client_id, None)
+            self._commit_lines.append(json.dumps([client_id, None]) + "\n")
+
     def _commitFailed(self, failure, client_id: str, topic: str, offset: int, previous: Optional[int]):
         positions = self._commits.get(client_id, {})
         if positions.get(topic) == offset:
             if previous is None:
                 positions.pop(topic, None)
+                self._live_positions -= 1
                 if not positions:
                     self._commits.pop(client_id, None)
             else:
@@ -1058,8 +1125,10 @@ class DiskStorage:
     def _write_commits(self) -> Optional[StorageError]:
         if not self._commit_lines:
             return None
-        data = "".join(self._commit_lines).encode("utf-8")
+        lines = self._commit_lines
+        data = "".join(lines).encode("utf-8")
         self._commit_lines = []
+        self._commit_lines_on_disk += len(lines)
         fd = self._commits_fd
         size = os.fstat(fd).st_size
         try:
@@ -1094,6 +1163,9 @@ class DiskStorage:
         """The end of a unit of work: write its commits; with C{always}, fsync the unit."""
         waiting, self._commit_waiting = self._commit_waiting, []
         error = self._write_commits() if self._commits_fd is not None else None
+        if error is None and self._commit_lines_on_disk > 2 * self._live_positions + 10_000:
+            # Keep commits.log proportional to the live positions.
+            self._rewrite_commits()
         if error is not None:
             for d in waiting:
                 d.errback(error)

@@ -179,8 +179,10 @@ class MemoryStorage:
     torn = 0
     cache_bytes = 0
 
-    def __init__(self) -> None:
+    def __init__(self, clock=None) -> None:
         self._commits: Dict[str, Dict[str, int]] = {}
+        self._last_commit: Dict[str, int] = {}
+        self._clock = clock
 
     def open(self) -> Deferred:
         return succeed([])
@@ -193,7 +195,15 @@ class MemoryStorage:
 
     def record_commit(self, client_id: str, topic: str, offset: int) -> Deferred:
         self._commits.setdefault(client_id, {})[topic] = offset
+        self._last_commit[client_id] = round(self._clock.seconds() * 1000) if self._clock else 0
         return succeed(None)
+
+    def last_commit_times(self) -> Dict[str, int]:
+        return self._last_commit
+
+    def forget_client(self, client_id: str) -> None:
+        self._commits.pop(client_id, None)
+        self._last_commit.pop(client_id, None)
 
     def sync(self) -> None:
         pass
