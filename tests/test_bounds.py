@@ -248,3 +248,40 @@ class StorageFileTests(DiskDurableTests):
         reader = Conn(service)
         reader.send(codec.Subscribe(1, "t", Start.EARLIEST))
         self.assertEqual([m.offset for m in parse_frames(b"".join(reader.frames))], [0, 1])
+
+
+class FrameBoundTests(BoundsCase):
+    def test_a_publish_whose_message_would_not_fit_is_refused(self):
+        service = self.broker(max_frame_size=200)
+        service.create_topic("t", 60_000, 0)
+        c = Conn(service)
+        # PUBLISH body: opcode, rid, topic, key length, value length: 14 + value.
+        self.assertLimit(c.send(codec.Publish(1, "t", b"v" * 180)), 1)  # the MESSAGE would be 206 bytes
+        self.assertEqual(c.send(codec.Publish(2, "t", b"v" * 174)), [codec.Published(2, 0, False)])
+        self.assertLimit(c.send(codec.PublishBatch(3, "t", [(None, b"v"), (None, b"v" * 175)])), 3)
+        self.assertEqual(service.topics["t"].next_offset, 1)
+
+    def test_topics_lists_what_fits_in_a_frame(self):
+        service = self.broker(max_frame_size=9 + 3 * (2 + 5 + 36))
+        for i in range(5):
+            service.create_topic(f"t{i:04d}", 0, 0)
+        c = Conn(service)
+        (reply,) = c.send(codec.ListTopics(1))
+        self.assertEqual([t.name for t in reply.topics], ["t0000", "t0001", "t0002"])
+        self.assertLessEqual(len(reply.encode()), service.limits.max_frame_size)
+
+    def test_a_long_list_is_built_a_chunk_per_reactor_turn(self):
+        service = self.broker()
+        for i in range(5_000):
+            service.create_topic(f"t{i:05d}", 0, 0)
+        c = Conn(service)
+        waiting = c.session.handle(codec.ListTopics(1))
+        self.assertEqual(len(c.replies), 0)  # not at once: other connections get their turn
+        self.assertIsNotNone(waiting)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the next chunk, on the next turn
+        self.clock.advance(0)  # (a Clock runs the turns that follow in one advance)
+        self.assertEqual(len(c.replies), 1)
+        (reply,) = c.replies
+        self.assertEqual(len(reply.topics), 5_000)
+        self.assertTrue(waiting.called)
+        self.assertEqual([t.name for t in reply.topics[:2]], ["t00000", "t00001"])

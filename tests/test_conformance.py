@@ -1413,12 +1413,23 @@ class ConfiguredBrokerTests(BrokerTestCase):
         return wire.publish(rid, topic, b"v" * (size - len(base)))
 
     def test_frame_at_limit_accepted(self):
+        """
+        A frame at the limit is read (no FRAME_TOO_LARGE, the connection
+        stays); a PUBLISH that big is refused with LIMIT because its MESSAGE
+        (12 bytes longer: offset and timestamp instead of rid) could not be
+        sent to any subscriber (the hardening issue: every frame the broker
+        sends fits in --max-frame-size).  One whose MESSAGE fits is stored.
+        """
         c = self.connect()
         t = self.topic()
         rid = self.rid()
         body = self._publish_body(rid, t, self.LIMIT)
         self.assertEqual(len(body), self.LIMIT)
         c.send(body)
+        self.assertError(c.reply(), rid, wire.LIMIT)
+        self.assertOpen(c)
+        rid = self.rid()
+        c.send(self._publish_body(rid, t, self.LIMIT - 12))
         f = c.reply()
         self.assertFrame(f, wire.PUBLISHED, rid)
         self.assertEqual(f.offset, 0)

@@ -71,8 +71,9 @@ class BrokerProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_size
 
     def connectionMade(self) -> None:
-        address = self.transport.getPeer()
-        peer = getattr(address, "host", None) or str(address)
+        from zaichik.auth import peer_key  # (the address; a unix peer's uid)
+
+        peer = peer_key(self.transport)
         self._holds: set = set()
         self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer)
         self.transport.registerProducer(_OutputProducer(self), True)

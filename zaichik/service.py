@@ -5,6 +5,7 @@ retention sweep.  Connections (see L{zaichik.session}) call into it.
 
 from __future__ import annotations
 
+from bisect import insort
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -45,6 +46,10 @@ class Limits:
         topic's publishers are not read until the subscriber drains.
     @ivar idle_timeout: seconds a connection may send nothing before it is
         told LIMIT and closed (PING keeps it alive); 0 for none.
+    @ivar max_frame_size: bytes of a frame body, either way: a request
+        longer is refused, and nothing the broker sends is longer (a
+        PUBLISH whose MESSAGE would be is refused with LIMIT; TOPICS lists
+        what fits).
     @ivar max_key_size: bytes of a message key; a longer one is refused (LIMIT).
     @ivar max_compaction_keys: compaction keys one topic remembers (each
         costs a few hundred bytes); a publish with a new key beyond it is
@@ -63,6 +68,7 @@ class Limits:
     max_output_buffer: int = 16 * 1024 * 1024
     slow_consumer: str = "disconnect"
     idle_timeout: float = 300.0
+    max_frame_size: int = 1024 * 1024
     max_key_size: int = 1024
     max_compaction_keys: int = 1_000_000
     max_compaction_keys_total: int = 4_000_000
@@ -127,6 +133,7 @@ class BrokerService(Service):
         limits = self.limits
         self.keys = KeyBudget(limits.max_compaction_keys, limits.max_compaction_keys_total, limits.max_key_size)
         self.topics: Dict[str, Topic] = {}
+        self.topic_names: List[str] = []  # sorted, for LIST_TOPICS
         self._durable_sessions: Dict[str, object] = {}
         self._last_seen: Dict[str, int] = {}  # client_id -> when it last left (ms)
         self._durable_queue: List[str] = []
@@ -230,8 +237,10 @@ class BrokerService(Service):
         log = self.storage.open_log(name, retention, window)
         limits = self.limits
         topic = Topic(name, log, self.clock, retention, window, limits.max_retained_bytes, next_offset,
-                      self.work, reject_over_bytes=limits.retained_bytes_policy == "reject", keys=self.keys)
+                      self.work, reject_over_bytes=limits.retained_bytes_policy == "reject", keys=self.keys,
+                      max_frame_size=limits.max_frame_size)
         self.topics[name] = topic
+        insort(self.topic_names, name)
         return topic
 
     def create_topic(self, name: str, retention_ttl: int, compaction_window: int) -> Topic:
@@ -263,7 +272,7 @@ class BrokerService(Service):
         return topic
 
     def list_topics(self) -> List[TopicInfo]:
-        return [self.topics[name].info() for name in sorted(self.topics)]
+        return [self.topics[name].info() for name in self.topic_names]
 
     # -- durable clients ---------------------------------------------------------
 

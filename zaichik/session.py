@@ -473,9 +473,51 @@ class Session:
     def _ping(self, request: codec.Ping) -> None:
         self._reply(codec.Ok(request.rid))
 
-    def _list_topics(self, request: codec.ListTopics) -> None:
-        topics = self.service.list_topics()
+    # Topics looked at per turn of the reactor when answering LIST_TOPICS,
+    # so that a broker with many topics does not stall other connections.
+    LIST_CHUNK = 2_000
+
+    def _list_topics(self, request: codec.ListTopics) -> Optional[Deferred]:
+        """
+        TOPICS lists the topics in name order, as many as fit in one frame
+        of --max-frame-size (see docs/protocol.rst); a long list is built a
+        chunk per turn of the reactor, and this connection reads nothing
+        more until it is sent.
+        """
+        names = list(self.service.topic_names)
+        room = self.service.limits.max_frame_size - 9  # opcode, rid, count
+        found: list = []
+        if len(names) <= self.LIST_CHUNK:
+            self._list_chunk(request.rid, names, 0, found, room, None)
+            return None
+        done: Deferred = Deferred()
+        self._list_chunk(request.rid, names, 0, found, room, done)
+        return done
+
+    def _list_chunk(self, rid: int, names: list, start: int, found: list, room: int,
+                    done: Optional[Deferred]) -> None:
+        if self.ended:
+            if done is not None:
+                done.callback(None)
+            return
+        topics = self.service.topics
         permissions = self.permissions
-        if permissions is not ALLOW_ALL:
-            topics = [t for t in topics if permissions.may_subscribe(t.name) or permissions.may_publish(t.name)]
-        self._reply(codec.Topics(request.rid, topics))
+        end = min(start + self.LIST_CHUNK, len(names))
+        for name in names[start:end]:
+            topic = topics.get(name)
+            if topic is None:
+                continue
+            if permissions is not ALLOW_ALL and not (permissions.may_subscribe(name) or permissions.may_publish(name)):
+                continue
+            size = 2 + len(name) + 36  # (topic names are ASCII)
+            if size > room:
+                end = len(names)  # full: the rest is not listed
+                break
+            room -= size
+            found.append(topic.info())
+        if end < len(names):
+            self.service.clock.callLater(0, self._list_chunk, rid, names, end, found, room, done)
+            return
+        self._reply(codec.Topics(rid, found))
+        if done is not None:
+            done.callback(None)

@@ -140,6 +140,7 @@ def makeService(config: Options) -> MultiService:
         max_output_buffer=config["max-output-buffer"],
         slow_consumer=config["slow-consumer"],
         idle_timeout=config["idle-timeout"] / 1000.0,
+        max_frame_size=config["max-frame-size"],
         max_key_size=config["max-key-size"],
         max_compaction_keys=config["max-compaction-keys"],
         max_compaction_keys_total=config["max-compaction-keys-total"],

@@ -69,6 +69,7 @@ class Topic:
         work: Optional[UnitOfWork] = None,
         reject_over_bytes: bool = False,
         keys: Optional["KeyBudget"] = None,
+        max_frame_size: int = 1 << 62,
     ) -> None:
         self.name = name
         self.retention_ttl = retention_ttl
@@ -102,6 +103,8 @@ class Topic:
         # inside its window, and the keys in the order they were stored so
         # that the ones whose window has passed can be forgotten cheaply.
         self._keys: Dict[bytes, Tuple[int, int]] = {}
+        # A MESSAGE frame's body is at most this (the peer's --max-frame-size).
+        self.max_frame_size = max_frame_size
         # The bounds on keys (shared by every topic of a broker).
         self.keys = keys if keys is not None else KeyBudget()
         self._key_order: Deque[Tuple[int, bytes]] = deque()
@@ -208,6 +211,10 @@ class Topic:
         keyed = [key for key, _ in entries if key]
         if keyed:
             self._check_keys(now, keyed)
+        overhead = len(self._prefix) + 22
+        largest = max(len(value) + (len(key) if key else 0) for key, value in entries) + overhead
+        if largest > self.max_frame_size:
+            raise self._too_large(largest)
         store = self._store
         results = [store(now, key, value) for key, value in entries]
         if self._unsent:
@@ -259,6 +266,8 @@ class Topic:
                     budget.used += 1
         offset = self.next_offset
         frame = codec.message_frame(self._prefix, offset, now, key, value)
+        if len(frame) - 4 > self.max_frame_size:
+            raise self._too_large(len(frame) - 4)
         self.next_offset = offset + 1
         self._last_timestamp = now
         if not self._unsent:
@@ -374,6 +383,10 @@ class Topic:
             if seen is not None and seen[0] == timestamp:
                 del keys[key]
         self.keys.used -= before - len(keys)
+
+    def _too_large(self, size: int) -> ZaichikError:
+        return ZaichikError(ErrorCode.LIMIT, f"as a MESSAGE this would be {size} bytes, over the max frame "
+                                             f"size of {self.max_frame_size}: subscribers could not take it")
 
     def _check_keys(self, now: int, keyed: List[bytes]) -> None:
         """Refuse (with LIMIT) keys over --max-key-size, or new keys the bounds have no room for."""
