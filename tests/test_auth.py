@@ -14,6 +14,9 @@ import os
 import shutil
 import socket
 import ssl
+import struct
+import subprocess
+import sys
 import tempfile
 from typing import List
 
@@ -21,12 +24,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from zaichik import codec
 from zaichik.auth import (
     CredentialsFileError,
     Patterns,
+    Permissions,
     PortalAuthenticator,
     hash_secret,
     new_token,
@@ -408,18 +413,421 @@ class ReviewFixTests(Harness):
         self.exchange(sensor, *[codec.Publish(0, f"nope/{i}", b"x") for i in range(100)])
         self.assertEqual(sensor[0].session._allowed, {})
 
-    def test_checks_in_flight_count_against_the_limit(self):
+    def test_checks_in_flight_wait_and_are_not_failures(self):
+        # (This test once said the opposite: checks in flight counted as
+        # failures, and 7 of 12 valid HELLOs at once were refused.)
         pending = []
 
-        def never_answers(f, *args):
-            pending.append(args)
-            return Deferred()
+        def held(f, *args):
+            d = Deferred()
+            pending.append((f, args, d))
+            return d
 
         (checker,) = set(self.auth.portal.checkers.values())
-        checker._run = never_answers
+        checker._run = held
+        connections = [self.connect() for _ in range(12)]  # one peer address (StringTransport's)
+        replies = [self.exchange(c, codec.Hello(1, "", TOKENS["sensor"])) for c in connections]
+        self.assertEqual(replies, [[]] * 12)  # none refused: they wait
+        self.assertLessEqual(len(pending), self.auth.max_concurrent_checks)
+        answered = 0
+        while pending:
+            f, args, d = pending.pop(0)
+            d.callback(f(*args))
+            answered += 1
+        self.assertEqual(answered, 12)
+        self.assertEqual([self.exchange(c) for c in connections], [[codec.Ok(1)]] * 12)
+
+
+# -- the limiter: failures per peer, and the scrypt work bounded broker-wide ----------
+
+
+class HeldChecks:
+    """
+    A L{PortalAuthenticator} over the real checker and realm, whose scrypt
+    checks wait until the test answers them (oldest first), instead of
+    running in a thread.
+    """
+
+    def make(self, **limits) -> PortalAuthenticator:
+        from twisted.cred.portal import Portal
+
+        from zaichik.auth import PermissionsRealm, TokenFileChecker
+
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        credentials = parse_credentials(credentials_text(TOKENS))
+        self.running: List[tuple] = []
+        self.checked = 0
+        portal = Portal(PermissionsRealm(credentials), [TokenFileChecker(credentials, run=self._held)])
+        self.auth = PortalAuthenticator(portal, clock=self.clock, **limits)
+        return self.auth
+
+    def _held(self, f, *args):
+        d = Deferred()
+        self.running.append((f, args, d))
+        return d
+
+    def answer(self, n: int = 1) -> None:
+        """Answer the C{n} oldest running checks."""
+        for _ in range(n):
+            f, args, d = self.running.pop(0)
+            self.checked += 1
+            d.callback(f(*args))
+
+    def answer_all(self, limit: int = 10_000) -> None:
+        while self.running and limit:
+            self.answer()
+            limit -= 1
+
+    def hello(self, peer: str, token: str, client_id: str = "") -> list:
+        """Authenticate; the list holds the outcome (Permissions or a Failure) once there is one."""
+        outcome: list = []
+        self.auth.authenticate(client_id, token, peer).addBoth(outcome.append)
+        return outcome
+
+    def ok(self, outcome: list) -> bool:
+        return len(outcome) == 1 and not isinstance(outcome[0], Failure)
+
+    def refused(self, outcome: list) -> str:
+        """The refusal's message ('' if not refused, or not yet)."""
+        if len(outcome) == 1 and isinstance(outcome[0], Failure):
+            outcome[0].trap(ZaichikError)
+            self.assertEqual(outcome[0].value.code, ErrorCode.NOT_AUTHORIZED)
+            return outcome[0].value.message
+        return ""
+
+
+class CountOnlyFailuresTests(HeldChecks, SynchronousTestCase):
+    def test_twelve_valid_hellos_at_once_from_one_address(self):
+        self.make()
+        outcomes = [self.hello("10.0.0.1", TOKENS["sensor"]) for _ in range(12)]
+        self.assertEqual([self.refused(o) for o in outcomes], [""] * 12)
+        self.answer_all()
+        self.assertEqual([self.ok(o) for o in outcomes], [True] * 12)
+
+    def test_checks_beyond_the_bound_wait_in_a_queue(self):
+        self.make(max_concurrent_checks=2)
+        outcomes = [self.hello("10.0.0.1", TOKENS["sensor"]) for _ in range(12)]
+        self.assertEqual(len(self.running), 2)  # the rest wait, unchecked and not refused
+        self.assertEqual(outcomes, [[]] * 12)
+        self.answer()
+        self.assertTrue(self.ok(outcomes[0]))
+        self.assertEqual(len(self.running), 2)
+
+    def test_failures_still_limit_a_peer(self):
+        auth = self.make(max_failures=5, max_concurrent_checks=2)
+        outcomes = [self.hello("10.0.0.1", "sensor:guess") for _ in range(20)]
+        self.answer_all()
+        # At most max_failures + max_concurrent_checks - 1 guesses are checked.
+        self.assertLessEqual(self.checked, auth.max_failures + auth.max_concurrent_checks - 1)
+        messages = [self.refused(o) for o in outcomes]
+        self.assertEqual(messages[:5], ["bad token"] * 5)
+        self.assertEqual(set(messages[self.checked:]), {"too many failed attempts; try later"})
+        # The right token too, now, unchecked, for the window; another peer is not affected.
+        self.assertIn("too many failed attempts", self.refused(self.hello("10.0.0.1", TOKENS["sensor"])))
+        other = self.hello("10.0.0.2", TOKENS["sensor"])
+        self.answer_all()
+        self.assertTrue(self.ok(other))
+        self.clock.advance(auth.window)
+        again = self.hello("10.0.0.1", TOKENS["sensor"])
+        self.answer_all()
+        self.assertTrue(self.ok(again))
+
+    def test_a_valid_token_waits_behind_failing_ones_of_its_peer(self):
+        # Its peer's failures refuse it once they reach the limit, and not before.
+        self.make(max_failures=5, max_concurrent_checks=1)
+        bad = [self.hello("10.0.0.1", "sensor:guess") for _ in range(3)]
+        good = self.hello("10.0.0.1", TOKENS["sensor"])
+        self.answer_all()
+        self.assertEqual([self.refused(o) for o in bad], ["bad token"] * 3)
+        self.assertTrue(self.ok(good))
+
+    def test_a_bad_client_id_is_a_failure(self):
+        self.make(max_failures=2)
+        for _ in range(2):
+            outcome = self.hello("10.0.0.1", TOKENS["sensor"], client_id="reader-1")
+            self.answer_all()
+            self.assertIn("may not use client_id", self.refused(outcome))
+        self.assertIn("too many failed", self.refused(self.hello("10.0.0.1", TOKENS["sensor"])))
+
+    def test_a_peer_cannot_queue_without_bound(self):
+        self.make(max_concurrent_checks=2, max_waiting_per_peer=10)
+        outcomes = [self.hello("10.0.0.1", TOKENS["sensor"]) for _ in range(13)]
+        self.assertEqual(len(self.running), 2)
+        messages = [self.refused(o) for o in outcomes]
+        self.assertEqual(messages[:12], [""] * 12)  # 2 running, 10 waiting
+        self.assertIn("waiting", messages[12])
+        self.assertNotIn("failed", messages[12])
+        self.answer_all()
+        self.assertEqual(sum(self.ok(o) for o in outcomes), 12)
+        # Unchecked refusals for being busy are not failures.
+        self.assertEqual(self.auth._peers, {})
+
+    def test_an_oversized_token_is_refused_unchecked(self):
+        self.make()
+        outcome = self.hello("10.0.0.1", "sensor:" + "x" * 5000)
+        self.assertEqual(self.running, [])
+        self.assertEqual(self.refused(outcome), "a token is NAME:SECRET (at most 1024 characters)")
+
+    def test_a_cancelled_check_that_waits_is_never_run(self):
+        self.make(max_concurrent_checks=1)
+        first = self.auth.authenticate("", TOKENS["sensor"], "10.0.0.1")
+        second = self.auth.authenticate("", TOKENS["sensor"], "10.0.0.1")
+        outcome: list = []
+        second.addErrback(outcome.append)
+        second.cancel()
+        self.assertEqual(len(outcome), 1)
+        self.answer_all()
+        self.assertEqual(self.checked, 1)
+        self.assertIsInstance(self.successResultOf(first), Permissions)
+        # A cancelled running check just runs to its end.
+        third = self.auth.authenticate("", TOKENS["sensor"], "10.0.0.1")
+        third.addErrback(lambda f: None)
+        third.cancel()
+        self.answer_all()
+        self.assertEqual(self.checked, 2)
+        self.assertEqual(self.auth._peers, {})
+
+    def test_state_for_peers_is_forgotten(self):
+        auth = self.make(max_concurrent_checks=2)
+        for i in range(3000):
+            self.hello(f"10.1.{i // 256}.{i % 256}", "sensor:guess")
+            self.answer_all()
+        self.assertGreater(len(auth._peers), 1000)
+        self.clock.advance(auth.window)
+        for i in range(3000):  # new peers, answered at once: the old ones' failures have expired
+            self.hello(f"10.2.{i // 256}.{i % 256}", TOKENS["sensor"])
+            self.answer_all()
+        self.assertLess(len(auth._peers), 1000)
+
+
+class ScryptWorkBoundTests(HeldChecks, SynchronousTestCase):
+    SPRAY = [f"10.3.0.{x}" for x in range(2, 62)]  # 60 addresses
+
+    def spray(self, each: int) -> list:
+        return [self.hello(peer, f"sensor:guess-{i}") for i in range(each) for peer in self.SPRAY]
+
+    def test_concurrent_checks_bounded_broker_wide(self):
+        auth = self.make()
+        outcomes = self.spray(4)
+        self.assertLessEqual(len(self.running), 8)
+        self.assertEqual(len(self.running), auth.max_concurrent_checks)
+        self.answer_all()
+        self.assertTrue(all(self.refused(o) for o in outcomes))
+
+    def test_a_clean_peer_is_checked_before_suspect_ones(self):
+        self.make(max_concurrent_checks=2, max_suspect_waiting=1000)
+        self.spray(1)
+        self.answer_all()  # every spraying address has failed once
+        spray = self.spray(3)  # 180 checks from suspect addresses, 2 of them running
+        self.assertEqual(len(self.running), 2)
+        valid = self.hello("10.9.9.9", TOKENS["sensor"])
+        self.answer(2)  # what was already running
+        self.assertEqual(len(self.running), 2)
+        self.answer(1)  # the valid one went first
+        self.assertTrue(self.ok(valid))
+        self.answer_all()
+        self.assertEqual({self.refused(o) for o in spray}, {"bad token"})
+
+    def test_a_fresh_spray_delays_a_valid_hello_by_one_check_an_address(self):
+        # A spraying address that has not failed yet looks like any other:
+        # each gets one check ahead of the valid HELLO, and no more.
+        self.make()
+        self.spray(4)
+        valid = self.hello("10.9.9.9", TOKENS["sensor"])
+        while not valid:
+            self.answer()
+        self.assertLessEqual(self.checked, len(self.SPRAY) + 8)
+        self.answer_all()
+
+    def test_clean_peers_take_turns(self):
+        self.make(max_concurrent_checks=2)
+        busy = [self.hello("10.0.0.1", TOKENS["sensor"]) for _ in range(10)]
+        late = self.hello("10.0.0.2", TOKENS["reader"])
+        while not late:
+            self.answer()
+        # The two running when it came, one turn of 10.0.0.1's, and its own.
+        self.assertEqual(self.checked, 4)
+        self.assertTrue(self.ok(late))
+        self.answer_all()
+        self.assertEqual(sum(self.ok(o) for o in busy), 10)
+
+    def test_checks_from_suspect_peers_are_bounded(self):
+        auth = self.make(max_concurrent_checks=2, max_suspect_waiting=20)
+        self.spray(1)
+        self.answer_all()
+        spray = self.spray(1)  # 60 checks from suspect addresses
+        messages = [self.refused(o) for o in spray]
+        # 2 running, 20 waiting, the rest refused unchecked (and not as failures).
+        self.assertEqual(messages[:22], [""] * 22)
+        self.assertEqual(set(messages[22:]), {"authentication is busy; try later"})
+        self.assertEqual(len(self.running), 2)
+        self.answer_all()
+        self.assertEqual(self.checked, 60 + 22)
+        # A clean peer is not refused for it.
+        self.spray(1)
+        valid = self.hello("10.9.9.9", TOKENS["sensor"])
+        self.answer_all()
+        self.assertTrue(self.ok(valid))
+        self.assertEqual(auth._suspect_waiting, 0)
+
+
+# -- peers on unix sockets ----------------------------------------------------------
+
+
+class FakeHandle:
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.credentials = struct.pack("3i", pid, uid, gid)
+
+    def getsockopt(self, level, option, size):
+        assert (level, option, size) == (socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        return self.credentials
+
+
+class FakeTransport:
+    def __init__(self, address, handle=None) -> None:
+        self.address, self.handle = address, handle
+
+    def getPeer(self):
+        return self.address
+
+    def getHandle(self):
+        return self.handle
+
+
+class PeerKeyTests(HeldChecks, SynchronousTestCase):
+    def test_tcp_peers_by_address(self):
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        from zaichik.auth import peer_key
+
+        self.assertEqual(peer_key(FakeTransport(IPv4Address("TCP", "10.0.0.1", 1234))), "10.0.0.1")
+        self.assertEqual(peer_key(FakeTransport(IPv6Address("TCP", "::1", 1234))), "::1")
+        self.assertEqual(peer_key(StringTransport()), "192.168.1.1")
+
+    def test_unix_peers_by_uid(self):
+        from twisted.internet.address import UNIXAddress
+
+        from zaichik.auth import peer_key
+
+        alice = FakeTransport(UNIXAddress(None), FakeHandle(100, 1000, 1000))
+        alice2 = FakeTransport(UNIXAddress(None), FakeHandle(101, 1000, 50))
+        bob = FakeTransport(UNIXAddress(None), FakeHandle(102, 1001, 1001))
+        self.assertEqual(peer_key(alice), "unix:uid=1000")
+        self.assertEqual(peer_key(alice2), "unix:uid=1000")
+        self.assertEqual(peer_key(bob), "unix:uid=1001")
+        # Without credentials (no SO_PEERCRED on this platform or transport): one key.
+        self.assertEqual(peer_key(FakeTransport(UNIXAddress(None), object())), "unix")
+
+    def test_one_user_locked_out_does_not_lock_out_another(self):
+        from twisted.internet.address import UNIXAddress
+
+        from zaichik.auth import peer_key
+
+        self.make(max_failures=5)
+        alice = peer_key(FakeTransport(UNIXAddress(None), FakeHandle(100, 1000, 1000)))
+        bob = peer_key(FakeTransport(UNIXAddress(None), FakeHandle(102, 1001, 1001)))
         for _ in range(5):
-            self.exchange(self.connect(), codec.Hello(1, "", "sensor:guess"))
-        self.assertEqual(len(pending), 5)
-        replies = self.exchange(self.connect(), codec.Hello(1, "", "sensor:guess"))
-        self.assertEqual(len(pending), 5)  # the sixth was refused unchecked
-        self.assertEqual(replies[0].code, ErrorCode.NOT_AUTHORIZED)
+            self.hello(alice, "sensor:guess")
+            self.answer_all()
+        self.assertIn("too many failed", self.refused(self.hello(alice, TOKENS["sensor"])))
+        outcome = self.hello(bob, TOKENS["sensor"])
+        self.answer_all()
+        self.assertTrue(self.ok(outcome))
+
+    def test_real_socket_pair(self):
+        from twisted.internet.address import UNIXAddress
+
+        from zaichik.auth import peer_key
+
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise SkipTest("no SO_PEERCRED on this platform")
+        a, b = socket.socketpair(socket.AF_UNIX)
+        with a, b:
+            self.assertEqual(peer_key(FakeTransport(UNIXAddress(None), a)), f"unix:uid={os.getuid()}")
+
+
+class UnixListenerTests(TestCase):
+    """A broker listening on a unix socket, in process; clients are this process and (as root) another user's."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="zaichik-unix-")
+        self.addCleanup(shutil.rmtree, self.directory)
+        os.chmod(self.directory, 0o755)
+        self.path = os.path.join(self.directory, "broker.sock")
+        credentials = os.path.join(self.directory, "credentials")
+        with open(credentials, "w") as f:
+            f.write(credentials_text(TOKENS))
+        self.auth = PortalAuthenticator.from_file(credentials, run=inline)
+        factory = BrokerFactory(BrokerService(authenticator=self.auth))
+        self.sessions: list = []
+        build = factory.buildProtocol
+
+        def buildProtocol(addr):
+            protocol = build(addr)
+            self.sessions.append(protocol)
+            return protocol
+
+        factory.buildProtocol = buildProtocol
+        port = reactor.listenUNIX(self.path, factory, mode=0o777)
+        self.addCleanup(port.stopListening)
+
+    def test_peer_is_the_uid(self):
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise SkipTest("no SO_PEERCRED on this platform")
+
+        async def two():
+            clients = [await connect(reactor, server=f"unix:path={self.path}", token=TOKENS["sensor"],
+                                     keepalive=0) for _ in range(2)]
+            try:
+                self.assertEqual([p.session.peer for p in self.sessions], [f"unix:uid={os.getuid()}"] * 2)
+            finally:
+                for client in clients:
+                    await client.close()
+
+        return ensureDeferred(two())
+
+    def test_another_users_process_is_not_locked_out(self):
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise SkipTest("no SO_PEERCRED on this platform")
+        if os.getuid() != 0:
+            raise SkipTest("needs root, to run a client as another user")
+        from twisted.internet.threads import deferToThread
+
+        # An interpreter the other user may run (the script needs only socket).
+        for python in (os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"):
+            try:
+                if subprocess.run([python, "-I", "-S", "-c", "pass"], user=65534, cwd="/",
+                                  capture_output=True, timeout=30).returncode == 0:
+                    break
+            except OSError:
+                pass
+        else:
+            raise SkipTest("no Python interpreter that user 65534 may run")
+
+        def hello_as(uid: int, token: str) -> str:
+            """A HELLO from a process of C{uid}; the reply's message, or OK."""
+            script = ("import socket, sys\n"
+                      "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
+                      "s.sendall(bytes.fromhex(sys.argv[2])); data = b''\n"
+                      "while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], 'big'):\n"
+                      "    chunk = s.recv(4096)\n"
+                      "    if not chunk: break\n"
+                      "    data += chunk\n"
+                      "print(data.hex())\n")
+            frame = codec.frame(codec.Hello(1, "", token).encode()).hex()
+            done = subprocess.run([python, "-I", "-S", "-c", script, self.path, frame],
+                                  user=uid, capture_output=True, text=True, timeout=30, cwd="/")
+            data = bytes.fromhex(done.stdout.strip())
+            reply = codec.decode_reply(data[4:])
+            return "OK" if isinstance(reply, codec.Ok) else reply.message
+
+        async def run():
+            for _ in range(5):
+                self.assertEqual(await deferToThread(hello_as, 0, "sensor:guess"), "bad token")
+            self.assertIn("too many failed", await deferToThread(hello_as, 0, TOKENS["sensor"]))
+            # Another user's process on the same socket is not locked out.
+            self.assertEqual(await deferToThread(hello_as, 65534, TOKENS["sensor"]), "OK")
+            self.assertEqual(sorted({p.session.peer for p in self.sessions}), ["unix:uid=0", "unix:uid=65534"])
+
+        return ensureDeferred(run())

@@ -396,12 +396,12 @@ class DamageTests(CheckTestCase):
         report = self.check()
         self.assertEqual(report.commit_lines, 6)
         self.assertEqual([(f.severity, f.kind, f.message.split(" (")[0]) for f in report.commit_findings], [
-            ("damage", "commits", "line 2 is not a JSON [client_id, topic, offset]"),
-            ("damage", "commits", "line 3 is not a JSON [client_id, topic, offset]"),
-            ("damage", "commits", "line 4 is not a JSON [client_id, topic, offset]"),
+            ("damage", "commits", "line 2 is not a commit line"),
+            ("damage", "commits", "line 3 is not a commit line"),
+            ("damage", "commits", "line 4 is not a commit line"),
             ("warning", "commits-torn", "line 6, the last, is cut short"),
         ])
-        self.assertIn("the broker does not start with it", report.commit_findings[1].message)  # null
+        self.assertIn("the broker skips it", report.commit_findings[1].message)  # null
         self.assertEqual((report.commit_findings[0].at, report.commit_findings[0].length), (19, 8))
         self.assertEqual((report.exit_code, report.summary["other_problems"]), (1, 3))
 

@@ -14,6 +14,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
 from zaichik import codec
+from zaichik.auth import peer_key
 from zaichik.codec import ErrorCode
 from zaichik.errors import ZaichikError
 from zaichik.service import BrokerService
@@ -71,7 +72,6 @@ class BrokerProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_size
 
     def connectionMade(self) -> None:
-        from zaichik.auth import peer_key  # (the address; a unix peer's uid)
 
         peer = peer_key(self.transport)
         self._holds: set = set()

@@ -851,30 +851,36 @@ def _check_commits(data_dir: str, report: Report) -> None:
             else:
                 report.commit_findings.append(Finding(
                     DAMAGE, "commits", "commits.log",
-                    f"line {number} is not a JSON [client_id, topic, offset] ({problem}): {shown!r}",
+                    f"line {number} is not a commit line ({problem}): {shown!r}",
                     at=at, length=len(line) + 1))
         at += len(line) + 1
 
 
 def _commit_problem(line: bytes) -> Optional[str]:
+    """
+    What is wrong with a commits.log line, or None: the broker writes
+    C{[client_id, topic, offset, ms]} (0.1.0 wrote C{[client_id, topic,
+    offset]}) and C{[client_id, null]} for a client it forgot.
+    """
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        return "not UTF-8: the broker does not start with it"
+        return "not UTF-8; the broker skips it"
     try:
         value = json.loads(text)
     except ValueError:
         return "not JSON; the broker skips it"
-    if isinstance(value, list) and len(value) == 3:
-        client_id, topic, offset = value
-        if isinstance(client_id, str) and isinstance(topic, str) and type(offset) is int and offset >= 0:
+    if not isinstance(value, list) or not value or not isinstance(value[0], str):
+        return "not a list starting with a client_id; the broker skips it"
+    if len(value) == 2 and value[1] is None:
+        return None
+    if len(value) in (3, 4):
+        topic, offset = value[1], value[2]
+        when_ok = len(value) == 3 or type(value[3]) is int
+        if isinstance(topic, str) and type(offset) is int and offset >= 0 and when_ok:
             return None
-        return "wrong types"
-    try:
-        iter(value)
-    except TypeError:
-        return "not a list: the broker does not start with it"
-    return "not three items"
+        return "wrong types; the broker skips it"
+    return "not [client_id, topic, offset, ms]; the broker skips it"
 
 
 # -- showing a report ------------------------------------------------------------------------
