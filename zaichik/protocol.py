@@ -72,7 +72,6 @@ class BrokerProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_size
 
     def connectionMade(self) -> None:
-
         peer = peer_key(self.transport)
         self._holds: set = set()
         self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer)
