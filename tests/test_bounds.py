@@ -285,3 +285,64 @@ class FrameBoundTests(BoundsCase):
         self.assertEqual(len(reply.topics), 5_000)
         self.assertTrue(waiting.called)
         self.assertEqual([t.name for t in reply.topics[:2]], ["t00000", "t00001"])
+
+
+class EndedSubscriptionTests(BoundsCase):
+    def test_a_subscription_whose_delivery_fails_leaves_its_session(self):
+        service = self.broker()
+        topic = service.create_topic("t", 60_000, 0)
+        c = Conn(service)
+        c.send(codec.Subscribe(1, "t", Start.LATEST))
+        subscription = c.session.subscriptions["t"]
+        self.patch(subscription, "deliver", lambda first, frames: 1 / 0)
+        topic.publish(None, b"v")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(c.session.subscriptions, {})
+        error = c.replies[-1]
+        self.assertEqual((type(error), error.rid, error.code), (codec.Error, 0, int(ErrorCode.INTERNAL)))
+        self.assertIn("subscription to t ended", error.message)
+        self.assertEqual(topic.subscribers, [])
+        # The client can subscribe again (before: ALREADY_SUBSCRIBED, and a resume delivered to the dead one).
+        self.assertEqual(c.send(codec.Subscribe(2, "t", Start.EARLIEST)), [codec.Ok(2)])
+
+    def test_a_failing_read_from_storage_ends_the_subscription_with_an_error(self):
+        from twisted.internet.defer import fail
+
+        service = self.broker()
+        topic = service.create_topic("t", 60_000, 0)
+        topic.publish(None, b"v")
+        self.patch(topic._log, "read", lambda offset, limit: fail(OSError("I/O error")))
+        c = Conn(service)
+        replies = c.send(codec.Subscribe(1, "t", Start.EARLIEST))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(replies[0], codec.Ok(1))
+        self.assertEqual((replies[1].rid, replies[1].code), (0, int(ErrorCode.INTERNAL)))
+        self.assertEqual(c.session.subscriptions, {})
+
+
+class FsyncFailureTests(BoundsCase):
+    def test_a_failed_interval_fsync_stops_writes(self):
+        """fsyncgate: after a failed fsync nothing can be trusted to reach the disk; refuse writes."""
+        from twisted.internet.defer import fail
+
+        directory = tempfile.mkdtemp(prefix="zaichik-fsync-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        failing = []
+
+        def run(f, *args):
+            if failing:
+                return fail(OSError(5, "Input/output error"))
+            return maybeDeferred(f, *args)
+
+        storage = DiskStorage(directory, fsync="interval", clock=self.clock, run_blocking=run)
+        service = BrokerService(storage=storage, clock=self.clock)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        service.create_topic("t", 60_000, 0)
+        c = Conn(service)
+        self.assertEqual(c.send(codec.Publish(1, "t", b"v")), [codec.Published(1, 0, False)])
+        failing.append(True)
+        self.clock.advance(0.1)
+        (error,) = c.send(codec.Publish(2, "t", b"v"))
+        self.assertEqual((error.rid, error.code), (2, int(ErrorCode.INTERNAL)))
+        self.assertIn("fsync failed", error.message)

@@ -258,6 +258,36 @@ class FsyncTests(DiskTestCase):
         self.assertEqual(replies, [codec.Published(5, 0, False), codec.Ok(6)])
         self.assertEqual(offsets_of(written), [0])
 
+    def test_always_a_request_after_a_publish_sees_it_stored(self):
+        """A COMMIT in the same read as the PUBLISH it commits waits for the fsync, then succeeds."""
+        held = []
+
+        def later(f, *args):
+            d = Deferred()
+            held.append((d, f, args))
+            return d
+
+        self.stop()
+        self.storage = DiskStorage(self.dir, fsync="always", clock=self.clock, run_blocking=later)
+        self.service = service = BrokerService(storage=self.storage, clock=self.clock)
+        service.startService()
+        service.create_topic("t", 60_000, 0)
+        replies, written = [], []
+        session = Session(service, replies.append, written.append, lambda: None)
+        session.handle(codec.Subscribe(1, "t", Start.EARLIEST))
+        with service.work:  # one read
+            session.handle(codec.Publish(2, "t", b"v"))
+            waiting = session.handle(codec.Commit(3, "t", 0))
+        self.assertEqual(replies, [codec.Ok(1)])
+        self.assertFalse(waiting.called)  # (the connection reads nothing more meanwhile)
+        while held:
+            d, f, args = held.pop(0)
+            f(*args)
+            d.callback(None)
+        self.assertEqual(replies, [codec.Ok(1), codec.Published(2, 0, False), codec.Ok(3)])
+        self.assertEqual(offsets_of(written), [0])
+        self.assertTrue(waiting.called)
+
     def test_interval_syncs_on_the_tick(self):
         calls = []
         real = os.fsync

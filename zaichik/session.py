@@ -75,6 +75,7 @@ class Session:
         # (reply or frame bytes, the Pending it waits on or None).
         self._queue: Optional[Deque[tuple]] = None
         self._close_when_sent = False
+        self._when_sent: list = []  # called once nothing waits in _queue
         self._disconnect = disconnect
         self._requests = 0
         self._hello_seen = False
@@ -105,17 +106,22 @@ class Session:
         """
         if self.ended:
             return None
+        if type(request) not in _PUBLISHES:
+            # Any other request sees what was published before it on this
+            # connection (in the same read too) as stored: the unit of work
+            # is ended, and where storage answers later (--fsync always),
+            # the request waits for the replies before it.
+            self.service.work.flush()
+            if self._queue:
+                waited: Deferred = Deferred()
+                self._when_sent.append(lambda: waited.callback(None))
+                return waited.addCallback(lambda _: self.handle(request))
         self._requests += 1
         if self.permissions is None and type(request) is not codec.Hello:
             self._refuse(request.rid, "authenticate with HELLO first")
             return None
         try:
-            with self.service.work as work:
-                if type(request) not in _PUBLISHES:
-                    # Any other request sees what was published before it
-                    # (in the same read too) appended: stored, where storage
-                    # answers at once.
-                    work.flush()
+            with self.service.work:
                 result = self._handlers[type(request)](request)
         except ZaichikError as e:
             self.fail(request.rid, e)
@@ -235,8 +241,13 @@ class Session:
                     self._send_reply(codec.Error(item.rid, int(pending.error.code), pending.error.message[:1000]))
             elif item.rid or type(item) not in _SILENT_AT_RID_0:
                 self._send_reply(item)
+        if queue:
+            return
         if self._close_when_sent and not self.ended:
             self.close()
+        waiting, self._when_sent = self._when_sent, []
+        for then in waiting:
+            then()
 
     def _asyncFailed(self, failure, rid: int) -> None:
         if failure.check(ZaichikError):
@@ -283,6 +294,18 @@ class Session:
             subscription.drain()
             if self.output.paused:
                 break
+
+    def _subscriptionStopped(self, subscription: Subscription, why: str) -> None:
+        """A subscription ended on the broker's side: forget it, and tell the client (rid 0)."""
+        name = subscription.topic.name
+        if self.subscriptions.get(name) is not subscription:
+            return
+        del self.subscriptions[name]
+        if subscription.last_sent is not None:
+            self._last_sent[name] = subscription.last_sent
+        subscription.cancel()
+        if not self.ended:
+            self.fail(0, ZaichikError(ErrorCode.INTERNAL, f"subscription to {name} ended: {why}"))
 
     def _overflowed(self, subscription: Subscription) -> None:
         """A subscription's queue passed the output limit: a slow consumer."""
@@ -395,7 +418,8 @@ class Session:
         topic = self.service.topic(name)
         first = topic.start_offset(request.start, request.offset, self.committed(name))
         subscription = Subscription(topic, self.output, request.max_inflight, self._last_sent.get(name),
-                                    first, self.service.limits.max_output_buffer, self._overflowed)
+                                    first, self.service.limits.max_output_buffer, self._overflowed,
+                                    self._subscriptionStopped)
         topic.subscribe(subscription)
         self.subscriptions[name] = subscription
         self._reply(codec.Ok(request.rid))

@@ -70,6 +70,7 @@ class Subscription:
         start: Optional[int] = None,
         max_pending_bytes: int = 0,
         on_overflow: Optional[Callable[["Subscription"], None]] = None,
+        on_stopped: Optional[Callable[["Subscription", str], None]] = None,
     ) -> None:
         self.topic = topic
         # The window is at most MAX_INFLIGHT: a client's u32 could otherwise
@@ -80,6 +81,7 @@ class Subscription:
         self.active = True
         self.max_pending_bytes = max_pending_bytes
         self._on_overflow = on_overflow
+        self._on_stopped = on_stopped
         self._output = output
         self._pending: Deque[bytes] = deque()  # frames from offset self.next on
         self.pending_bytes = 0
@@ -221,6 +223,13 @@ class Subscription:
         self._reading = False
         _log.failure("Reading {topic} for a subscriber failed", failure, topic=self.topic.name)
         self.cancel()
+        self.stopped("reading the topic's messages failed")
+
+    def stopped(self, why: str) -> None:
+        """The subscription cannot go on: its owner is told (and forgets it)."""
+        self.active = False
+        if self._on_stopped is not None:
+            self._on_stopped(self, why)
 
     def acknowledge(self, offset: int) -> None:
         """Everything up to and including C{offset} is committed: open the window."""

@@ -31,8 +31,12 @@ class ISubscriber(Interface):
         """
         New messages, as encoded MESSAGE frames with consecutive offsets from
         C{first_offset}.  May return a Deferred; a failure (raised or as a
-        Deferred) removes the subscriber from the topic.
+        Deferred) removes the subscriber from the topic, and then
+        L{stopped} is called.
         """
+
+    def stopped(why: str) -> None:
+        """The topic dropped this subscriber (its delivery failed): C{why}, for its owner."""
 
 
 class KeyBudget:
@@ -356,6 +360,9 @@ class Topic:
         _log.failure("Delivery on {topic} failed; dropping subscriber {subscriber}",
                      failure, topic=self.name, subscriber=subscriber)
         self.unsubscribe(subscriber)
+        stopped = getattr(subscriber, "stopped", None)  # (an ISubscriber written before stopped())
+        if stopped is not None:
+            stopped("delivery failed")
 
     # -- retention and compaction housekeeping ---------------------------------
 

@@ -928,7 +928,10 @@ class DiskStorage:
                                      next_offset, last_timestamp, keys))
         if upgrade:
             self._write_format()  # only once every segment is in this format
+        created = not os.path.exists(self._commits_path)
         self._commits_fd = os.open(self._commits_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if created:
+            fsync_dir(self.directory)
         if self.fsync_policy == "interval":
             self._ticker = LoopingCall(self._tick)
             self._ticker.clock = self.clock
@@ -1195,11 +1198,7 @@ class DiskStorage:
         self._close_retired()
         if isinstance(result, Failure):
             error = result.value
-            # After a failed fsync nothing written since the last good one can
-            # be trusted (the kernel may have dropped it): stop writing.
-            _log.critical("fsync failed ({error}): refusing writes until restarted", error=error)
-            for log in self._logs.values():
-                log.broken = f"fsync failed: {error}"
+            self._fsync_failed(error)
             # What was written since the last good fsync is cut off (it was
             # refused: a restart must not serve it), and every append waiting
             # for an fsync fails.
@@ -1228,13 +1227,24 @@ class DiskStorage:
         for d in waiting:
             d.callback(None)
 
+    def _fsync_failed(self, error) -> None:
+        """
+        After a failed fsync, what was written since the last good one may
+        be gone from the kernel's cache without reaching the disk, and a
+        retry can report success (PostgreSQL's "fsyncgate"): refuse every
+        write until the broker is restarted and reads back what is there.
+        """
+        _log.critical("fsync failed ({error}): refusing writes until restarted", error=error)
+        for log in self._logs.values():
+            log.broken = f"fsync failed: {error}"
+
     def retire_fd(self, fd: int) -> None:
         """A rolled segment's fd: fsynced (unless never), closed once no fsync in flight uses it."""
         if self.fsync_policy != "never":
             try:
                 os.fsync(fd)
             except OSError as e:
-                _log.warn("fsync of a rolled segment failed: {error}", error=e)
+                self._fsync_failed(e)
         self._retired.append(fd)
         if not self._syncing:
             self._close_retired()
@@ -1259,7 +1269,7 @@ class DiskStorage:
             self._syncing = False
             self._close_retired()
             if isinstance(result, Failure):
-                _log.failure("Interval fsync failed", result)
+                self._fsync_failed(result.value)
             self._idle()
 
         self._run_blocking(_fsync_all, fds).addBoth(done)
