@@ -95,7 +95,8 @@ def read_ready(sel, timeout: float) -> None:
 
 
 def run(connections: int, topics: int, seconds: float, rate: float) -> dict:
-    broker = BrokerProcess("--max-connections", str(connections + 100)).start()
+    broker = BrokerProcess("--max-connections", str(connections + 100),
+                           "--max-connections-per-address", str(connections + 100)).start()
     try:
         clients: List[Client] = [Client(i, broker.port, f"load{i % topics:03d}") for i in range(connections)]
         sel = selectors.DefaultSelector()

@@ -80,10 +80,19 @@ class BrokerProtocol(Int32StringReceiver):
         if set_nodelay is not None:
             set_nodelay(True)
         limits = self.service.limits
-        self.service.connections += 1
-        if self.service.connections > limits.max_connections:
+        service = self.service
+        service.connections += 1
+        self._peer = peer
+        per_peer = service.connections_by_peer
+        per_peer[peer] = per_peer.get(peer, 0) + 1
+        if service.connections > limits.max_connections:
             self.session.fail(0, ZaichikError(
                 ErrorCode.LIMIT, f"connection limit of {limits.max_connections} reached"), close=True)
+            return
+        if limits.max_connections_per_address and per_peer[peer] > limits.max_connections_per_address:
+            self.session.fail(0, ZaichikError(
+                ErrorCode.LIMIT, f"limit of {limits.max_connections_per_address} connections from "
+                                 f"{peer} reached"), close=True)
             return
         if limits.idle_timeout:
             self._idle = self.factory.clock.callLater(limits.idle_timeout, self._idleTimeout)
@@ -98,11 +107,56 @@ class BrokerProtocol(Int32StringReceiver):
 
     def connectionLost(self, reason) -> None:
         self._closing = True
-        self.service.connections -= 1
-        for call in (self._idle, self._abort):
+        service = self.service
+        service.connections -= 1
+        left = service.connections_by_peer.get(self._peer, 1) - 1
+        if left > 0:
+            service.connections_by_peer[self._peer] = left
+        else:
+            service.connections_by_peer.pop(self._peer, None)
+        service.stats.pending_input -= self._pending_input
+        self._pending_input = 0
+        for call in (self._idle, self._abort, self._frame_timer):
             if call is not None and call.active():
                 call.cancel()
         self.session.end()
+
+    _peer = ""
+    _frame_timer = None
+    _pending_input = 0  # bytes of an incomplete frame held for this connection
+
+    def _partial(self, pending: int, new_frame: bool) -> None:
+        """
+        After a read: C{pending} bytes of an incomplete frame are held
+        (C{new_frame}: it began in this read).  A frame must be complete
+        within --frame-timeout of its first byte, and incomplete frames
+        count against the broker's --max-pending-input.
+        """
+        stats = self.service.stats
+        stats.pending_input += pending - self._pending_input
+        self._pending_input = pending
+        timer = self._frame_timer
+        if not pending or self.paused:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._frame_timer = None
+            return
+        limits = self.service.limits
+        if limits.frame_timeout and (timer is None or not timer.active() or new_frame):
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._frame_timer = self.factory.clock.callLater(limits.frame_timeout, self._frameTimeout)
+        if limits.max_pending_input and stats.pending_input > limits.max_pending_input:
+            self.session.fail(0, ZaichikError(
+                ErrorCode.LIMIT, "the broker holds too many incomplete frames (--max-pending-input)"), close=True)
+
+    def _frameTimeout(self) -> None:
+        self._frame_timer = None
+        if self._closing:
+            return
+        timeout = self.service.limits.frame_timeout
+        self.session.fail(0, ZaichikError(ErrorCode.LIMIT, f"a frame was not completed within {timeout:g} s"),
+                          close=True)
 
     _idle = None
     _abort = None
@@ -153,11 +207,13 @@ class BrokerProtocol(Int32StringReceiver):
             self._pieces.append(data)
             self._pieces_bytes += len(data)
             if self._pieces_bytes < self._waiting_for:
+                self._partial(self._pieces_bytes, False)
                 return
             data = b"".join(self._pieces)
             self._pieces, self._pieces_bytes, self._waiting_for = [], 0, 0
         elif self._unprocessed:
             data = self._unprocessed + data
+        had_partial = self._pending_input > 0
         end = len(data)
         at = 0
         limit = self.MAX_LENGTH
@@ -185,8 +241,11 @@ class BrokerProtocol(Int32StringReceiver):
                     # A large frame is on its way: collect its pieces.
                     self._unprocessed = b""
                     self._pieces, self._pieces_bytes, self._waiting_for = [rest], len(rest), needed
+                    self._partial(len(rest), at > 0 or not had_partial)
                     return
             self._unprocessed = rest
+            if rest or self._pending_input:
+                self._partial(len(rest), at > 0 or not had_partial)
 
     def stringReceived(self, body: bytes) -> None:
         if body and body[0] == PUBLISH and self.session.publish_frame(body):

@@ -46,6 +46,14 @@ class Limits:
         topic's publishers are not read until the subscriber drains.
     @ivar idle_timeout: seconds a connection may send nothing before it is
         told LIMIT and closed (PING keeps it alive); 0 for none.
+    @ivar frame_timeout: seconds within which a frame must be complete once
+        its first byte has arrived (a client trickling bytes is told LIMIT
+        and closed); 0 for none.
+    @ivar max_pending_input: bytes of incomplete frames the broker holds for
+        all connections; the connection that passes it is told LIMIT and
+        closed.
+    @ivar max_connections_per_address: open connections from one address
+        (one user, for a unix socket); 0 for no bound.
     @ivar max_frame_size: bytes of a frame body, either way: a request
         longer is refused, and nothing the broker sends is longer (a
         PUBLISH whose MESSAGE would be is refused with LIMIT; TOPICS lists
@@ -68,6 +76,9 @@ class Limits:
     max_output_buffer: int = 16 * 1024 * 1024
     slow_consumer: str = "disconnect"
     idle_timeout: float = 300.0
+    frame_timeout: float = 30.0
+    max_pending_input: int = 256 * 1024 * 1024
+    max_connections_per_address: int = 1024
     max_frame_size: int = 1024 * 1024
     max_key_size: int = 1024
     max_compaction_keys: int = 1_000_000
@@ -83,6 +94,7 @@ class Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     slow_consumer_disconnects: int = 0
+    pending_input: int = 0  # bytes of incomplete frames held, all connections
     errors: Dict[int, int] = field(default_factory=dict)
 
     def error(self, code: int) -> None:
@@ -129,6 +141,7 @@ class BrokerService(Service):
         self.limits = limits if limits is not None else Limits()
         self.stats = Stats()
         self.connections = 0
+        self.connections_by_peer: Dict[str, int] = {}
         self.work = UnitOfWork(self.storage.sync)
         limits = self.limits
         self.keys = KeyBudget(limits.max_compaction_keys, limits.max_compaction_keys_total, limits.max_key_size)

@@ -77,6 +77,14 @@ class Options(usage.Options):
          "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
          "endpoint description (tcp:9102:interface=127.0.0.1)."],
         ["log-format", None, "text", "text, or json: one JSON object a line with structured fields."],
+        ["frame-timeout", None, int(Limits.frame_timeout * 1000),
+         "A frame must be complete this long after its first byte arrives (LIMIT and close "
+         "beyond; 0: no bound).", parse_duration],
+        ["max-pending-input", None, Limits.max_pending_input,
+         "Bytes of incomplete frames held for all connections together; the connection that "
+         "passes it is told LIMIT and closed (0: no bound).", _non_negative_int],
+        ["max-connections-per-address", None, Limits.max_connections_per_address,
+         "Open connections from one address (one user on a unix socket); 0: no bound.", _non_negative_int],
         ["max-key-size", None, Limits.max_key_size, "Bytes of a message key at most (LIMIT beyond).",
          _non_negative_int],
         ["max-compaction-keys", None, Limits.max_compaction_keys,
@@ -140,6 +148,9 @@ def makeService(config: Options) -> MultiService:
         max_output_buffer=config["max-output-buffer"],
         slow_consumer=config["slow-consumer"],
         idle_timeout=config["idle-timeout"] / 1000.0,
+        frame_timeout=config["frame-timeout"] / 1000.0,
+        max_pending_input=config["max-pending-input"],
+        max_connections_per_address=config["max-connections-per-address"],
         max_frame_size=config["max-frame-size"],
         max_key_size=config["max-key-size"],
         max_compaction_keys=config["max-compaction-keys"],
