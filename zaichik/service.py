@@ -15,6 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from zaichik.auth import AllowAll, IAuthenticator
+from zaichik.clock import wall_clock
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
 from zaichik.storage import IStorage
@@ -132,8 +133,9 @@ class BrokerService(Service):
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
-        self.clock = clock
-        self.storage = IStorage(storage if storage is not None else MemoryStorage(clock))
+        self.clock = clock  # timers
+        self.wall = wall_clock(clock)  # timestamps (see zaichik.clock)
+        self.storage = IStorage(storage if storage is not None else MemoryStorage(self.wall))
         self.authenticator = IAuthenticator(authenticator if authenticator is not None else AllowAll())
         self.default_retention = default_retention
         self.default_compaction_window = default_compaction_window
@@ -228,7 +230,7 @@ class BrokerService(Service):
             self._durable_queue = list(self.storage.commits())
         queue = self._durable_queue
         batch, self._durable_queue = queue[-self.DURABLE_SWEEP:], queue[: -self.DURABLE_SWEEP]
-        now = round(self.clock.seconds() * 1000)
+        now = round(self.wall.seconds() * 1000)
         commits = self.storage.last_commit_times()
         for client_id in batch:
             if client_id in self._durable_sessions:
@@ -249,7 +251,7 @@ class BrokerService(Service):
     def _open(self, name: str, retention: int, window: int, next_offset: int = 0) -> Topic:
         log = self.storage.open_log(name, retention, window)
         limits = self.limits
-        topic = Topic(name, log, self.clock, retention, window, limits.max_retained_bytes, next_offset,
+        topic = Topic(name, log, self.wall, retention, window, limits.max_retained_bytes, next_offset,
                       self.work, reject_over_bytes=limits.retained_bytes_policy == "reject", keys=self.keys,
                       max_frame_size=limits.max_frame_size)
         self.topics[name] = topic
@@ -303,7 +305,7 @@ class BrokerService(Service):
     def detach(self, client_id: str, session) -> None:
         if self._durable_sessions.get(client_id) is session:
             del self._durable_sessions[client_id]
-            self._last_seen[client_id] = round(self.clock.seconds() * 1000)
+            self._last_seen[client_id] = round(self.wall.seconds() * 1000)
 
     def durable_positions(self) -> Dict[str, Dict[str, int]]:
         """Committed offsets of durable clients: C{{client_id: {topic: offset}}}."""

@@ -9,6 +9,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from zaichik import codec, logs, units
+from zaichik.clock import MonotonicTimers
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
 
@@ -139,6 +140,7 @@ class Options(usage.Options):
 
 def makeService(config: Options) -> MultiService:
     top = MultiService()
+    MonotonicTimers().setServiceParent(top)  # first: timers keep their period when the wall clock steps
     limits = Limits(
         max_connections=config["max-connections"],
         max_topics=config["max-topics"],

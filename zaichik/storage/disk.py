@@ -60,6 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zaichik import codec
+from zaichik.clock import wall_clock
 from zaichik.storage import IMessageLog, IStorage, StorageError, TopicState
 from zaichik.storage import segment as fmt
 from zaichik.storage.memory import MemoryLog
@@ -850,6 +851,7 @@ class DiskStorage:
             raise ValueError(f"fsync policy is one of {FSYNC_POLICIES}")
         if clock is None:
             from twisted.internet import reactor as clock
+        self.wall = wall_clock(clock)  # timestamps; clock is for timers (see zaichik.clock)
         if run_blocking is None:
             from twisted.internet.threads import deferToThread as run_blocking
         self.directory = directory
@@ -901,7 +903,7 @@ class DiskStorage:
         upgrade = self._check_format()
         self._opened = True
         self._load_commits()
-        now = round(self.clock.seconds() * 1000)
+        now = round(self.wall.seconds() * 1000)
         states = []
         root = os.path.join(self.directory, "topics")
         for entry in sorted(os.listdir(root)):
@@ -1035,7 +1037,7 @@ class DiskStorage:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return
-        now = round(self.clock.seconds() * 1000)
+        now = round(self.wall.seconds() * 1000)
         skipped = 0
         for line in lines:
             try:
@@ -1097,7 +1099,7 @@ class DiskStorage:
         if previous is None:
             self._live_positions += 1
         positions[topic] = offset
-        when = round(self.clock.seconds() * 1000)
+        when = round(self.wall.seconds() * 1000)
         self._last_commit[client_id] = when
         self._commit_lines.append(json.dumps([client_id, topic, offset, when]) + "\n")
         d: Deferred = Deferred()
