@@ -409,6 +409,20 @@ def _check_topic(data_dir: str, path: str, names: List[str], counter: _Counter, 
         for f in s.findings:
             if f.kind in ("torn-tail", "bad-last-batch") and f.offsets is not None:
                 ends.append(f.offsets[1] + 1)  # what the broker uses up when it starts
+    if topic.segments:
+        newest = topic.segments[-1]
+        index = newest.path[:-4] + ".idx"
+        clean = False
+        try:
+            with open(os.path.join(path, os.path.basename(index)), "rb") as f:
+                decoded = fmt.decode_index(f.read())
+            clean = decoded is not None and decoded[0] == os.path.getsize(
+                os.path.join(path, os.path.basename(newest.path)))
+        except OSError:
+            pass
+        if not clean:
+            # Not closed cleanly: the broker goes on from the newest reservation.
+            ends.append(getattr(newest, "reserved", 0))
     topic.next_offset = max(ends + [0])
     return topic
 
@@ -547,6 +561,9 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
     expected = base
     damage_before = {end: start for start, end in result.damage}
     for batch in result.batches:
+        if batch.is_reservation:
+            report.reserved = max(getattr(report, "reserved", 0), batch.first)
+            continue
         start = damage_before.get(batch.pos)
         if start is not None:
             _damaged_range(report, data, start, batch, expected)
@@ -806,6 +823,8 @@ def _summary(batches: List[fmt.Batch], base: Optional[int]):
     end = base or 0
     entries = set()
     for batch in batches:
+        if batch.is_reservation:
+            continue
         if not batch.count:
             end = max(end, batch.first)
             continue

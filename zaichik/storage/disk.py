@@ -70,6 +70,7 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 INDEX_EVERY = 64 * 1024  # bytes of segment between two sparse index entries
 READ_BYTES = 256 * 1024  # bytes read from a segment at a time
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024
+RESERVE = 1_000_000  # offsets a reservation covers ahead of the newest
 FSYNC_POLICIES = ("always", "interval", "never")
 FSYNC_INTERVAL = 0.1
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -106,7 +107,7 @@ class Segment:
     """
 
     __slots__ = ("base", "path", "size", "count", "record_bytes", "first", "end", "first_ts", "last_ts",
-                 "entries", "_offsets", "_times", "damaged", "_indexed_at")
+                 "entries", "_offsets", "_times", "damaged", "_indexed_at", "reserved")
 
     def __init__(self, base: int, path: str) -> None:
         self.base = base
@@ -122,11 +123,15 @@ class Segment:
         self._offsets: List[int] = []
         self._times: List[int] = []
         self.damaged: List[Tuple[int, int]] = []  # byte ranges found bad
+        self.reserved = 0  # the highest reservation found in it (read from the segment only)
         self._indexed_at = -INDEX_EVERY
 
     def add(self, batch: fmt.Batch) -> None:
         if not batch.count:
-            self.end = max(self.end, batch.first)
+            if batch.is_reservation:
+                self.reserved = max(self.reserved, batch.first)
+            else:
+                self.end = max(self.end, batch.first)
             self.size = batch.end
             return
         if self.first is None:
@@ -214,6 +219,8 @@ class DiskLog:
         self.visible_end = 0  # reads serve offsets below this (durable ones)
         self._hints: "OrderedDict[int, Tuple[Segment, int]]" = OrderedDict()  # offset -> (segment, batch pos)
         self.broken: Optional[str] = None
+        self._unclean = False  # the newest segment had no index at start (a crash)
+        self._reserved = 0  # offsets below this may be given without writing a reservation
 
     def __repr__(self) -> str:
         return f"<DiskLog {self.topic} segments={len(self.segments)} next={self.next_offset}>"
@@ -240,10 +247,24 @@ class DiskLog:
                 self._upgrade_v1(path, base)
             segment = Segment(base, path)
             newest = i == len(names) - 1
-            if not self._load_index(segment) and not self._scan(segment, newest):
+            if self._load_index(segment):
+                pass
+            elif not self._scan(segment, newest):
                 continue
+            elif newest:
+                self._unclean = True
             self.segments.append(segment)
         next_offset = max([s.end for s in self.segments] + [0])
+        if self.segments and self._unclean:
+            # Not closed cleanly: offsets up to the reservation may have
+            # been delivered from the page cache before a power loss.
+            reserved = self.segments[-1].reserved
+            if reserved > next_offset:
+                _log.info("{topic}: not closed cleanly; offsets {first} to {last} are skipped (reserved, "
+                          "maybe given out before the stop)", topic=self.topic, first=next_offset,
+                          last=reserved - 1)
+                next_offset = reserved
+        self._reserved = next_offset
         self.next_offset = self.visible_end = next_offset
         last_timestamp = max([s.last_ts for s in self.segments] + [0])
         if self.retains:
@@ -462,7 +483,8 @@ class DiskLog:
                 continue
             batch = batch._replace(pos=shift + batch.pos, end=shift + batch.end)  # positions in the file
             yield data, batch, shift
-            expected = batch.first + batch.count
+            if not batch.is_reservation:
+                expected = batch.first + batch.count
             pos = batch.end
 
     # -- IMessageLog -------------------------------------------------------------
@@ -568,16 +590,29 @@ class DiskLog:
         if self.broken:
             return fail(StorageError(f"storage failed: {self.broken}"))
         data = fmt.encode_batch(first, frames, self._skip)
+        end = first + len(frames)
+        reserve = self._storage.reserve
         try:
             segment = self._segment_for(first)
             pos = segment.size
-            self._write(data, pos)
+            if reserve and (end > self._reserved - reserve // 2 or segment.size == fmt.SEGMENT_HEADER):
+                # Renew the reservation (and start each segment with one).
+                reserved = max(self._reserved, end + reserve)
+                marker = fmt.encode_reservation(reserved)
+                self._write(data + marker, pos)
+                self._reserved = reserved
+                segment.reserved = reserved
+                marker_at = pos + len(data)
+            else:
+                self._write(data, pos)
+                marker_at = 0
         except OSError as e:
             return fail(_storage_error(e, f"writing {self.topic}"))
-        end = first + len(frames)
         batch = fmt.Batch(pos, first, len(frames), fmt.u64.unpack_from(frames[0], self._timestamp_at)[0],
                           fmt.u64.unpack_from(frames[-1], self._timestamp_at)[0], pos + len(data))
         segment.add(batch)
+        if marker_at:
+            segment.size = marker_at + fmt.BATCH_HEADER
         self.next_offset = end
         if self.retains:
             if self._head is None or not self._count:
@@ -852,6 +887,9 @@ class DiskStorage:
         if clock is None:
             from twisted.internet import reactor as clock
         self.wall = wall_clock(clock)  # timestamps; clock is for timers (see zaichik.clock)
+        # Offsets reserved ahead (see zaichik.storage.segment): where messages
+        # may be delivered before they are durable, that is without "always".
+        self.reserve = 0 if fsync == "always" else RESERVE
         if run_blocking is None:
             from twisted.internet.threads import deferToThread as run_blocking
         self.directory = directory

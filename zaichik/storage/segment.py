@@ -22,9 +22,18 @@ A record (C{size} bytes)::
 The sizes come first so that a batch is written, and read, with one
 C{struct} call for all of them rather than one per record.
 
-A batch with count 0 is a gap marker: offsets below its first offset are
-used, even if no record shows them (written after a torn tail is found, so
-that those offsets are never given again).
+A batch with count 0 is a marker, by its first timestamp:
+
+  - 0, a gap marker: offsets below its first offset are used, even if no
+    record shows them (written after a torn tail is found, so that those
+    offsets are never given again);
+  - 1, a reservation: offsets below its first offset may have been given
+    out.  Without C{--fsync always}, messages are delivered before they are
+    on disk; a power loss can take the newest of them, and their offsets
+    must not go to new messages.  The broker writes a reservation ahead of
+    the offsets it gives (a million at a time, renewed half-way, and at the
+    start of every new segment), and after a start that was not clean (the
+    newest segment has no index) it goes on from the reservation.
 
 All integers are big-endian.  A record holds no topic name: the broker
 makes a MESSAGE frame from it by putting the topic in front.
@@ -92,10 +101,19 @@ def sizes_struct(count: int) -> struct.Struct:
     return found
 
 
-def encode_gap(first: int) -> bytes:
-    """A gap marker: every offset below C{first} is used."""
-    rest = _batch_rest.pack(first, 0, 0, 0)
+GAP = 0
+RESERVATION = 1
+
+
+def encode_gap(first: int, kind: int = GAP) -> bytes:
+    """A gap marker (every offset below C{first} is used), or with C{kind} RESERVATION a reservation."""
+    rest = _batch_rest.pack(first, 0, kind, kind)
     return b"".join((BATCH_MAGIC, u32.pack(len(rest)), u32.pack(crc(rest)), rest))
+
+
+def encode_reservation(first: int) -> bytes:
+    """A reservation: offsets below C{first} may have been given out (see the module docstring)."""
+    return encode_gap(first, RESERVATION)
 
 
 class Batch(NamedTuple):
@@ -109,6 +127,11 @@ class Batch(NamedTuple):
     @property
     def record_bytes(self) -> int:
         return self.end - self.pos - BATCH_HEADER
+
+    @property
+    def is_reservation(self) -> bool:
+        return not self.count and self.first_ts == RESERVATION
+
 
 
 def batch_at(data, at: int, min_first: int = 0, limit: Optional[int] = None) -> Optional[Batch]:
@@ -165,7 +188,8 @@ def scan(data, base: int, start: int = SEGMENT_HEADER) -> Scan:
                 break
             damage.append((at, batch.pos))
         batches.append(batch)
-        expected = batch.first + batch.count
+        if not batch.is_reservation:
+            expected = batch.first + batch.count
         at = batch.end
     return Scan(batches, damage, torn)
 
