@@ -57,6 +57,7 @@ from zaichik.codec import (
 from zaichik.errors import ZaichikError
 from zaichik.protocol import CLOSE_GRACE, BrokerFactory
 from zaichik.service import BrokerService, Limits
+from zaichik.testing import parse_frames
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -74,18 +75,8 @@ def frames(*requests) -> bytes:
     return b"".join(codec.frame(r if isinstance(r, bytes) else r.encode()) for r in requests)
 
 
-def parse(data: bytes) -> list:
-    """Every frame in C{data}, decoded; the data must end on a frame boundary."""
-    replies = []
-    at = 0
-    while at < len(data):
-        assert len(data) - at >= 4, f"truncated length prefix: {data[at:]!r}"
-        (length,) = struct.unpack_from(">I", data, at)
-        body = data[at + 4 : at + 4 + length]
-        assert len(body) == length, f"truncated frame: {data[at:]!r}"
-        replies.append(codec.decode_reply(body))
-        at += 4 + length
-    return replies
+# One frame parser for every test: zaichik.testing's.
+parse = parse_frames
 
 
 class RecordingTransport(StringTransport):

@@ -38,22 +38,14 @@ from zaichik.codec import (
     Unsubscribe,
 )
 from zaichik.service import BrokerService
+from zaichik.testing import parse_frames
 
 T0 = 1_700_000_000
 T0_MS = T0 * 1000
 DISCONNECT = "DISCONNECT"
 
 
-def decode_stream(data: bytes) -> list:
-    out = []
-    at = 0
-    while at < len(data):
-        n = int.from_bytes(data[at : at + 4], "big")
-        body = data[at + 4 : at + 4 + n]
-        assert len(body) == n, "truncated frame"
-        out.append(codec.decode_reply(body))
-        at += 4 + n
-    return out
+decode_stream = parse_frames  # one frame parser for every test: zaichik.testing's
 
 
 class Conn:
