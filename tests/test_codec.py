@@ -602,7 +602,7 @@ class RejectionTests(SynchronousTestCase):
                 assertDecodeError(self, decode_request, body, ErrorCode.BAD_FRAME, 0x0A0B0C0D)
 
     def test_golden_truncated_at_every_byte(self):
-        for obj, hexed in GOLDEN_REQUESTS:
+        for _obj, hexed in GOLDEN_REQUESTS:
             body = H(hexed)
             for n in range(1, len(body)):
                 want = int.from_bytes(body[1:5], "big") if n >= 5 else 0
@@ -699,12 +699,12 @@ class RejectionTests(SynchronousTestCase):
 
     def test_valid_replies_sent_as_requests(self):
         """A well-formed reply body sent to the broker is UNKNOWN_OPCODE with its rid."""
-        for obj, hexed in GOLDEN_REPLIES:
+        for _obj, hexed in GOLDEN_REPLIES:
             body = H(hexed)
             assertDecodeError(self, decode_request, body, ErrorCode.UNKNOWN_OPCODE, rid_of(body))
 
     def test_requests_sent_as_replies(self):
-        for obj, hexed in GOLDEN_REQUESTS:
+        for _obj, hexed in GOLDEN_REQUESTS:
             e = self.assertRaises(DecodeError, decode_reply, H(hexed))
             self.assertEqual(e.code, ErrorCode.UNKNOWN_OPCODE)
         for op in range(256):

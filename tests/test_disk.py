@@ -374,7 +374,7 @@ class ProcessTests(TestCase):
 
     def test_sigterm_restart(self):
         broker = self.broker()
-        run = lambda *a, stdin="": subprocess.run(  # noqa: E731
+        run = lambda *a, stdin="": subprocess.run(
             [sys.executable, "-m", "zaichik.cli", "--server", broker.address, *a], input=stdin,
             capture_output=True, text=True, timeout=60, env=ENV)
         self.assertEqual(run("create", "kept", "--retention", "1h", "--compaction-window", "1h").returncode, 0)
@@ -382,7 +382,7 @@ class ProcessTests(TestCase):
         self.assertEqual(run("--client-id", "r", "sub", "kept", "--commit", "--count", "1").stdout, "kept 0 [a] a 1\n")
         broker.stop()
         broker = self.broker()
-        run = lambda *a, stdin="": subprocess.run(  # noqa: E731
+        run = lambda *a, stdin="": subprocess.run(
             [sys.executable, "-m", "zaichik.cli", "--server", broker.address, *a], input=stdin,
             capture_output=True, text=True, timeout=60, env=ENV)
         self.assertEqual(run("pub", "kept", "--key-from", "1", "--ack", stdin="a 3\nc 4\n").stdout,

@@ -888,7 +888,7 @@ class ConnectionsTests(BrokerTestCase):
         self.assertOpen(subscriber)
 
     def test_lost_subscriber_removed(self) -> None:
-        topic_subs = lambda: self.service.topics["t"].subscribers  # noqa: E731
+        topic_subs = lambda: self.service.topics["t"].subscribers
         a = self.connect()
         b = self.connect()
         a.request(Subscribe(1, "t", Start.LATEST))

@@ -186,7 +186,7 @@ class CorruptionTests(DiskTestCase):
         problems: List[str] = []
         try:
             service = self.start(fsync="always", segment_bytes=self.SEGMENT_BYTES)
-        except Exception as e:  # noqa: BLE001 (a refusal to start is one of the findings)
+        except Exception as e:
             return [f"the broker did not start: {e!r}"]
         storage = self.storage
         if scanned and not (storage.damaged or storage.torn):
@@ -546,7 +546,7 @@ def mount_tmpfs(test, size: str) -> str:
                               capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
         os.rmdir(where)
-        raise SkipTest(f"cannot mount a tmpfs: {e}")
+        raise SkipTest(f"cannot mount a tmpfs: {e}") from None
     if done.returncode:
         os.rmdir(where)
         raise SkipTest(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")

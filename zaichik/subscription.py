@@ -173,7 +173,7 @@ class Subscription:
                 d = self.topic.read(self.next, min(room, READ_CHUNK))
                 d.addCallback(got.append)
                 if not got:
-                    d.addCallback(lambda _: self._readLater(got))
+                    d.addCallback(lambda _, got=got: self._readLater(got))
                     d.addErrback(self._readFailed)
                     return
                 self._reading = False

@@ -21,12 +21,15 @@ L{IMessageLog.read} says where what it returns begins.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from zope.interface import Attribute, Interface
 
 from zaichik.codec import ErrorCode
 from zaichik.errors import ZaichikError
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class StorageError(ZaichikError):

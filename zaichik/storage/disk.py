@@ -1101,7 +1101,10 @@ class DiskStorage:
         self._rewrite_commits()
 
     def _rewrite_commits(self) -> None:
-        """Rewrite commits.log compacted, one line per position; if that fails (a full disk), the file serves as it is."""
+        """
+        Rewrite commits.log compacted, one line per position; if that fails
+        (a full disk), the file serves as it is.
+        """
         tmp = self._commits_path + ".tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -1245,15 +1248,15 @@ class DiskStorage:
             group = group + self._unsynced
             self._unsynced = []
             cut: Dict[DiskLog, int] = {}
-            for log, end, d, pos in group:
+            for log, _, _, pos in group:
                 if log is not None:
                     cut[log] = min(pos, cut.get(log, pos))
             for log, pos in cut.items():
                 log.cut_back(pos)
-            for log, end, d, pos in group:
+            for _, _, d, _ in group:
                 d.errback(StorageError(f"storage failed: fsync: {error}"))
         else:
-            for log, end, d, pos in group:
+            for log, end, d, _ in group:
                 if log is not None and end > log.visible_end:
                     log.visible_end = end
                 d.callback(None)
