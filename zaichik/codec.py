@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
@@ -421,7 +421,7 @@ def _decode_publish_batch(r: _Reader) -> PublishBatch:
     return PublishBatch(rid, topic, entries)
 
 
-_REQUEST_DECODERS = {
+_REQUEST_DECODERS: Dict[int, Callable[[_Reader], Request]] = {
     Opcode.HELLO: _decode_hello,
     Opcode.CREATE_TOPIC: _decode_create,
     Opcode.SUBSCRIBE: _decode_subscribe,
@@ -484,7 +484,7 @@ def _publish_batch_fast(body: bytes) -> Optional[PublishBatch]:
         at += 4
         if not count or count * 6 > len(body) - at:
             return None
-        entries = []
+        entries: List[Tuple[Optional[bytes], bytes]] = []
         append = entries.append
         for _ in range(count):
             (n,) = unpack16(body, at)
@@ -715,7 +715,7 @@ def _decode_published_batch(r: _Reader) -> PublishedBatch:
     return PublishedBatch(rid, results)
 
 
-_REPLY_DECODERS = {
+_REPLY_DECODERS: Dict[int, Callable[[_Reader], Reply]] = {
     Opcode.OK: lambda r: Ok(r.read_rid()),
     Opcode.ERROR: _decode_error,
     Opcode.MESSAGE: _decode_message,

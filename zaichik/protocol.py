@@ -6,10 +6,12 @@ frames into requests for its L{Session} and replies back into frames.
 from __future__ import annotations
 
 import struct
+from typing import Protocol
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
@@ -55,6 +57,19 @@ class _OutputProducer:
         self.protocol.session.end()
 
 
+class _Transport(Protocol):
+    """What the broker uses of a connection's transport (TCP, TLS or unix)."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def getPeer(self) -> object: ...
+
+
 class BrokerProtocol(Int32StringReceiver):
     """
     Frames in, frames out.  Requests are handled one at a time, in order.
@@ -65,6 +80,7 @@ class BrokerProtocol(Int32StringReceiver):
     """
 
     session: Session
+    transport: _Transport  # type: ignore[assignment]  # (set by makeConnection, never None after it)
     _closing = False
 
     def __init__(self, service: BrokerService, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
@@ -105,7 +121,7 @@ class BrokerProtocol(Int32StringReceiver):
         self.release("ready")
         return result
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         service = self.service
         service.connections -= 1

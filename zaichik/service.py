@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from bisect import insort
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -149,7 +149,7 @@ class BrokerService(Service):
         self.keys = KeyBudget(limits.max_compaction_keys, limits.max_compaction_keys_total, limits.max_key_size)
         self.topics: Dict[str, Topic] = {}
         self.topic_names: List[str] = []  # sorted, for LIST_TOPICS
-        self._durable_sessions: Dict[str, object] = {}
+        self._durable_sessions: Dict[str, Any] = {}  # client_id -> its Session
         self._last_seen: Dict[str, int] = {}  # client_id -> when it last left (ms)
         self._durable_queue: List[str] = []
         self._sweeper: Optional[LoopingCall] = None

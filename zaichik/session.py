@@ -9,7 +9,7 @@ write an already encoded frame, and to close the connection.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -81,7 +81,7 @@ class Session:
         self._hello_seen = False
         self._commits: Dict[str, int] = {}
         self._last_sent: Dict[str, int] = {}
-        self._handlers = {
+        self._handlers: Dict[type, Callable[[Any], Optional[Deferred]]] = {
             codec.Hello: self._hello,
             codec.CreateTopic: self._create_topic,
             codec.Subscribe: self._subscribe,
@@ -178,7 +178,7 @@ class Session:
                 work.flush()
         return True
 
-    _watched = None
+    _watched: Optional[Pending] = None
     _told = None
 
     def fail(self, rid: int, error: ZaichikError, close: bool = False) -> None:
@@ -388,6 +388,7 @@ class Session:
         permissions = self.permissions
         if permissions is ALLOW_ALL:
             return
+        assert permissions is not None  # (handle refuses every request before HELLO where HELLO is required)
         allowed = self._allowed.get((action, name))
         if allowed is None:
             allowed = getattr(permissions, "may_" + action)(name)
@@ -531,7 +532,8 @@ class Session:
             topic = topics.get(name)
             if topic is None:
                 continue
-            if permissions is not ALLOW_ALL and not (permissions.may_subscribe(name) or permissions.may_publish(name)):
+            if permissions is not ALLOW_ALL and permissions is not None and not (
+                    permissions.may_subscribe(name) or permissions.may_publish(name)):
                 continue
             size = 2 + len(name) + 36  # (topic names are ASCII)
             if size > room:

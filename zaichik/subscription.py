@@ -173,7 +173,7 @@ class Subscription:
                 d = self.topic.read(self.next, min(room, READ_CHUNK))
                 d.addCallback(got.append)
                 if not got:
-                    d.addCallback(lambda _, got=got: self._readLater(got))
+                    d.addCallback(self._readLater, got)
                     d.addErrback(self._readFailed)
                     return
                 self._reading = False
@@ -214,7 +214,7 @@ class Subscription:
         self._send(first, frames)
         return True
 
-    def _readLater(self, got: list) -> None:
+    def _readLater(self, _: object, got: list) -> None:
         self._reading = False
         if self._sendRead(*got[0]):
             self.drain()

@@ -98,7 +98,7 @@ class BrokerProcess:
                         return False
                     answer += chunk
                 # OK, or NOT_AUTHORIZED from a broker with --auth: either way it runs.
-                return codec.decode_reply(answer[4:]).rid == 1
+                return getattr(codec.decode_reply(answer[4:]), "rid", None) == 1
         except OSError:
             return False
 

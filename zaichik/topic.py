@@ -315,7 +315,7 @@ class Topic:
         pending = self.pending
         self._appending += 1
         self._log.append(first, frames).addCallbacks(
-            self._appended, self._appendFailed, (first, frames, pending), None, (first, frames, pending, keys))
+            self._appended, self._appendFailed, (first, frames, pending), {}, (first, frames, pending, keys))
 
     def _appended(self, _, first: int, frames: List[bytes], pending: Pending) -> None:
         self._appending -= 1

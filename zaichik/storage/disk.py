@@ -51,7 +51,7 @@ import json
 import os
 from bisect import bisect_right
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import IO, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
@@ -399,7 +399,7 @@ class DiskLog:
                       path=path, n=len(data) - valid, at=valid)
         out = [fmt.encode_segment_header(base)]
         run: List[bytes] = []
-        run_first = None
+        run_first = 0
         offset_at = self._skip + 0
         for frame in frames:
             offset = fmt.u64.unpack_from(frame, offset_at)[0]
@@ -481,7 +481,8 @@ class DiskLog:
                 data, shift = rest, pos
                 pos = pos + found.pos
                 continue
-            batch = batch._replace(pos=shift + batch.pos, end=shift + batch.end)  # positions in the file
+            batch = fmt.Batch(shift + batch.pos, batch.first, batch.count, batch.first_ts, batch.last_ts,
+                              shift + batch.end)  # positions in the file
             yield data, batch, shift
             if not batch.is_reservation:
                 expected = batch.first + batch.count
@@ -627,6 +628,7 @@ class DiskLog:
     def _write(self, data: bytes, pos: int) -> None:
         """Write C{data} at the end of the newest segment; on failure leave the file as it was."""
         fd = self._fd
+        assert fd is not None
         try:
             done = os.write(fd, data)
             if done < len(data):
@@ -756,7 +758,7 @@ class DiskLog:
             if i >= len(segments):
                 break
             nxt = segments[i]
-            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0, nxt.first_ts)
+            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.entries[0][0], 0, 0, nxt.first_ts)
         # Everything is dropped: the head waits at the end.
         self._count = 0
         self.nbytes = 0
@@ -772,6 +774,7 @@ class DiskLog:
     def _skip_whole_segments(self, cutoff: int) -> int:
         """Drop, without reading them, the retained segments whose newest message is at or before C{cutoff}."""
         head = self._head
+        assert head is not None
         dropped = 0
         plen = len(self._prefix)
         segments = self.segments
@@ -788,7 +791,7 @@ class DiskLog:
             nxt = segments[i]
             if not nxt.count:
                 break
-            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.first, 0, 0, nxt.first_ts)
+            self._head = head = _Head(nxt, nxt.entries[0][1], nxt.entries[0][0], 0, 0, nxt.first_ts)
         return dropped
 
     def expire(self, cutoff: int) -> int:
@@ -891,13 +894,15 @@ class DiskStorage:
         # may be delivered before they are durable, that is without "always".
         self.reserve = 0 if fsync == "always" else RESERVE
         if run_blocking is None:
-            from twisted.internet.threads import deferToThread as run_blocking
+            from twisted.internet.threads import deferToThread
+
+            run_blocking = deferToThread
         self.directory = directory
         self.fsync_policy = fsync
         self.clock = clock
         self.cache_size = cache_size
         self.segment_bytes = segment_bytes
-        self._run_blocking = run_blocking
+        self._run_blocking: Callable[..., Deferred] = run_blocking
         self.damaged = 0
         self.torn = 0
         self._logs: Dict[str, DiskLog] = {}
@@ -910,11 +915,11 @@ class DiskStorage:
         self._commit_lines_on_disk = 0
         self._live_positions = 0
         self._on_idle: List[Deferred] = []
-        self._lock = None
+        self._lock: Optional[IO[str]] = None
         self._opened = False
         # Group commit (fsync always): appends waiting for the next fsync,
         # and whether one is running.
-        self._unsynced: List[Tuple[Optional[DiskLog], int, Deferred]] = []
+        self._unsynced: List[Tuple[Optional[DiskLog], int, Deferred, int]] = []
         self._syncing = False
         self._retired: List[int] = []  # fds of rolled segments, closed once no fsync uses them
         self._dirty: set = set()  # interval: logs written since the last fsync
@@ -929,11 +934,11 @@ class DiskStorage:
 
     def _open(self) -> List[TopicState]:
         os.makedirs(os.path.join(self.directory, "topics"), exist_ok=True)
-        self._lock = lock_data_dir(self.directory)
+        lock = self._lock = lock_data_dir(self.directory)
         try:
             return self._recover()
         except BaseException:
-            self._lock.close()  # refused or failed: the data dir is free again
+            lock.close()  # refused or failed: the data dir is free again
             self._lock = None
             raise
 
@@ -1176,6 +1181,7 @@ class DiskStorage:
         self._commit_lines = []
         self._commit_lines_on_disk += len(lines)
         fd = self._commits_fd
+        assert fd is not None
         size = os.fstat(fd).st_size
         try:
             view = memoryview(data)
@@ -1340,7 +1346,7 @@ class DiskStorage:
         error = self._write_commits()
         if error is not None:
             _log.error("Could not write the last commits: {error}", error=error.message)
-        fds = [log.sync_fd() for log in self._logs.values() if log.sync_fd() is not None] + [self._commits_fd]
+        fds = [fd for fd in [log.sync_fd() for log in self._logs.values()] + [self._commits_fd] if fd is not None]
         for fd in fds:
             try:
                 os.fsync(fd)
@@ -1351,7 +1357,8 @@ class DiskStorage:
             log.close()
         for fd in fds:
             os.close(fd)
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
 
 def lock_data_dir(directory: str):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
 SEGMENT_MAGIC = b"ZKSG"
@@ -116,7 +117,8 @@ def encode_reservation(first: int) -> bytes:
     return encode_gap(first, RESERVATION)
 
 
-class Batch(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Batch:
     pos: int  # where it starts
     first: int
     count: int
