@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 with open("README.rst", encoding="utf-8") as f:
     long_description = f.read()
@@ -11,9 +11,15 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.10",
+    # zaichik and every subpackage (zaichik.storage, zaichik.client, ...);
     # twisted.plugins is a namespace shared with Twisted: it has no
     # __init__.py here and must be listed by hand.
-    packages=["zaichik", "zaichik.storage", "twisted.plugins"],
+    packages=find_packages(include=["zaichik", "zaichik.*"]) + ["twisted.plugins"],
+    # Said explicitly so that `pip install -e .` puts the checkout itself on
+    # sys.path (a .pth line) rather than an import hook for the listed
+    # packages: twistd finds plugins by scanning sys.path for
+    # twisted/plugins/ directories, and would miss this one behind a hook.
+    package_dir={"": "."},
     package_data={"twisted.plugins": ["zaichik_plugin.py"]},
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     # prometheus_client: the metrics endpoint's exposition format and its
@@ -22,7 +28,11 @@ setup(
     # the client's certificate checks.
     install_requires=["Twisted[tls]>=23.8", "zope.interface>=5", "prometheus_client>=0.17"],
     extras_require={
-        "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],
+        # fastapi + httpx: examples/fastapi_app.py, run by the tests over
+        # httpx's ASGI transport; uvloop: the asyncio client's suite also
+        # runs on uvloop (not on Windows).
+        "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6", "fastapi>=0.100", "httpx>=0.24",
+                 "uvloop>=0.17; sys_platform != 'win32'"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -13,8 +13,11 @@ import uuid
 
 from twisted.trial.unittest import TestCase
 
-from zaichik import cli, units
+from zaichik import __version__, cli, units
 from zaichik.testing import ROOT, free_port, shared_broker
+
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+ZAICHIK = [sys.executable, "-m", "zaichik.cli"]
 
 
 def unique(prefix: str) -> str:
@@ -26,11 +29,9 @@ class CommandTests(TestCase):
         self.broker = shared_broker()
 
     def zaichik(self, *args: str, stdin: str = "", server: str = "") -> subprocess.CompletedProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         return subprocess.run(
-            [sys.executable, "-m", "zaichik.cli", "--server", server or self.broker.address, *args],
-            input=stdin, capture_output=True, text=True, timeout=60, env=env,
+            [*ZAICHIK, "--server", server or self.broker.address, *args],
+            input=stdin, capture_output=True, text=True, timeout=60, env=ENV,
         )
 
     def test_pub_ack_and_sub_json(self):
@@ -82,7 +83,8 @@ class CommandTests(TestCase):
         done = self.zaichik("topics", server=f"127.0.0.1:{free_port()}")
         self.assertEqual(done.returncode, cli.EXIT_CONNECTION)
         self.assertTrue(done.stderr.startswith("zaichik: cannot connect"), done.stderr)
-        self.assertNotIn("Traceback", done.stderr)
+        self.assertIn("Connection refused", done.stderr)
+        self.assertEqual(done.stderr.count("\n"), 1)
 
     def test_bad_duration_is_usage_error(self):
         done = self.zaichik("create", unique("cli"), "--retention", "soon")
@@ -102,3 +104,248 @@ class DurationTests(TestCase):
     def test_format_round_trip(self):
         for ms in (0, 1, 999, 1000, 60_000, 90_000, 3_600_000, 86_400_000):
             self.assertEqual(units.parse_duration(units.format_duration(ms)), ms)
+
+
+# --- behaving like mosquitto_pub/sub ---------------------------------------------------------------
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+
+from zaichik.codec import Start  # noqa: E402
+from zaichik.sync import connect  # noqa: E402
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll C{predicate} until true, for at most C{timeout} seconds (for other processes)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Behaviour(TestCase):
+    """The command as people used to mosquitto_pub/sub, nats and kcat expect it."""
+
+    def setUp(self) -> None:
+        self.broker = shared_broker()
+        self.client = connect(self.broker.address, keepalive=0)
+        self.addCleanup(self.client.close)
+
+    def run_cli(self, *args: str, stdin: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([*ZAICHIK, *args], input=stdin, capture_output=True, timeout=timeout, env=ENV)
+
+    def retained(self, *values: bytes) -> str:
+        topic = unique("cli")
+        self.client.create_topic(topic, retention_ttl=600_000)
+        if values:
+            self.client.publish_batch(topic, [(None, v) for v in values])
+        return topic
+
+    def assertOneLineError(self, done: subprocess.CompletedProcess, status: int, *fragments: str) -> None:
+        stderr = done.stderr.decode()
+        self.assertEqual(done.returncode, status, stderr)
+        self.assertEqual(stderr.count("\n"), 1, stderr)
+        self.assertTrue(stderr.startswith("zaichik: "), stderr)
+        for fragment in fragments:
+            self.assertIn(fragment, stderr)
+
+    # --- options before or after the subcommand ----------------------------------------------
+
+    def test_options_after_the_subcommand(self):
+        """The README's own `zaichik sub greetings --client-id w1 --commit`, and
+        --server/-s on either side."""
+        topic = self.retained(b"a", b"b", b"c")
+        client_id = unique("w")
+        first = self.run_cli("sub", topic, "--client-id", client_id, "--commit", "--count", "2",
+                             "--server", self.broker.address)
+        self.assertEqual((first.returncode, first.stdout), (0, f"{topic} 0 a\n{topic} 1 b\n".encode()))
+        second = self.run_cli("-s", self.broker.address, "sub", topic, "--client-id", client_id, "--count", "1")
+        self.assertEqual(second.stdout, f"{topic} 2 c\n".encode())
+        published = self.run_cli("pub", "--server", self.broker.address, topic, "d", "--ack")
+        self.assertEqual(published.stdout, b"3\n")
+        published = self.run_cli("pub", topic, "e", "-s", self.broker.address, "--ack")
+        self.assertEqual(published.stdout, b"4\n")
+
+    def test_option_after_overrides_before(self):
+        refused = f"127.0.0.1:{free_port()}"
+        done = self.run_cli("--server", refused, "topics", "--server", self.broker.address)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = self.run_cli("-s", self.broker.address, "topics", "-s", refused)
+        self.assertEqual(done.returncode, cli.EXIT_CONNECTION)
+
+    def test_subcommand_help_lists_the_options(self):
+        text = self.run_cli("sub", "--help").stdout.decode()
+        for option in ("-s SERVER, --server SERVER", "--client-id", "--token", "--tls", "--ca", "--timeout",
+                       "--format {text,json,raw}", "130", "141"):
+            self.assertIn(option, text)
+
+    def test_version(self):
+        done = self.run_cli("--version")
+        self.assertEqual((done.returncode, done.stdout), (0, f"zaichik {__version__}\n".encode()))
+
+    # --- stdin ---------------------------------------------------------------------------------
+
+    def test_stdin_is_streamed(self):
+        """Each line is published as it is read: the first arrives while the
+        writer (a line every 100 ms) is still writing."""
+        topic = unique("stream")
+        subscription = self.client.subscribe(topic, start=Start.LATEST)
+        writer = subprocess.Popen([sys.executable, "-c",
+                                   "import sys, time\n"
+                                   "for i in range(10):\n"
+                                   "    print('line', i, flush=True)\n"
+                                   "    time.sleep(0.1)\n"], stdout=subprocess.PIPE)
+        self.addCleanup(writer.wait)
+        publisher = subprocess.Popen([*ZAICHIK, "-s", self.broker.address, "pub", topic], stdin=writer.stdout,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        writer.stdout.close()
+        first = subscription.get(timeout=10)
+        self.assertEqual(first.value, b"line 0")
+        self.assertIsNone(writer.poll(), "the first line arrived only after the writer finished")
+        rest = [subscription.get(timeout=10).value for _ in range(9)]
+        self.assertEqual(rest, [b"line %d" % i for i in range(1, 10)])
+        out, err = publisher.communicate(timeout=30)
+        self.assertEqual((publisher.returncode, out, err), (0, b"", b""))
+
+    def test_300000_lines_in_bounded_memory(self):
+        """Memory is bounded by backpressure, not by the input's size."""
+        topic = unique("bulk")
+        self.client.create_topic(topic)
+        # A small parent runs a writer that streams the lines and the command
+        # reading them, and reports the largest of its children's peak RSS.
+        measure = ("import resource, subprocess, sys\n"
+                   "writer = subprocess.Popen([sys.executable, '-c', 'import sys\\n'\n"
+                   "    'out = sys.stdout.buffer\\n'\n"
+                   "    'for i in range(300000):\\n'\n"
+                   "    '    out.write(b\"%06d some log line of about sixty bytes, more or less\\\\n\" % i)\\n'],\n"
+                   "    stdout=subprocess.PIPE)\n"
+                   "p = subprocess.run(sys.argv[1:], stdin=writer.stdout, capture_output=True)\n"
+                   "writer.wait()\n"
+                   "sys.stderr.buffer.write(p.stderr)\n"
+                   "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+        done = subprocess.run([sys.executable, "-c", measure, *ZAICHIK, "-s", self.broker.address, "pub", topic],
+                              capture_output=True, timeout=120, env=ENV)
+        status, peak_kib = map(int, done.stdout.split())
+        self.assertEqual(status, 0, done.stderr)
+        info = {t.name: t for t in self.client.list_topics()}[topic]
+        self.assertEqual(info.next_offset, 300_000)
+        self.assertLess(peak_kib, 50 * 1024, f"peak RSS {peak_kib} KiB")
+
+    def test_crlf_and_raw_bytes(self):
+        """\\r\\n ends a line like \\n; values are the line's bytes as they are
+        (not UTF-8 too), and --format raw prints them alone."""
+        topic = self.retained()
+        done = self.run_cli("-s", self.broker.address, "pub", topic, stdin=b"one\r\ntwo\n\xff\xfe bytes\nlast")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        raw = self.run_cli("-s", self.broker.address, "sub", topic, "--from", "earliest", "--count", "4",
+                           "--format", "raw")
+        self.assertEqual(raw.stdout, b"one\ntwo\n\xff\xfe bytes\nlast\n")
+        text = self.run_cli("-s", self.broker.address, "sub", topic, "--from", "offset:2", "--count", "1")
+        self.assertEqual(text.stdout.decode(), f"{topic} 2 \\xff\\xfe bytes\n")
+
+    def test_input_that_cannot_be_used(self):
+        """A line that is not UTF-8 where JSON is needed, a missing field, a
+        topic that is not UTF-8: one line, exit 2."""
+        topic = self.retained()
+        done = self.run_cli("-s", self.broker.address, "pub", topic, "--key-from", "json:id",
+                            stdin=b'{"id": 1}\n\xff\n')
+        self.assertOneLineError(done, cli.EXIT_USAGE, "line 2", "UTF-8")
+        done = self.run_cli("-s", self.broker.address, "pub", topic, "--key-from", "3", stdin=b"a b\n")
+        self.assertOneLineError(done, cli.EXIT_USAGE, "line 1 has no field 3")
+        done = subprocess.run([*ZAICHIK.copy(), "-s", self.broker.address, "pub", b"caf\xe9", "x"],
+                              capture_output=True, timeout=30, env=ENV)
+        self.assertOneLineError(done, cli.EXIT_USAGE, "not UTF-8")
+
+    # --- Ctrl-C and a closed stdout -----------------------------------------------------------
+
+    def start(self, *args: str, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen([*ZAICHIK, "-s", self.broker.address, *args], start_new_session=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, **kwargs)
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        return process
+
+    def subscribers(self, topic: str) -> int:
+        return {t.name: t for t in self.client.list_topics()}.get(topic, None).subscribers if topic in {
+            t.name for t in self.client.list_topics()} else 0
+
+    def test_ctrl_c_on_sub(self):
+        topic = unique("ctrlc")
+        process = self.start("sub", topic)
+        wait_until(lambda: self.subscribers(topic) == 1, what="the subscription")
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+        self.assertEqual((process.returncode, out, err), (cli.EXIT_INTERRUPTED, b"", b""))
+
+    def test_ctrl_c_on_pub_waiting_for_stdin(self):
+        """Ctrl-C while pub waits for the next line: 130, nothing printed, and
+        what was read is published."""
+        topic = self.retained()
+        process = self.start("pub", topic, stdin=subprocess.PIPE)
+        process.stdin.write(b"first\n")
+        process.stdin.flush()
+        wait_until(lambda: {t.name: t for t in self.client.list_topics()}[topic].next_offset == 1,
+                   what="the first line published")
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+        self.assertEqual((process.returncode, out, err), (cli.EXIT_INTERRUPTED, b"", b""))
+
+    def test_pipe_into_head(self):
+        """`zaichik sub T --from earliest | head -2`: two lines, then a quiet exit."""
+        topic = self.retained(*[b"message %d" % i for i in range(3000)])
+        shell = (f"{' '.join(ZAICHIK)} -s {self.broker.address} sub {topic} --from earliest | head -2; "
+                 "echo status=${PIPESTATUS[0]}")
+        done = subprocess.run(["bash", "-c", shell], capture_output=True, timeout=30, env=ENV)
+        lines = done.stdout.decode().splitlines()
+        self.assertEqual(lines, [f"{topic} 0 message 0", f"{topic} 1 message 1", f"status={cli.EXIT_PIPE}"])
+        self.assertEqual(done.stderr, b"")
+
+    # --- errors and timeouts ------------------------------------------------------------------------
+
+    def test_frame_too_large_is_reported(self):
+        """A 2 MB message: FRAME_TOO_LARGE from the broker (exit 1), not "connection lost"."""
+        done = self.run_cli("-s", self.broker.address, "pub", unique("big"), stdin=b"x" * 2_000_000 + b"\n")
+        self.assertOneLineError(done, cli.EXIT_BROKER_ERROR, "FRAME_TOO_LARGE")
+        done = self.run_cli("-s", self.broker.address, "pub", unique("big"), "--ack", stdin=b"x" * 2_000_000)
+        self.assertOneLineError(done, cli.EXIT_BROKER_ERROR, "FRAME_TOO_LARGE")
+
+    def test_bad_topic_is_one_line(self):
+        done = self.run_cli("-s", self.broker.address, "sub", "bad topic")
+        self.assertOneLineError(done, cli.EXIT_BROKER_ERROR, "BAD_TOPIC")
+        done = self.run_cli("-s", self.broker.address, "pub", "bad topic", "--ack", "x")  # options between
+        self.assertOneLineError(done, cli.EXIT_BROKER_ERROR, "BAD_TOPIC")
+
+    def test_a_server_that_never_answers(self):
+        """Every command ends after --timeout against a server that accepts and
+        says nothing."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        self.addCleanup(silent.close)
+        address = "127.0.0.1:%d" % silent.getsockname()[1]
+        for args in (["topics"], ["sub", "t"], ["pub", "t", "x"], ["--client-id", "w", "create", "t"],
+                     ["--tls", "topics"]):
+            started = time.monotonic()
+            done = self.run_cli("-s", address, "--timeout", "300ms", *args, timeout=20)
+            self.assertOneLineError(done, cli.EXIT_CONNECTION)
+            self.assertLess(time.monotonic() - started, 5, args)
+
+    def test_tls_verification_failure_is_one_line(self):
+        from tests.test_clients_shared import tls_broker
+
+        _, address, files = tls_broker()
+        done = self.run_cli("-s", address, "--tls", "topics")
+        self.assertOneLineError(done, cli.EXIT_CONNECTION, "cannot connect", "certificate verif")
+        done = self.run_cli("-s", address, "--ca", files.ca, "topics")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = self.run_cli("-s", address, "--ca", "/nonexistent/ca.pem", "topics")
+        self.assertOneLineError(done, cli.EXIT_USAGE, "/nonexistent/ca.pem")
+
+    def test_usage_errors(self):
+        done = self.run_cli("sub")
+        self.assertEqual(done.returncode, cli.EXIT_USAGE)
+        done = self.run_cli("--timeout", "soon", "topics")
+        self.assertEqual(done.returncode, cli.EXIT_USAGE)
+        self.assertIn("not a duration", done.stderr.decode())
+

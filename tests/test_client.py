@@ -270,9 +270,9 @@ class RequestTests(ClientTestCase):
     def test_request_ids_wrap(self) -> None:
         """Request ids run 1 .. 2**32-1 and wrap to 1, never 0 (the
         fire-and-forget id)."""
-        self.client._protocol._next_rid = 0xFFFFFFFE
+        self.client._core._next_rid = 0xFFFFFFFE
         first, second = self.client.ping(), self.client.ping()
-        self.assertEqual(self.client._protocol._next_rid, 1)
+        self.assertEqual(self.client._core._next_rid, 1)
         self.flush()
         self.assertIsNone(self.successResultOf(first))
         self.assertIsNone(self.successResultOf(second))
@@ -310,7 +310,7 @@ class LimitErrorTests(ClientTestCase):
         first = self.result(client.subscribe("one", start=Start.LATEST))
         d = client.subscribe("two", start=Start.LATEST)
         self.assertError(d, ErrorCode.LIMIT)
-        self.assertNotIn("two", client._protocol.subscriptions)
+        self.assertNotIn("two", client._core.subscriptions)
         self.result(first.unsubscribe())
         second = self.result(client.subscribe("two", start=Start.LATEST))
         self.assertIsInstance(second, Subscription)
@@ -414,7 +414,7 @@ class SubscriptionTests(ClientTestCase):
         sub = self.result(self.client.subscribe("t"))
         self.assertError(self.client.subscribe("t"), ErrorCode.ALREADY_SUBSCRIBED)
         self.assertTrue(sub.active)
-        self.assertIs(self.client._protocol.subscriptions["t"], sub)
+        self.assertIs(self.client._core.subscriptions["t"].handle, sub)
 
     def test_commit_and_max_inflight(self) -> None:
         self.result(self.client.create_topic("t", 60_000, 0))
@@ -512,7 +512,8 @@ class CloseTests(ClientTestCase):
         self.assertEqual(self.service.topics["t"].subscribers, [])
         self.failureResultOf(self.client.ping(), ConnectionDone)
         self.assertIsNone(self.successResultOf(self.client.close()))
-        self.assertRaises(ZaichikError, self.client.publish_nowait, "t", b"x")
+        self.assertRaises(ConnectionDone, self.client.publish_nowait, "t", b"x")
+        self.assertRaises(ConnectionError, self.client.publish_nowait, "t", b"x")
 
     @staticmethod
     async def _drain(sub: Subscription) -> List[bytes]:
@@ -545,7 +546,7 @@ class CloseTests(ClientTestCase):
         self.assertFalse(iter_sub.active)
         self.assertIsNone(self.successResultOf(self.client.closed))
         self.failureResultOf(self.client.subscribe("c"), ConnectionLost)
-        self.assertNotIn("c", self.client._protocol.subscriptions)
+        self.assertNotIn("c", self.client._core.subscriptions)
         self.assertEqual(self.service.connections, 0)
         self.assertEqual(self.service.topics["a"].subscribers, [])
 
@@ -570,11 +571,13 @@ class CloseTests(ClientTestCase):
         self.assertIsNone(self.result(second.ping()))
 
     def test_undecodable_frame_from_broker(self) -> None:
-        """The client drops a connection whose broker sends garbage."""
+        """The client drops a connection whose broker sends garbage: a lost
+        connection, whose reason says so."""
         self.client._protocol.dataReceived(codec.frame(b"\x07\x00\x00\x00\x01"))
         self.assertTrue(self.pump_of(self.client).clientIO.disconnecting)
         self.flush()
-        self.failureResultOf(self.client.ping(), ConnectionDone)
+        failure = self.failureResultOf(self.client.ping(), ConnectionLost)
+        self.assertIn("undecodable frame", str(failure.value))
         self.assertIsNone(self.successResultOf(self.client.closed))
 
 
@@ -583,7 +586,8 @@ class FrameTooLargeTests(ClientTestCase):
 
     def test_frame_too_large(self) -> None:
         """The broker's ERROR(0, FRAME_TOO_LARGE) reaches on_error; the
-        connection closes, failing the request that caused it."""
+        connection closes, failing the request that caused it with
+        FRAME_TOO_LARGE (the broker's reason, not "connection lost")."""
         client = self.connect()
         errors: List[ZaichikError] = []
         client.on_error = errors.append
@@ -592,8 +596,11 @@ class FrameTooLargeTests(ClientTestCase):
         self.flush()
         self.assertEqual(self.successResultOf(small), PublishResult(0, False))
         self.assertEqual([e.code for e in errors], [ErrorCode.FRAME_TOO_LARGE])
-        self.failureResultOf(big, ConnectionDone)
+        self.assertIs(self.failureResultOf(big, ZaichikError).value.code, ErrorCode.FRAME_TOO_LARGE)
         self.assertIsNone(self.successResultOf(client.closed))
+        self.assertIs(client.close_reason.code, ErrorCode.FRAME_TOO_LARGE)
+        self.assertIs(self.failureResultOf(client.ping(), ZaichikError).value.code,
+                      ErrorCode.FRAME_TOO_LARGE)
         self.assertEqual(self.service.topics["t"].next_offset, 1)
 
 

@@ -1,14 +1,15 @@
 """
-The Twisted client library for zaichik.
+The Twisted client for zaichik: a thin adapter that moves bytes and time
+between a Twisted transport and L{zaichik.client.core.ClientCore}.
 
 Every call returns a Deferred, so it reads naturally in C{async def} code run
 by L{twisted.internet.task.react}::
 
     from twisted.internet.task import react
-    from zaichik.client import connect
+    from zaichik.client import Start, connect
 
     async def main(reactor):
-        client = await connect(reactor, "tcp:localhost:8889")
+        client = await connect(reactor, "localhost:8889")
         subscription = await client.subscribe("greetings", start=Start.EARLIEST)
         result = await client.publish("greetings", b"hello")
         async for message in subscription:
@@ -20,31 +21,50 @@ by L{twisted.internet.task.react}::
     react(main)
 
 Errors from the broker are raised as L{zaichik.errors.ZaichikError}, whose
-C{code} is the protocol's L{ErrorCode}.
+C{code} is the protocol's L{ErrorCode}.  The asyncio client
+(L{zaichik.aio}) and the blocking one (L{zaichik.sync}) have the same
+methods and behaviour.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Deque, Iterable, List, Optional, Sequence, Tuple, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import error as _error
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.error import ConnectionDone
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IHandshakeListener, INegotiated, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from zaichik import codec
-from zaichik.codec import ErrorCode, Message, Start, TopicInfo
+from zaichik.client import core as _core
+from zaichik.client.core import (
+    ClientClosedError,
+    ConnectionLostError,
+    ConnectTimeout,
+    Message,
+    PublishResult,
+    RequestTimeout,
+    Start,
+    TopicInfo,
+)
+from zaichik.codec import ErrorCode
 from zaichik.errors import ZaichikError
 
 __all__ = [
     "Client",
+    "ClientClosedError",
+    "ConnectTimeout",
+    "ConnectionLostError",
+    "ErrorCode",
     "Message",
     "PublishResult",
+    "RequestTimeout",
     "Start",
     "Subscription",
     "TopicInfo",
@@ -54,66 +74,126 @@ __all__ = [
 ]
 
 _log = Logger()
+_CONNECTION_DONE = Failure(_error.ConnectionDone())
 
 
-@dataclass(frozen=True)
-class PublishResult:
-    """The broker's answer to a publish: the message's offset, and whether
-    compaction dropped it as a duplicate (then C{offset} is the original's)."""
+# A lost connection fails requests with Twisted's own exceptions, as Twisted
+# code expects, which are also the core's: `except ConnectionError` catches
+# them in all three clients.
+class ConnectionDone(_error.ConnectionDone, ConnectionLostError):
+    """The connection was closed cleanly."""
 
-    offset: int
-    duplicate: bool
+
+class ConnectionLost(_error.ConnectionLost, ConnectionLostError):
+    """The connection was lost."""
+
+
+class ClientClosed(_error.ConnectionDone, ClientClosedError):
+    """A request after the client was closed."""
+
+
+def _twisted_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, _error.ConnectionClosed) or not isinstance(exc, ConnectionLostError):
+        return exc
+    converted: BaseException
+    if isinstance(exc, ClientClosedError):
+        converted = ClientClosed(*exc.args)
+    else:
+        converted = ConnectionLost(*exc.args)
+    converted.__cause__ = exc.__cause__
+    return converted
+
+
+def _loss_reason(reason: Failure) -> BaseException:
+    value = reason.value
+    assert value is not None
+    if isinstance(value, ConnectionLostError):
+        return value
+    if reason.check(_error.ConnectionDone):
+        return ConnectionDone(*value.args)
+    if reason.check(_error.ConnectionLost):
+        converted: BaseException = ConnectionLost(*value.args)
+    else:
+        converted = ConnectionLost(f"{type(value).__name__}: {value}")
+    converted.__cause__ = value
+    return converted
+
+
+def _log_error(error: ZaichikError) -> None:
+    _log.warn("Broker reported an error: {error}", error=str(error))
 
 
 class Subscription:
     """
     Messages of one topic, delivered to a callback or read with
-    C{async for message in subscription}.
+    C{async for message in subscription} (or L{get}).
     """
 
-    def __init__(self, client: "Client", topic: str,
+    def __init__(self, client: "Client", state: _core.SubscriptionState,
                  callback: Optional[Callable[[Message], object]] = None) -> None:
         self.client = client
-        self.topic = topic
-        self.active = True
+        self.topic = state.topic
+        self._state = state
+        state.handle = self
         self._callback = callback
-        self._queue: Deque[Message] = deque()
         self._waiters: Deque[Deferred] = deque()
-        self._ended: Optional[Failure] = None
 
     def __repr__(self) -> str:
         return f"<Subscription {self.topic} active={self.active}>"
 
-    def _receive(self, message: Message) -> None:
-        if self._callback is not None:
-            try:
-                self._callback(message)
-            except Exception:
-                _log.failure("Subscription callback for {topic} raised", topic=self.topic)
-        elif self._waiters:
-            self._waiters.popleft().callback(message)
-        else:
-            self._queue.append(message)
+    @property
+    def active(self) -> bool:
+        """Following the topic (also while reconnecting)."""
+        return self._state.active
 
-    def _end(self, reason: Optional[Failure] = None) -> None:
-        self.active = False
-        self._ended = reason
+    @property
+    def committed(self) -> Optional[int]:
+        """The highest offset whose COMMIT the broker accepted."""
+        return self._state.committed
+
+    def _deliver(self, message: Message) -> None:
+        assert self._callback is not None
+        try:
+            result = self._callback(message)
+        except Exception:
+            _log.failure("Subscription callback for {topic} raised", topic=self.topic)
+            return
+        if isinstance(result, Deferred) or inspect.iscoroutine(result):
+            ensureDeferred(result).addErrback(
+                lambda f: _log.failure("Subscription callback for {topic} failed", f, topic=self.topic))
+
+    def _wake(self) -> None:
+        core = self.client._core
+        state = self._state
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if reason is None:
-                waiter.callback(None)
+            message = core.take(state)
+            if message is not None:
+                self._waiters.popleft().callback(message)
+            elif not state.active:
+                waiter = self._waiters.popleft()
+                if state.end_error is None:
+                    waiter.callback(None)
+                else:
+                    waiter.errback(Failure(_twisted_error(state.end_error)))
             else:
-                waiter.errback(reason)
+                break
+        self.client._pump()
 
     def get(self) -> Deferred:
         """
         The next message (a Deferred).  Fires with None once the subscription
-        has ended and every received message has been read.
+        has ended and every received message has been read (or fails with
+        what ended it: a lost connection).
         """
-        if self._queue:
-            return succeed(self._queue.popleft())
-        if not self.active:
-            return succeed(None) if self._ended is None else _failed(self._ended)
+        state = self._state
+        message = self.client._core.take(state)
+        if message is not None:
+            self.client._pump()
+            return succeed(message)
+        if not state.active:
+            if state.end_error is None:
+                return succeed(None)
+            return fail(_twisted_error(state.end_error))
         waiter: Deferred = Deferred()
         self._waiters.append(waiter)
         return waiter
@@ -135,120 +215,332 @@ class Subscription:
         return self.client.unsubscribe(self.topic)
 
 
-class _ClientProtocol(Int32StringReceiver):
-    # Large enough for any frame a broker sends within its own limit.
-    MAX_LENGTH = 2**31 - 1
+@implementer(IPushProducer, IHandshakeListener)
+class _ClientProtocol(Protocol):
+    """
+    Bytes in and out of one connection, for its L{Client}.  Over TLS the
+    connection counts as made once the handshake has completed, so that a
+    certificate that fails verification fails the connect.
+    """
 
-    def __init__(self) -> None:
-        self._waiting: Dict[int, Tuple[Deferred, Callable]] = {}
-        self._next_rid = 0
-        self.subscriptions: Dict[str, Subscription] = {}
-        self.on_error: Callable[[ZaichikError], None] = _log_error
-        self.closed: Deferred = Deferred()
-        self._lost: Optional[Failure] = None
+    made = False
+    timed_out: Optional[BaseException] = None
 
-    def next_rid(self) -> int:
-        self._next_rid = self._next_rid % 0xFFFFFFFF + 1
-        return self._next_rid
+    @property
+    def tx(self) -> Any:
+        """The transport (TCP, TLS, unix: a producer and consumer too)."""
+        return self.transport
 
-    def request(self, request, convert: Callable = lambda reply: None) -> Deferred:
-        if self._lost is not None:
-            return _failed(self._lost)
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+        self.writing_paused = False
+        self._drained: List[Deferred] = []
+
+    def connectionMade(self) -> None:
+        self.tx.registerProducer(self, True)
+        if not INegotiated.providedBy(self.transport):
+            self.made = True
+            self.client._connection_made(self)
+
+    def handshakeCompleted(self) -> None:
+        if not self.made:
+            self.made = True
+            self.client._connection_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client._data_received(self, data)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self.writing_paused = False
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+        self.client._connection_lost(self, reason)
+
+    # IPushProducer: the transport says when its write buffer is full.
+    def pauseProducing(self) -> None:
+        self.writing_paused = True
+
+    def resumeProducing(self) -> None:
+        self.writing_paused = False
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def drained(self) -> Deferred:
+        if not self.writing_paused:
+            return succeed(None)
         d: Deferred = Deferred()
-        self._waiting[request.rid] = (d, convert)
-        self.sendString(request.encode())
+        self._drained.append(d)
         return d
-
-    def send(self, request) -> None:
-        """Send a request that expects no reply."""
-        if self._lost is not None:
-            raise ZaichikError(ErrorCode.INTERNAL, "not connected")
-        self.sendString(request.encode())
-
-    def stringReceived(self, body: bytes) -> None:
-        try:
-            reply = codec.decode_reply(body)
-        except codec.DecodeError as e:
-            _log.error("Undecodable frame from the broker: {error}", error=e)
-            self.transport.loseConnection()
-            return
-        if type(reply) is codec.Message:
-            subscription = self.subscriptions.get(reply.topic)
-            if subscription is not None:
-                subscription._receive(reply)
-            return
-        waiting = self._waiting.pop(reply.rid, None)
-        if type(reply) is codec.Error:
-            error = ZaichikError(reply.code, reply.message)
-            if waiting is None:
-                self.on_error(error)
-            else:
-                waiting[0].errback(error)
-        elif waiting is not None:
-            d, convert = waiting
-            d.callback(convert(reply))
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._lost = reason
-        waiting, self._waiting = self._waiting, {}
-        for d, _ in waiting.values():
-            d.errback(reason)
-        subscriptions, self.subscriptions = self.subscriptions, {}
-        for subscription in subscriptions.values():
-            subscription._end(None if reason.check(ConnectionDone) else reason)
-        self.closed.callback(None)
-
-
-def _failed(reason: Failure) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(reason)
-    return d
-
-
-def _log_error(error: ZaichikError) -> None:
-    _log.warn("Broker reported an error: {error}", error=str(error))
 
 
 class Client:
     """
-    A connection to a zaichik broker.  Make one with L{connect}.
+    A client of a zaichik broker (one connection at a time; with
+    C{reconnect}, a new one after a loss).  Make one with L{connect}.
 
-    @ivar closed: a Deferred that fires when the connection is gone.
+    @ivar closed: a Deferred that fires (with None) when the client is
+        closed for good: closed, or its connection lost without reconnect.
+        L{close_reason} then says why.
+    @ivar on_error: called with errors that answer no awaited request (a
+        fire-and-forget publish that failed; the broker's reason for
+        closing).
     """
 
-    def __init__(self, protocol: _ClientProtocol) -> None:
+    def __init__(self, reactor, core: _core.ClientCore, tls: bool = False,
+                 ca: Optional[str] = None) -> None:
+        self._reactor = reactor
+        self._core = core
+        self._tls = tls
+        self._ca = ca
+        self._protocol: Optional[_ClientProtocol] = None
+        self.closed: Deferred = Deferred()
+        self.on_error: Callable[[ZaichikError], None] = _log_error
+        self._pumping = False
+        self._timer = None
+        self._timer_at: Optional[float] = None
+        self._dial_call = None
+        self._dialing: Optional[Deferred] = None
+        self._connect_timer = None
+
+    def __repr__(self) -> str:
+        return f"<zaichik Client {self._core.server} {self._core.state}>"
+
+    # --- what the core says -----------------------------------------------------
+
+    def _now(self) -> float:
+        return self._reactor.seconds()
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        core = self._core
+        try:
+            while True:
+                data = core.data_to_send()
+                if data and self._protocol is not None:
+                    self._protocol.tx.write(data)
+                event = core.pop_event()
+                if event is None:
+                    break
+                self._handle(event)
+        finally:
+            self._pumping = False
+        self._arm_timer()
+
+    def _handle(self, event) -> None:
+        kind = type(event)
+        if kind is _core.Resolve:
+            event.waiter.callback(event.value)
+        elif kind is _core.Reject:
+            event.waiter.errback(Failure(_twisted_error(event.error)))
+        elif kind is _core.Deliver:
+            event.handle._deliver(event.message)
+        elif kind is _core.Wake:
+            event.handle._wake()
+        elif kind is _core.AsyncError:
+            try:
+                self.on_error(event.error)
+            except Exception:
+                _log.failure("on_error raised")
+        elif kind is _core.Dial:
+            if event.delay > 0:
+                self._dial_call = self._reactor.callLater(event.delay, self._dial, event.server)
+            else:
+                self._dial(event.server)
+        elif kind is _core.CloseTransport:
+            if self._protocol is not None:
+                if event.abort:
+                    self._protocol.tx.abortConnection()
+                else:
+                    self._protocol.tx.loseConnection()
+        elif kind is _core.PauseReading:
+            if self._protocol is not None:
+                self._protocol.tx.pauseProducing()
+        elif kind is _core.ResumeReading:
+            if self._protocol is not None:
+                self._protocol.tx.resumeProducing()
+        elif kind is _core.Closed:
+            self._stop_timers()
+            if not self.closed.called:
+                self.closed.callback(None)
+
+    def _arm_timer(self) -> None:
+        at = self._core.next_deadline()
+        if at == self._timer_at:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = at
+        if at is not None:
+            self._timer = self._reactor.callLater(max(0.0, at - self._now()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._core.handle_timer(self._now())
+        self._pump()
+
+    def _stop_timers(self) -> None:
+        for name in ("_timer", "_dial_call", "_connect_timer"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        self._timer_at = None
+        if self._dialing is not None:
+            dialing, self._dialing = self._dialing, None
+            dialing.cancel()
+
+    # --- the connection ---------------------------------------------------------
+
+    def _dial(self, server: str) -> None:
+        self._dial_call = None
+        core = self._core
+        if core.closed:
+            return
+        timeout = core.connect_timeout
+        try:
+            endpoint = client_endpoint(self._reactor, server, self._tls, self._ca, timeout=timeout)
+        except Exception as e:
+            core.connection_failed(e, self._now())
+            self._pump()
+            return
+        protocol = _ClientProtocol(self)
+        d = connectProtocol(endpoint, protocol)
+        self._dialing = d
+
+        def too_late() -> None:
+            self._connect_timer = None
+            if not d.called:
+                d.cancel()
+            elif not protocol.made and protocol.transport is not None:
+                # Connected, but the TLS handshake has not completed.
+                protocol.timed_out = ConnectTimeout(f"no TLS handshake with {server} within {timeout:g} s")
+                protocol.tx.abortConnection()
+
+        if timeout:
+            self._connect_timer = self._reactor.callLater(timeout, too_late)
+
+        def done(result):
+            if self._dialing is d:
+                self._dialing = None
+            if isinstance(result, Failure):
+                self._cancel_connect_timer()
+                error: BaseException = result.value  # type: ignore[assignment]
+                if result.check(CancelledError):
+                    if core.closed:
+                        return None
+                    error = ConnectTimeout(f"no connection to {server} within {timeout:g} s")
+                core.connection_failed(error, self._now())
+                self._pump()
+            elif protocol.made:
+                self._cancel_connect_timer()
+            return None
+
+        d.addBoth(done)
+
+    def _cancel_connect_timer(self) -> None:
+        if self._connect_timer is not None and self._connect_timer.active():
+            self._connect_timer.cancel()
+        self._connect_timer = None
+
+    def _connection_made(self, protocol: _ClientProtocol) -> None:
+        self._cancel_connect_timer()
         self._protocol = protocol
-        self.closed = protocol.closed
+        self._core.connection_made(self._now())
+        self._pump()
+
+    def _data_received(self, protocol: _ClientProtocol, data: bytes) -> None:
+        if protocol is self._protocol:
+            self._core.receive_data(data, self._now())
+            self._pump()
+
+    def _connection_lost(self, protocol: _ClientProtocol, reason: Failure) -> None:
+        if not protocol.made:
+            # The TLS handshake failed: the connection was never made.
+            self._cancel_connect_timer()
+            self._core.connection_failed(protocol.timed_out or _loss_reason(reason), self._now())
+            self._pump()
+            return
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self._core.connection_lost(_loss_reason(reason), self._now(),
+                                   clean=bool(reason.check(_error.ConnectionDone)))
+        self._pump()
+
+    # --- the API ------------------------------------------------------------------
 
     @property
-    def on_error(self) -> Callable[[ZaichikError], None]:
-        """Called with errors that answer no awaited request (fire-and-forget publishes)."""
-        return self._protocol.on_error
+    def client_id(self) -> str:
+        """The durable client id said in HELLO ("" for none)."""
+        return self._core.client_id
 
-    @on_error.setter
-    def on_error(self, handler: Callable[[ZaichikError], None]) -> None:
-        self._protocol.on_error = handler
+    @property
+    def server(self) -> Optional[str]:
+        """The server connected to (or being dialed)."""
+        return self._core.server
 
-    def _request(self, make, convert: Callable = lambda reply: None) -> Deferred:
-        p = self._protocol
-        return p.request(make(p.next_rid()), convert)
+    @property
+    def close_reason(self) -> Optional[BaseException]:
+        """Why the client closed (None while open, or when asked to close)."""
+        return self._core.close_reason
+
+    @property
+    def is_closed(self) -> bool:
+        return self._core.closed
+
+    def _simple(self, make: Callable[[int], Any], convert: Callable = _core._none) -> Deferred:
+        d: Deferred = Deferred()
+        try:
+            self._core.request(d, make, self._now(), convert)
+        except Exception as e:
+            return fail(e)
+        self._pump()
+        return d
 
     def hello(self, client_id: str = "", token: str = "") -> Deferred:
         """Identify this client (must come first; L{connect} does it for you)."""
-        return self._request(lambda rid: codec.Hello(rid, client_id, token))
+        d: Deferred = Deferred()
+        try:
+            self._core.hello(d, client_id, token, self._now())
+        except Exception as e:
+            return fail(e)
+        self._pump()
+        return d
 
     def create_topic(self, topic: str, retention_ttl: int = 0, compaction_window: int = 0) -> Deferred:
         """Create C{topic} with retention and compaction in milliseconds (idempotent)."""
-        return self._request(lambda rid: codec.CreateTopic(rid, topic, retention_ttl, compaction_window))
+        return self._simple(lambda rid: codec.CreateTopic(rid, topic, retention_ttl, compaction_window))
 
     def publish(self, topic: str, value: bytes, key: Optional[bytes] = None) -> Deferred:
         """Publish and wait for the broker's answer: a L{PublishResult}."""
-        return self._request(lambda rid: codec.Publish(rid, topic, value, key),
-                             lambda reply: PublishResult(reply.offset, reply.duplicate))
+        return self._simple(lambda rid: codec.Publish(rid, topic, value, key), _core._published)
 
     def publish_nowait(self, topic: str, value: bytes, key: Optional[bytes] = None) -> None:
-        """Fire and forget: no answer unless it fails (then C{on_error} is called)."""
-        self._protocol.send(codec.Publish(0, topic, value, key))
+        """
+        Fire and forget: no answer unless it fails (then C{on_error} is
+        called).  Raises at once if it cannot be encoded, or the client is
+        closed.  L{drain} waits until the transport takes more.
+        """
+        try:
+            self._core.send(_core.encode_publish(topic, value, key), self._now())
+        except ConnectionLostError as e:
+            raise _twisted_error(e) from None
+        self._pump()
+
+    def drain(self) -> Deferred:
+        """Fires once the connection's write buffer is below its high-water mark."""
+        if self._protocol is None:
+            return succeed(None)
+        return self._protocol.drained()
 
     def publish_batch(self, topic: str, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> Deferred:
         """
@@ -256,10 +548,7 @@ class Client:
         L{PublishResult}, in order.
         """
         entries = list(entries)
-        return self._request(
-            lambda rid: codec.PublishBatch(rid, topic, entries),
-            lambda reply: [PublishResult(o, d) for o, d in reply.results],
-        )
+        return self._simple(lambda rid: codec.PublishBatch(rid, topic, entries), _core._published_batch)
 
     def subscribe(
         self,
@@ -272,71 +561,77 @@ class Client:
         """
         Follow C{topic}.  Fires with a L{Subscription} once the broker has
         accepted; messages then go to C{callback}, or are read by iterating
-        the subscription.
+        the subscription.  A coroutine function as C{callback} is awaited
+        for each message in turn.
         """
-        p = self._protocol
-        if topic in p.subscriptions:
-            return _failed(Failure(ZaichikError(ErrorCode.ALREADY_SUBSCRIBED,
-                                                f"already subscribed to {topic}")))
-        subscription = Subscription(self, topic, callback)
-        # Registered before the request, since messages follow the OK at once.
-        p.subscriptions[topic] = subscription
+        is_async = callback is not None and inspect.iscoroutinefunction(callback)
+        state = _core.SubscriptionState(topic, start, offset, max_inflight,
+                                        callback is not None and not is_async)
+        Subscription(self, state, None if is_async else callback)   # state.handle
+        d: Deferred = Deferred()
+        try:
+            self._core.subscribe(d, state, self._now())
+        except Exception as e:
+            return fail(e)
+        self._pump()
+        if is_async:
+            assert callback is not None
 
-        def refused(failure: Failure) -> Failure:
-            if p.subscriptions.get(topic) is subscription:
-                del p.subscriptions[topic]
-            subscription._end(None)
-            return failure
-
-        d = self._request(lambda rid: codec.Subscribe(rid, topic, Start(start), offset, max_inflight),
-                          lambda reply: subscription)
-        return d.addErrback(refused)
+            def consume(sub: Subscription) -> Subscription:
+                ensureDeferred(_consume(sub, callback))
+                return sub
+            d.addCallback(consume)
+        return d
 
     def unsubscribe(self, topic: str) -> Deferred:
-        p = self._protocol
-
-        def done(_):
-            subscription = p.subscriptions.pop(topic, None)
-            if subscription is not None:
-                subscription._end(None)
-
-        return self._request(lambda rid: codec.Unsubscribe(rid, topic)).addCallback(done)
+        d: Deferred = Deferred()
+        self._core.unsubscribe(d, topic, self._now())
+        self._pump()
+        return d
 
     def commit(self, topic: str, offset: int) -> Deferred:
         """Commit C{topic} up to and including C{offset}."""
-        return self._request(lambda rid: codec.Commit(rid, topic, offset))
+        d: Deferred = Deferred()
+        try:
+            self._core.commit(d, topic, offset, self._now())
+        except Exception as e:
+            return fail(e)
+        self._pump()
+        return d
 
     def ping(self) -> Deferred:
-        return self._request(codec.Ping)
+        return self._simple(codec.Ping)
 
     def list_topics(self) -> Deferred:
         """Fires with a list of L{TopicInfo}."""
-        return self._request(codec.ListTopics, lambda reply: reply.topics)
+        return self._simple(codec.ListTopics, _core._topics)
 
     def close(self) -> Deferred:
         """Ask the broker to close; fires once the connection is closed."""
-        if self._protocol._lost is not None:
-            return succeed(None)
-        if not self._closing:
-            self._closing = True
-            d = self._request(codec.Close)
-            d.addErrback(lambda failure: None)  # a connection lost meanwhile is closed too
-        waiter: Deferred = Deferred()
-        self.closed.addBoth(lambda result: (waiter.callback(None), result)[1])
-        return waiter
-
-    _closing = False
-
-    def _keepalive(self) -> None:
-        if self._protocol._lost is None:
-            self.ping().addErrback(lambda failure: None)
+        d: Deferred = Deferred()
+        self._core.close(d, self._now())
+        self._pump()
+        return d
 
     def abort(self) -> None:
-        """Drop the connection at once."""
-        self._protocol.transport.abortConnection()
+        """Drop the connection at once (and do not reconnect)."""
+        self._core.abort()
+        self._pump()
 
 
-def client_endpoint(reactor, server: str, tls: bool = False, ca: Optional[str] = None):
+async def _consume(subscription: Subscription, callback: Callable) -> None:
+    try:
+        async for message in subscription:
+            try:
+                await callback(message)
+            except Exception:
+                _log.failure("Subscription callback for {topic} raised", topic=subscription.topic)
+    except Exception:
+        pass  # the subscription ended with the connection: nothing more to hand out
+
+
+def client_endpoint(reactor, server: str, tls: bool = False, ca: Optional[str] = None,
+                    timeout: Optional[float] = None):
     """
     An endpoint from C{host:port}, a bare port, or a full client endpoint
     description (C{tcp:host=...:port=...}, C{unix:path=...}, C{tls:...}).
@@ -348,7 +643,8 @@ def client_endpoint(reactor, server: str, tls: bool = False, ca: Optional[str] =
     if server.isdigit():
         server = f"localhost:{server}"
     host, sep, port = server.rpartition(":")
-    if sep and port.isdigit() and ":" not in host and "=" not in host:
+    if sep and port.isdigit() and "=" not in host and (":" not in host or host.startswith("[")):
+        host = host.strip("[]")
         if tls or ca:
             from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
             from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
@@ -359,35 +655,42 @@ def client_endpoint(reactor, server: str, tls: bool = False, ca: Optional[str] =
             else:
                 trust = platformTrust()
             options = optionsForClientTLS(host, trustRoot=trust)
-            return wrapClientTLS(options, HostnameEndpoint(reactor, host.encode(), int(port)))
+            endpoint = (HostnameEndpoint(reactor, host.encode(), int(port)) if timeout is None
+                        else HostnameEndpoint(reactor, host.encode(), int(port), timeout=timeout))
+            return wrapClientTLS(options, endpoint)
         server = f"tcp:host={host}:port={port}"
+        if timeout:
+            server += f":timeout={max(1, int(timeout + 0.999))}"
     return clientFromString(reactor, server)
 
 
-async def connect(reactor, server: str = "localhost:8889", client_id: str = "", token: str = "",
-                  keepalive: float = 60.0, tls: bool = False, ca: Optional[str] = None) -> Client:
+async def connect(reactor, server: Union[str, Sequence[str]] = "localhost:8889", client_id: str = "",
+                  token: str = "", keepalive: float = 60.0, tls: bool = False, ca: Optional[str] = None,
+                  *, reconnect: bool = False, connect_timeout: Optional[float] = 10.0,
+                  request_timeout: Optional[float] = 30.0) -> Client:
     """
     Connect to a broker (see L{client_endpoint} for C{server}), and say
     HELLO when a C{client_id} or C{token} is given.
 
+    @param server: one server, a list of them, or C{"a:8889,b:8889"}: tried
+        in turn until one answers (and, with C{reconnect}, after a loss).
     @param tls: reach C{host:port} over TLS.
     @param ca: a PEM file with the CA certificate to check the broker's
         certificate against (implies C{tls}).
-    @param keepalive: seconds between PINGs that keep an otherwise quiet
-        connection (a subscriber that only listens) inside the broker's
-        idle timeout; 0 for none.
+    @param keepalive: seconds without sending after which a PING keeps the
+        connection inside the broker's idle timeout (and finds a dead one);
+        0 for none.
+    @param reconnect: after a lost connection, connect again (with backoff),
+        HELLO, and resubscribe from the committed position.
+    @param connect_timeout: seconds for the connection and HELLO.
+    @param request_timeout: seconds a request waits for its answer.
     """
-    protocol = await connectProtocol(client_endpoint(reactor, server, tls, ca), _ClientProtocol())
-    client = Client(protocol)
-    if keepalive:
-        pinger = LoopingCall(client._keepalive)
-        pinger.clock = reactor
-        pinger.start(keepalive, now=False)
-        client.closed.addBoth(lambda result: (pinger.stop(), result)[1])
-    if client_id or token:
-        try:
-            await client.hello(client_id, token)
-        except BaseException:
-            client.abort()
-            raise
+    core = _core.ClientCore(server, client_id=client_id, token=token, keepalive=keepalive,
+                            connect_timeout=connect_timeout, request_timeout=request_timeout,
+                            reconnect=reconnect)
+    client = Client(reactor, core, tls=tls, ca=ca)
+    d: Deferred = Deferred()
+    core.start(d)
+    client._pump()
+    await d
     return client
