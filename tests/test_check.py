@@ -411,6 +411,22 @@ class DamageTests(CheckTestCase):
         self.assertEqual((report.commit_findings[0].at, report.commit_findings[0].length), (19, 8))
         self.assertEqual((report.exit_code, report.summary["other_problems"]), (1, 3))
 
+    def test_group_positions_in_commits_log(self):
+        """A consumer group's position (protocol 1.1) is a commit line of its own shape; a malformed one is damage."""
+        service = self.start()
+        service.create_topic("t", HOUR, 0).publish(None, b"x")
+        d = service.storage.record_group_position("t", "workers", 1)
+        service.storage.sync()
+        self.successResultOf(d)
+        self.stop()
+        self.assertEqual(kinds(self.check().all_findings()), [])
+        self.write("commits.log", b'["group", "t", "w", -1, 0]\n["group", "t", 5, 1, 0]\n["r", "t", 0]\n', "ab")
+        report = self.check()
+        self.assertEqual([(f.kind, f.message.split(" (")[0]) for f in report.commit_findings], [
+            ("commits", "line 2 is not a commit line"),
+            ("commits", "line 3 is not a commit line"),
+        ])
+
     def test_torn_last_commit_line_alone_is_a_warning(self):
         service = self.start()
         service.create_topic("t", HOUR, 0).publish(None, b"x")

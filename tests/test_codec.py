@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik import codec
 from zaichik.codec import (
+    Ack,
     Close,
     Commit,
     CreateTopic,
@@ -44,12 +45,14 @@ from zaichik.codec import (
     PublishedBatch,
     Start,
     Subscribe,
+    SubscribeGroup,
     TopicInfo,
     Topics,
     Unsubscribe,
     decode_reply,
     decode_request,
     frame,
+    is_pattern,
     is_valid_topic,
     message_body,
     message_frame,
@@ -124,6 +127,8 @@ closes = st.builds(Close, rids)
 pings = st.builds(Ping, rids)
 list_topics = st.builds(ListTopics, rids)
 publish_batches = st.builds(PublishBatch, rids, topics, batches)
+subscribe_groups = st.builds(SubscribeGroup, rids, topics, topics, st.sampled_from(list(Start)), u64s, u32s, u32s)
+acks = st.builds(Ack, rids, topics, u64s)
 
 REQUEST_STRATEGIES = {
     "HELLO": hellos,
@@ -136,6 +141,8 @@ REQUEST_STRATEGIES = {
     "PING": pings,
     "LIST_TOPICS": list_topics,
     "PUBLISH_BATCH": publish_batches,
+    "SUBSCRIBE_GROUP": subscribe_groups,
+    "ACK": acks,
 }
 requests = st.one_of(*REQUEST_STRATEGIES.values())
 
@@ -158,7 +165,7 @@ REPLY_STRATEGIES = {
 }
 replies = st.one_of(*REPLY_STRATEGIES.values())
 
-REQUEST_OPCODES = set(range(0x01, 0x0B))
+REQUEST_OPCODES = set(range(0x01, 0x0D))  # (0x0B and 0x0C: version 1.1)
 REPLY_OPCODES = set(range(0x80, 0x86))
 
 
@@ -211,6 +218,11 @@ class SpecEncoder:
             for key, value in m.entries:
                 out += k(key) + b(value)
             return out
+        if isinstance(m, SubscribeGroup):
+            return (p(">BI", 0x0B, m.rid) + s(m.topic) + s(m.group)
+                    + p(">BQII", m.start, m.offset, m.max_inflight, m.ack_timeout))
+        if isinstance(m, Ack):
+            return p(">BI", 0x0C, m.rid) + s(m.topic) + p(">Q", m.offset)
         if isinstance(m, Ok):
             return p(">BI", 0x80, m.rid)
         if isinstance(m, Error):
@@ -273,6 +285,18 @@ GOLDEN_REQUESTS = [
         PublishBatch(11, "t", [(b"k", b"v1"), (None, b"")]),
         "0a 0000000b 0001 74 00000002 0001 6b 00000002 7631 0000 00000000",
     ),
+    # SUBSCRIBE_GROUP rid=12 "jobs" group "w" start=EARLIEST offset=0 max_inflight=10 ack_timeout=5000
+    (
+        SubscribeGroup(12, "jobs", "w", Start.EARLIEST, 0, 10, 5000),
+        "0b 0000000c 0004 6a6f6273 0001 77 03 0000000000000000 0000000a 00001388",
+    ),
+    # SUBSCRIBE_GROUP rid=u32 max "t" group "g" start=OFFSET offset=258 max_inflight=0 ack_timeout=u32 max
+    (
+        SubscribeGroup(U32_MAX, "t", "g", Start.OFFSET, 258, 0, U32_MAX),
+        "0b ffffffff 0001 74 0001 67 02 0000000000000102 00000000 ffffffff",
+    ),
+    # ACK rid=13 "jobs" offset=7
+    (Ack(13, "jobs", 7), "0c 0000000d 0004 6a6f6273 0000000000000007"),
 ]
 
 GOLDEN_REPLIES = [
@@ -343,7 +367,7 @@ class GoldenTests(SynchronousTestCase):
             self.assertIs(type(decoded), type(obj))
 
     def test_every_opcode_has_a_golden(self):
-        """Each of the 16 frame types in the spec is covered above."""
+        """Each of the 18 frame types in the spec (16 of version 1, 2 of 1.1) is covered above."""
         seen = {H(hexed)[0] for _, hexed in GOLDEN_REQUESTS + GOLDEN_REPLIES}
         self.assertEqual(seen, REQUEST_OPCODES | REPLY_OPCODES)
 
@@ -354,7 +378,8 @@ class GoldenTests(SynchronousTestCase):
             {
                 "HELLO": 0x01, "CREATE_TOPIC": 0x02, "SUBSCRIBE": 0x03, "UNSUBSCRIBE": 0x04,
                 "PUBLISH": 0x05, "COMMIT": 0x06, "CLOSE": 0x07, "PING": 0x08,
-                "LIST_TOPICS": 0x09, "PUBLISH_BATCH": 0x0A, "OK": 0x80, "ERROR": 0x81,
+                "LIST_TOPICS": 0x09, "PUBLISH_BATCH": 0x0A, "SUBSCRIBE_GROUP": 0x0B, "ACK": 0x0C,
+                "OK": 0x80, "ERROR": 0x81,
                 "MESSAGE": 0x82, "PUBLISHED": 0x83, "TOPICS": 0x84, "PUBLISHED_BATCH": 0x85,
             },
         )
@@ -538,6 +563,21 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(len(decode_request(req.encode()).entries), len(req.entries))
 
     @FAST
+    @given(subscribe_groups)
+    @example(SubscribeGroup(U32_MAX, "t", "g", Start.EARLIEST, U64_MAX, U32_MAX, U32_MAX))
+    @example(SubscribeGroup(0, "", "", Start.DEFAULT, 0, 0, 0))
+    def test_subscribe_group(self, req):
+        self._request(req)
+        self.assertIsInstance(decode_request(req.encode()).start, Start)
+
+    @FAST
+    @given(acks)
+    @example(Ack(U32_MAX, "t", U64_MAX))
+    @example(Ack(0, "", 0))
+    def test_ack(self, req):
+        self._request(req)
+
+    @FAST
     @given(oks)
     @example(Ok(U32_MAX))
     def test_ok(self, rep):
@@ -684,7 +724,7 @@ class RejectionTests(SynchronousTestCase):
         is UNKNOWN_OPCODE; the rid comes from bytes 1-4 when present, else 0.
         """
         unknown = [op for op in range(256) if op not in REQUEST_OPCODES]
-        self.assertEqual(len(unknown), 246)
+        self.assertEqual(len(unknown), 244)
         self.assertTrue(REPLY_OPCODES <= set(unknown))
         for op in unknown:
             assertDecodeError(self, decode_request, bytes([op]), ErrorCode.UNKNOWN_OPCODE, 0)
@@ -719,6 +759,13 @@ class RejectionTests(SynchronousTestCase):
         for start in range(4):
             body = H("03 00000021 0001 74") + bytes([start]) + H("0000000000000000 00000000")
             self.assertEqual(decode_request(body).start, Start(start))
+
+    def test_subscribe_group_start_out_of_range(self):
+        for start in (4, 0x80, U8_MAX):
+            body = H("0b 00000021 0001 74 0001 67") + bytes([start]) + H("0000000000000000 00000000 00000000")
+            assertDecodeError(self, decode_request, body, ErrorCode.BAD_FRAME, 0x21)
+        body = H("0b 00000021 0001 74 0001 67 01 0000000000000000 00000000 00000000")
+        self.assertEqual(decode_request(body), SubscribeGroup(0x21, "t", "g", Start.LATEST))
 
     def test_publish_batch_count_zero(self):
         body = H("0a 00000005 0001 74 00000000")
@@ -912,7 +959,7 @@ class FuzzTests(SynchronousTestCase):
             self.assertIn(
                 type(req),
                 (Hello, CreateTopic, Subscribe, Unsubscribe, Publish, Commit, Close, Ping,
-                 ListTopics, PublishBatch),
+                 ListTopics, PublishBatch, SubscribeGroup, Ack),
             )
             # Whatever decodes is exactly what re-encodes to the same body.
             self.assertEqual(req.encode(), body)
@@ -972,3 +1019,34 @@ class TopicNameTests(SynchronousTestCase):
         for c in map(chr, range(128)):
             self.assertEqual(is_valid_topic(c), c in TOPIC_ALPHABET, repr(c))
             self.assertEqual(is_valid_topic("ok" + c + "ok"), c in TOPIC_ALPHABET, repr(c))
+
+
+class PatternNameTests(SynchronousTestCase):
+    """is_pattern (version 1.1): segments on ".", "*" alone any one, ">" alone and last one or more."""
+
+    SEGMENT = st.text(alphabet=TOPIC_ALPHABET.replace(".", ""), max_size=8)
+
+    @FAST
+    @given(st.lists(st.one_of(SEGMENT, st.just("*")), min_size=1, max_size=6), st.booleans())
+    def test_patterns_from_segments(self, segments, rest):
+        if rest:
+            segments = segments + [">"]
+        name = ".".join(segments)
+        wild = "*" in segments or rest
+        self.assertEqual(is_pattern(name), wild and len(name) <= 249, name)
+        # A name is a topic or a pattern, never both.
+        self.assertFalse(is_pattern(name) and is_valid_topic(name))
+
+    @FAST
+    @given(st.lists(SEGMENT, min_size=1, max_size=4), st.lists(SEGMENT, min_size=1, max_size=4),
+           st.sampled_from(["*", ">"]), st.sampled_from(["x{}", "{}x", "x{}x"]))
+    def test_a_wildcard_inside_a_segment_or_gt_not_last(self, before, after, wild, shape):
+        inside = ".".join(before + [shape.format(wild)] + after)
+        self.assertFalse(is_pattern(inside), inside)
+        self.assertFalse(is_pattern(".".join(before + [">"] + after)))
+
+    def test_edges(self):
+        for name in ("*", ">", "*.>", "a.*", ".*", "*.", "a." + "b" * 245 + ".*", "a." + "b" * 246 + ".*"):
+            self.assertEqual(is_pattern(name), len(name) <= 249, name)
+        for name in ("", "a", "**", ">>", "*>", ">.", "a.>.*", "é.*", "a b.*", "a.\x00.*"):
+            self.assertFalse(is_pattern(name), repr(name))

@@ -47,11 +47,30 @@ R14. The spec orders replies among themselves, and MESSAGE frames after their
     (offset order means nothing can come before it).
 R13. "closed after the error" (UNSUPPORTED_VERSION, FRAME_TOO_LARGE): requests
     pipelined behind the offending frame are not carried out or answered.
+
+Version 1.1 ("Additions": wildcard subscriptions, consumer groups):
+
+R15. "A reply comes before any MESSAGE frame that its request releases" is
+    checked on the raw stream: after SUBSCRIBE (pattern), SUBSCRIBE_GROUP,
+    ACK and COMMIT the next frame read is the reply.
+R16. A pattern in a request other than SUBSCRIBE and UNSUBSCRIBE (which
+    "names the pattern") is BAD_TOPIC, as any name with ``*`` or ``>`` was
+    in version 1.
+R17. COMMIT on a group subscription past the highest offset sent to this
+    connection on that topic is BAD_OFFSET (the error table's rule for COMMIT).
+R18. Not tested, the spec leaving them open: ACK on a topic the connection has
+    no group subscription to (not a member: NOT_SUBSCRIBED or BAD_OFFSET),
+    SUBSCRIBE_GROUP on a topic that does not exist, which member gets a message
+    sent again, and the exact spread over members (only "one member at a
+    time" and "every message to some member").
+R19. Timing: a message not acknowledged is expected again no earlier than
+    ``ack_timeout`` after it was sent and within a few seconds after that.
 """
 
 import atexit
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -328,7 +347,7 @@ class FramingTests(BrokerTestCase):
             wire.commit(rids[6], t, 0),
             wire.subscribe(rids[7], t, wire.START_LATEST, 0, 0),
             wire.unsubscribe(rids[8], t),
-            b"\x0b" + wire.u32(rids[9]),
+            b"\x0d" + wire.u32(rids[9]),
             wire.ping(rids[10]),
         )
         got = [c.reply() for _ in rids]
@@ -423,13 +442,13 @@ class FramingTests(BrokerTestCase):
 
     def test_unknown_opcode(self):
         c = self.connect()
-        for op in (0x00, 0x0B, 0x0C, 0x40, 0x7F, 0xFF):
+        for op in (0x00, 0x0D, 0x0E, 0x40, 0x7F, 0xFF):  # (0x0B, 0x0C: version 1.1)
             rid = self.rid()
             # R1: the body holds a rid, so the ERROR carries it.
             self.err_raw(c, bytes([op]) + wire.u32(rid), wire.UNKNOWN_OPCODE, rid)
             self.assertOpen(c)
         # too short to hold a rid: rid 0
-        self.err_raw(c, b"\x0b", wire.UNKNOWN_OPCODE, 0)
+        self.err_raw(c, b"\x0d", wire.UNKNOWN_OPCODE, 0)
         self.assertOpen(c)
 
     def test_bad_input_does_not_disturb_other_connection(self):
@@ -439,7 +458,7 @@ class FramingTests(BrokerTestCase):
         bad = self.connect()
         bad.send_raw(wire.u32(0))
         self.assertError(bad.reply(), 0, wire.BAD_FRAME)
-        self.err_raw(bad, b"\x0c" + wire.u32(5), wire.UNKNOWN_OPCODE, 5)
+        self.err_raw(bad, b"\x0e" + wire.u32(5), wire.UNKNOWN_OPCODE, 5)
         self.err_raw(bad, b"\x05\x00", wire.BAD_FRAME, 0)
         self.err(bad, wire.BAD_TOPIC, wire.publish, "", b"x")
         self.err(bad, wire.NOT_SUBSCRIBED, wire.unsubscribe, t)
@@ -1502,6 +1521,438 @@ class ConfiguredBrokerTests(BrokerTestCase):
         msgs = late.messages_n(i.retained)
         self.assertEqual([m.offset for m in msgs], list(range(5 - i.retained, 5)))
         self.assertNoMessages(late)
+
+
+# ===========================================================================
+# Version 1.1: wildcard subscriptions
+# ===========================================================================
+
+class QuickQuietTests(BrokerTestCase):
+    """A shorter quiet period after the PING barrier (R14): these tests check many absences."""
+
+    def assertNoMessages(self, c, quiet=0.15):
+        BrokerTestCase.assertNoMessages(self, c, quiet)
+
+
+class WildcardTests(QuickQuietTests):
+    """Every test uses its own prefix, so that its patterns match only its topics."""
+
+    def prefix(self):
+        return "w" + uuid.uuid4().hex
+
+    def pairs(self, msgs):
+        return [(m.topic, m.offset) for m in msgs]
+
+    def test_matching_rules(self):
+        p = self.prefix()
+        pub = self.connect()
+        names = ["%s.a.temp" % p, "%s.a.b.temp" % p, "%s" % p, "%s.a" % p, "%s.b.c" % p]
+        for name in names:
+            self.create(pub, name, 60000, 0)
+            self.publish(pub, name, name)
+        star = self.connect()
+        self.subscribe(star, "%s.*.temp" % p, wire.START_EARLIEST)
+        self.assertEqual(self.pairs(star.messages_n(1)), [("%s.a.temp" % p, 0)])
+        self.assertNoMessages(star)
+        rest = self.connect()
+        self.subscribe(rest, "%s.>" % p, wire.START_EARLIEST)
+        got = rest.messages_n(4)
+        self.assertEqual(sorted(self.pairs(got)), sorted((n, 0) for n in names if n != p))
+        for m in got:
+            self.assertEqual(m.value, m.topic.encode())  # each MESSAGE carries its own topic
+        self.assertNoMessages(rest)
+
+    def test_bad_patterns(self):
+        c = self.connect()
+        p = self.prefix()
+        for name in ("%s.a*" % p, "%s.*a" % p, "%s.>.b" % p, "%s.>>" % p, "%s.**" % p):
+            self.err(c, wire.BAD_TOPIC, wire.subscribe, name, wire.START_LATEST, 0, 0)
+        self.assertOpen(c)
+
+    def test_pattern_in_other_requests_is_bad_topic(self):
+        # R16
+        c = self.connect()
+        name = self.prefix() + ".*"
+        self.err(c, wire.BAD_TOPIC, wire.create_topic, name, 0, 0)
+        self.err(c, wire.BAD_TOPIC, wire.publish, name, b"x")
+        self.err(c, wire.BAD_TOPIC, wire.publish_batch, name, [(None, b"x")])
+        self.subscribe(c, name)
+        self.err(c, wire.BAD_TOPIC, wire.commit, name, 0)
+        self.assertOpen(c)
+
+    def test_a_pattern_creates_no_topic(self):
+        c = self.connect()
+        p = self.prefix()
+        self.subscribe(c, p + ".>")
+        self.subscribe(c, p + ".*")
+        self.assertEqual([n for n in self.topics(c) if n.startswith(p)], [])
+
+    def test_reply_before_messages(self):
+        # R15
+        p = self.prefix()
+        pub = self.connect()
+        self.create(pub, p + ".a", 60000, 0)
+        self.publish(pub, p + ".a", b"x")
+        c = self.connect()
+        rid = self.rid()
+        c.send(wire.subscribe(rid, p + ".*", wire.START_EARLIEST))
+        self.assertOK(c.read_frame(), rid)
+        f = c.read_frame()
+        self.assertEqual((f.name, f.topic, f.offset), ("MESSAGE", p + ".a", 0))
+
+    def test_start_applies_to_each_existing_topic(self):
+        p = self.prefix()
+        pub = self.connect()
+        for name, n in (("a", 3), ("b", 1)):
+            self.create(pub, "%s.%s" % (p, name), 60000, 0)
+            for i in range(n):
+                self.publish(pub, "%s.%s" % (p, name), b"%d" % i)
+        c = self.connect()
+        self.subscribe(c, p + ".*", wire.START_OFFSET, 1)  # b has nothing from 1 on: its next message
+        self.assertEqual(self.pairs(c.messages_n(2)), [(p + ".a", 1), (p + ".a", 2)])
+        self.assertNoMessages(c)
+        latest = self.connect()
+        self.subscribe(latest, p + ".*", wire.START_LATEST)
+        self.publish(pub, p + ".b", b"new")
+        self.assertEqual(self.pairs(latest.messages_n(1)), [(p + ".b", 1)])
+        self.assertEqual(self.pairs(c.messages_n(1)), [(p + ".b", 1)])
+
+    def test_topics_created_later_from_their_first_message(self):
+        p = self.prefix()
+        c = self.connect()
+        self.subscribe(c, p + ".>", wire.START_LATEST)
+        pub = self.connect()
+        self.publish(pub, p + ".new", b"1")  # made by PUBLISH
+        self.create(pub, p + ".made.here", 60000, 0)  # made by CREATE_TOPIC
+        self.publish(pub, p + ".made.here", b"2")
+        other = self.connect()
+        self.subscribe(other, p + ".sub")  # made by SUBSCRIBE
+        self.publish(pub, p + ".sub", b"3")
+        self.publish(pub, p, b"not matched")
+        msgs = c.messages_n(3)
+        self.assertEqual(self.pairs(msgs), [(p + ".new", 0), (p + ".made.here", 0), (p + ".sub", 0)])
+        self.assertEqual([m.value for m in msgs], [b"1", b"2", b"3"])
+        self.assertNoMessages(c)
+
+    def test_commit_and_max_inflight_per_topic(self):
+        p = self.prefix()
+        a, b = p + ".a", p + ".b"
+        pub = self.connect()
+        for t in (a, b):
+            self.create(pub, t, 60000, 0)
+            for i in range(3):
+                self.publish(pub, t, b"%d" % i)
+        c = self.connect()
+        self.subscribe(c, p + ".*", wire.START_EARLIEST, 0, 1)
+        self.assertEqual(sorted(self.pairs(c.messages_n(2))), [(a, 0), (b, 0)])
+        self.assertNoMessages(c)
+        self.err(c, wire.BAD_OFFSET, wire.commit, a, 1)
+        rid = self.rid()
+        c.send(wire.commit(rid, a, 0))
+        self.assertOK(c.read_frame(), rid)  # R15
+        self.assertEqual(self.pairs(c.messages_n(1)), [(a, 1)])
+        self.assertNoMessages(c)
+        self.commit(c, b, 0)
+        self.assertEqual(self.pairs(c.messages_n(1)), [(b, 1)])
+        self.err(c, wire.NOT_SUBSCRIBED, wire.commit, p + ".c", 0)
+
+    def test_durable_positions_per_topic(self):
+        p = self.prefix()
+        cid = "wild-" + uuid.uuid4().hex
+        pub = self.connect()
+        for t in (p + ".a", p + ".b"):
+            self.create(pub, t, 60000, 0)
+            for i in range(3):
+                self.publish(pub, t, b"%d" % i)
+        c = self.connect()
+        self.ok(c, wire.hello, 1, cid, "")
+        self.subscribe(c, p + ".*")
+        c.messages_n(6)
+        self.commit(c, p + ".a", 2)
+        self.commit(c, p + ".b", 0)
+        self.ok(c, wire.close)
+        again = self.connect()
+        self.ok(again, wire.hello, 1, cid, "")
+        self.subscribe(again, p + ".*")
+        self.assertEqual(sorted(self.pairs(again.messages_n(2))), [(p + ".b", 1), (p + ".b", 2)])
+        self.assertNoMessages(again)
+
+    def test_unsubscribe_names_the_pattern(self):
+        p = self.prefix()
+        c = self.connect()
+        self.subscribe(c, p + ".*")
+        pub = self.connect()
+        self.publish(pub, p + ".a", b"x")
+        self.assertEqual(self.pairs(c.messages_n(1)), [(p + ".a", 0)])
+        self.err(c, wire.NOT_SUBSCRIBED, wire.unsubscribe, p + ".a")
+        self.ok(c, wire.unsubscribe, p + ".*")
+        self.err(c, wire.NOT_SUBSCRIBED, wire.unsubscribe, p + ".*")
+        self.publish(pub, p + ".a", b"y")
+        self.publish(pub, p + ".b", b"y")
+        self.assertNoMessages(c)
+
+    def test_overlap_one_copy_per_subscription(self):
+        p = self.prefix()
+        c = self.connect()
+        for name in (p + ".*", p + ".>", p + ".a"):
+            self.subscribe(c, name, wire.START_LATEST)
+        self.err(c, wire.ALREADY_SUBSCRIBED, wire.subscribe, p + ".*", wire.START_LATEST, 0, 0)
+        pub = self.connect()
+        self.publish(pub, p + ".a", b"x")
+        self.assertEqual(self.pairs(c.messages_n(3)), [(p + ".a", 0)] * 3)
+        self.publish(pub, p + ".b.c", b"x")
+        self.assertEqual(self.pairs(c.messages_n(1)), [(p + ".b.c", 0)])
+        self.assertNoMessages(c)
+
+
+# ===========================================================================
+# Version 1.1: consumer groups
+# ===========================================================================
+
+class GroupTests(QuickQuietTests):
+
+    def group(self):
+        return "g" + uuid.uuid4().hex[:12]
+
+    def join(self, c, topic, group, start=wire.START_DEFAULT, offset=0, max_inflight=0, ack_timeout=0):
+        self.ok(c, wire.subscribe_group, topic, group, start, offset, max_inflight, ack_timeout)
+
+    def ack(self, c, topic, offset):
+        self.ok(c, wire.ack, topic, offset)
+
+    def jobs(self, pub, n, ttl=60000):
+        t = self.topic("jobs")
+        self.create(pub, t, ttl, 0)
+        for i in range(n):
+            self.publish(pub, t, b"job%d" % i, k=b"k%d" % i)
+        return t
+
+    def offsets(self, msgs):
+        return [m.offset for m in msgs]
+
+    def test_refusals(self):
+        c = self.connect()
+        live = self.topic()
+        self.create(c, live, 0, 0)
+        g = self.group()
+        self.err(c, wire.BAD_TOPIC, wire.subscribe_group, live, g)  # retention 0
+        t = self.jobs(c, 0)
+        self.err(c, wire.BAD_TOPIC, wire.subscribe_group, t + ".*", g)  # a pattern
+        self.err(c, wire.BAD_TOPIC, wire.subscribe_group, t.split(".")[0] + ".>", g)
+        for bad in ("", "a b", "g*", "x" * 250, "caf\u00e9"):
+            self.err(c, wire.BAD_TOPIC, wire.subscribe_group, t, bad)
+        self.join(c, t, g)
+        self.err(c, wire.ALREADY_SUBSCRIBED, wire.subscribe_group, t, g)
+        self.err(c, wire.ALREADY_SUBSCRIBED, wire.subscribe_group, t, self.group())
+        self.err(c, wire.ALREADY_SUBSCRIBED, wire.subscribe, t, wire.START_LATEST, 0, 0)
+        d = self.connect()
+        self.subscribe(d, t)
+        self.err(d, wire.ALREADY_SUBSCRIBED, wire.subscribe_group, t, g)
+        self.assertOpen(c)
+        self.assertOpen(d)
+
+    def test_one_member_at_a_time(self):
+        pub = self.connect()
+        t = self.jobs(pub, 20)
+        g = self.group()
+        a, b = self.connect(), self.connect()
+        self.join(a, t, g, max_inflight=100)
+        self.join(b, t, g, max_inflight=100)
+        for i in range(20, 40):
+            self.publish(pub, t, b"job%d" % i)
+        self.assertOpen(a)
+        self.assertOpen(b)
+        got_a = self.offsets(a.drain_messages(0.3))
+        got_b = self.offsets(b.drain_messages(0.3))
+        self.assertEqual(sorted(got_a + got_b), list(range(40)))  # each to one member, none lost
+        self.assertGreater(len(got_b), 0)  # (b joined while a held 20 of 40: b gets the live ones' share)
+
+    def test_plain_subscribers_still_get_every_message(self):
+        pub = self.connect()
+        t = self.jobs(pub, 3)
+        plain = self.connect()
+        self.subscribe(plain, t, wire.START_EARLIEST)
+        m = self.connect()
+        self.join(m, t, self.group())
+        self.expect(plain, t, [0, 1, 2])
+        self.expect(m, t, [0, 1, 2])
+
+    def test_reply_before_messages_and_ack_any_outstanding(self):
+        # R15
+        pub = self.connect()
+        t = self.jobs(pub, 5)
+        c = self.connect()
+        rid = self.rid()
+        c.send(wire.subscribe_group(rid, t, self.group(), wire.START_DEFAULT, 0, 3, 0))  # DEFAULT: EARLIEST
+        self.assertOK(c.read_frame(), rid)
+        self.assertEqual([c.read_frame().offset for _ in range(3)], [0, 1, 2])
+        self.assertNoMessages(c)
+        self.err(c, wire.BAD_OFFSET, wire.ack, t, 3)  # not sent
+        rid = self.rid()
+        c.send(wire.ack(rid, t, 1))  # not the oldest
+        self.assertOK(c.read_frame(), rid)
+        self.assertEqual(c.read_frame().offset, 3)
+        self.err(c, wire.BAD_OFFSET, wire.ack, t, 1)  # no longer outstanding
+        rid = self.rid()
+        c.send(wire.commit(rid, t, 2))  # acknowledges 0 and 2
+        self.assertOK(c.read_frame(), rid)
+        self.assertEqual(c.read_frame().offset, 4)
+        self.err(c, wire.BAD_OFFSET, wire.ack, t, 0)
+        self.err(c, wire.BAD_OFFSET, wire.commit, t, 5)  # R17
+        self.ack(c, t, 3)
+        self.ack(c, t, 4)
+        self.assertNoMessages(c)
+
+    def test_ack_of_another_members_message(self):
+        pub = self.connect()
+        t = self.jobs(pub, 2)
+        g = self.group()
+        a, b = self.connect(), self.connect()
+        self.join(a, t, g, max_inflight=1)
+        self.expect(a, t, [0])
+        self.join(b, t, g, max_inflight=1)
+        self.expect(b, t, [1])
+        self.err(b, wire.BAD_OFFSET, wire.ack, t, 0)
+        self.err(a, wire.BAD_OFFSET, wire.ack, t, 1)
+
+    def test_max_inflight_per_member(self):
+        pub = self.connect()
+        t = self.jobs(pub, 6)
+        c = self.connect()
+        self.join(c, t, self.group(), max_inflight=2)
+        self.expect(c, t, [0, 1])
+        self.assertNoMessages(c)
+        self.ack(c, t, 0)
+        self.expect(c, t, [2])
+        self.assertNoMessages(c)
+
+    def test_start_sets_position_of_a_new_group_only(self):
+        pub = self.connect()
+        t = self.jobs(pub, 4)
+        g = self.group()
+        a = self.connect()
+        self.join(a, t, g, wire.START_OFFSET, 2)
+        self.expect(a, t, [2, 3])
+        b = self.connect()
+        self.join(b, t, g, wire.START_EARLIEST)  # ignored: the group exists
+        self.assertNoMessages(b)
+        latest = self.connect()
+        self.join(latest, t, self.group(), wire.START_LATEST)
+        self.assertNoMessages(latest)
+        self.publish(pub, t, b"next")
+        self.expect(latest, t, [4])
+
+    def test_redelivered_after_ack_timeout(self):
+        # R19
+        pub = self.connect()
+        t = self.jobs(pub, 1)
+        c = self.connect()
+        self.join(c, t, self.group(), ack_timeout=300)
+        sent_at = time.monotonic()
+        first = c.message()
+        again = c.message(timeout=5)
+        self.assertGreaterEqual(time.monotonic() - sent_at, 0.25)
+        self.assertEqual((again.topic, again.offset, again.timestamp, again.key, again.value),
+                         (first.topic, first.offset, first.timestamp, first.key, first.value))
+        self.assertEqual((first.key, first.value), (b"k0", b"job0"))
+        self.ack(c, t, 0)
+        self.assertNoMessages(c, quiet=0.4)
+
+    def test_redelivered_when_a_member_disconnects(self):
+        pub = self.connect()
+        t = self.jobs(pub, 3)
+        g = self.group()
+        a = self.connect()
+        self.join(a, t, g, max_inflight=2)
+        self.expect(a, t, [0, 1])
+        b = self.connect()
+        self.join(b, t, g, max_inflight=5)
+        self.expect(b, t, [2])
+        a.close()
+        msgs = b.messages_n(2)
+        self.assertEqual(sorted(self.offsets(msgs)), [0, 1])
+        self.assertEqual([m.value for m in sorted(msgs, key=lambda m: m.offset)], [b"job0", b"job1"])
+
+    def test_redelivered_when_a_member_unsubscribes(self):
+        pub = self.connect()
+        t = self.jobs(pub, 2)
+        g = self.group()
+        a = self.connect()
+        self.join(a, t, g, max_inflight=1)
+        self.expect(a, t, [0])
+        b = self.connect()
+        self.join(b, t, g, max_inflight=1)
+        self.expect(b, t, [1])
+        self.ack(b, t, 1)
+        self.ok(a, wire.unsubscribe, t)
+        self.expect(b, t, [0])
+        self.err(a, wire.NOT_SUBSCRIBED, wire.unsubscribe, t)
+        self.publish(pub, t, b"later")
+        self.assertNoMessages(a)
+
+    def test_position_outlives_members(self):
+        pub = self.connect()
+        t = self.jobs(pub, 4)
+        g = self.group()
+        a = self.connect()
+        self.join(a, t, g, max_inflight=2)
+        self.expect(a, t, [0, 1])
+        self.ack(a, t, 0)
+        self.expect(a, t, [2])
+        self.ok(a, wire.close)
+        b = self.connect()
+        self.join(b, t, g, wire.START_LATEST)  # ignored: the group resumes at 1
+        self.expect(b, t, [1, 2, 3])
+
+    def test_expired_before_acknowledgement_is_skipped(self):
+        pub = self.connect()
+        t = self.jobs(pub, 2, ttl=400)
+        g = self.group()
+        a = self.connect()
+        self.join(a, t, g, max_inflight=1, ack_timeout=60000)
+        self.expect(a, t, [0])
+        time.sleep(0.6)  # both expire: 0 outstanding, 1 never sent
+        self.ok(a, wire.unsubscribe, t)
+        b = self.connect()
+        self.join(b, t, g)
+        self.assertNoMessages(b)
+        self.publish(pub, t, b"fresh")
+        self.expect(b, t, [2], [b"fresh"])
+
+
+class GroupRestartTests(unittest.TestCase):
+    """The group's position with data on disk: it outlives a restart."""
+
+    def test_group_resumes_after_a_restart(self):
+        data = tempfile.mkdtemp(prefix="zaichik-conformance-data-")
+        broker = None
+        try:
+            broker = Broker("--data-dir", data)
+            with wire.Client(broker.port) as c:
+                rid = 7
+                c.send(wire.create_topic(rid, "jobs", 60000, 0))
+                self.assertEqual(c.reply().name, "OK")
+                for i in range(4):
+                    c.send(wire.publish(10 + i, "jobs", b"job%d" % i))
+                    self.assertEqual(c.reply().name, "PUBLISHED")
+                c.send(wire.subscribe_group(20, "jobs", "workers", wire.START_EARLIEST, 0, 3, 0))
+                self.assertEqual(c.reply().name, "OK")
+                self.assertEqual([m.offset for m in c.messages_n(3)], [0, 1, 2])
+                for rid, offset in ((21, 0), (22, 2)):
+                    c.send(wire.ack(rid, "jobs", offset))
+                    f = c.reply()
+                    self.assertEqual((f.name, f.rid), ("OK", rid))
+            broker.stop()
+            broker = Broker("--data-dir", data)
+            with wire.Client(broker.port) as c:
+                c.send(wire.subscribe_group(1, "jobs", "workers", wire.START_LATEST, 0, 10, 0))
+                self.assertEqual(c.reply().name, "OK")
+                # Lowest unacknowledged: 1 (2 is sent again: it is above the position).
+                self.assertEqual([m.offset for m in c.messages_n(3)], [1, 2, 3])
+        finally:
+            if broker is not None:
+                broker.stop()
+            shutil.rmtree(data, True)
 
 
 if __name__ == "__main__":

@@ -437,6 +437,38 @@ class StorageContract:
         self.reopen()
         self.assertEqual(self.storage.commits(), {"worker": {"t": 7}, "other": {"u": 1}})
 
+    # -- consumer groups' positions (protocol 1.1) ----------------------------------
+
+    def record_group(self, topic: str, group: str, offset: int) -> None:
+        d = self.storage.record_group_position(topic, group, offset)
+        self.storage.sync()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_record_group_position(self):
+        self.assertEqual(self.storage.group_positions(), {})
+        for topic, group, offset in [("jobs", "w", 0), ("jobs", "w", 4), ("jobs", "x", 1), ("u/v", "w", 9)]:
+            self.record_group(topic, group, offset)
+        self.assertEqual(self.storage.group_positions(), {"jobs": {"w": 4, "x": 1}, "u/v": {"w": 9}})
+        self.assertEqual(self.storage.commits(), {})  # apart from the clients' commits
+
+    def test_group_positions_survive_a_restart_apart_from_commits(self):
+        # A client_id may be any string, "group" included: it never names a group's position.
+        for client_id in ("group", "jobs", "group:w"):
+            d = self.storage.record_commit(client_id, "jobs", 2)
+            self.storage.sync()
+            self.successResultOf(d)
+        self.record_group("jobs", "w", 3)
+        self.record_group("jobs", "w", 5)
+        self.record_group("group", "jobs", 7)
+        self.reopen()
+        self.assertEqual(self.storage.group_positions(), {"jobs": {"w": 5}, "group": {"jobs": 7}})
+        self.assertEqual(self.storage.commits(), {"group": {"jobs": 2}, "jobs": {"jobs": 2}, "group:w": {"jobs": 2}})
+        self.storage.forget_client("group")
+        self.storage.sync()
+        self.reopen()
+        self.assertEqual(self.storage.group_positions(), {"jobs": {"w": 5}, "group": {"jobs": 7}})
+        self.assertNotIn("group", self.storage.commits())
+
     # -- open and close ------------------------------------------------------------
 
     def test_open_reports_the_topics(self):

@@ -1,6 +1,7 @@
 """
-A tiny, independent implementation of the zaichik wire protocol v1, written
-from ``protocol-v1.md`` alone, for the conformance suite.
+A tiny, independent implementation of the zaichik wire protocol v1 (with the
+version 1.1 additions: SUBSCRIBE_GROUP and ACK), written from
+``protocol-v1.md`` alone, for the conformance suite.
 
 Nothing here imports the ``zaichik`` package: the point is to check the broker
 against the spec text, the way a client author in another language would.
@@ -34,6 +35,8 @@ CLOSE = 0x07
 PING = 0x08
 LIST_TOPICS = 0x09
 PUBLISH_BATCH = 0x0A
+SUBSCRIBE_GROUP = 0x0B  # version 1.1 ("Additions")
+ACK = 0x0C  # version 1.1
 
 OK = 0x80
 ERROR = 0x81
@@ -177,6 +180,15 @@ def publish_batch(rid, topic, messages, count=None):
     for k, v in messages:
         body += key(k) + blob(v)
     return body
+
+
+def subscribe_group(rid, topic, group, start=START_DEFAULT, offset=0, max_inflight=0, ack_timeout=0):
+    return (u8(SUBSCRIBE_GROUP) + u32(rid) + string(topic) + string(group) + u8(start)
+            + u64(offset) + u32(max_inflight) + u32(ack_timeout))
+
+
+def ack(rid, topic, offset):
+    return u8(ACK) + u32(rid) + string(topic) + u64(offset)
 
 
 # --- strict decoder --------------------------------------------------------

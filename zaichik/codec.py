@@ -37,6 +37,8 @@ class Opcode(IntEnum):
     PING = 0x08
     LIST_TOPICS = 0x09
     PUBLISH_BATCH = 0x0A
+    SUBSCRIBE_GROUP = 0x0B  # version 1.1
+    ACK = 0x0C  # version 1.1
 
     OK = 0x80
     ERROR = 0x81
@@ -103,6 +105,34 @@ def is_valid_topic(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return _TOPIC_RE.match(raw) is not None
+
+
+# A pattern's segments other than the wildcards: what a topic's may be,
+# less the dot that separates them (an empty segment is one too: "a..b").
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_/-]*\Z")
+
+
+def is_pattern(name: str) -> bool:
+    """
+    Is C{name} a wildcard pattern (version 1.1, SUBSCRIBE only): 1 to 249
+    bytes that split on C{.} into segments, at least one of them a wildcard,
+    where a segment that is exactly C{*} matches any one segment and a last
+    segment that is exactly C{>} matches one or more, and every other
+    segment is made of a topic name's characters?  A C{*} or C{>} anywhere
+    else (inside a segment, C{>} not last) makes it no pattern (and, since
+    neither character may be in a topic name, C{BAD_TOPIC}).
+    """
+    if not 0 < len(name) <= MAX_TOPIC_LENGTH:
+        return False
+    segments = name.split(".")
+    wild = False
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        if segment == "*" or (segment == ">" and i == last):
+            wild = True
+        elif not _SEGMENT_RE.match(segment):
+            return False
+    return wild
 
 
 # --- primitive encoders ------------------------------------------------------
@@ -348,6 +378,46 @@ class PublishBatch:
         return b"".join(parts)
 
 
+@dataclass(slots=True)
+class SubscribeGroup:
+    """SUBSCRIBE_GROUP (version 1.1): join C{group}, a consumer group of C{topic}."""
+
+    rid: int
+    topic: str
+    group: str
+    start: Start = Start.DEFAULT
+    offset: int = 0
+    max_inflight: int = 0
+    ack_timeout: int = 0
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.SUBSCRIBE_GROUP, self.rid)
+            + _string(self.topic)
+            + _string(self.group)
+            + _u8.pack(self.start)
+            + _u64.pack(self.offset)
+            + _u32.pack(self.max_inflight)
+            + _u32.pack(self.ack_timeout)
+        )
+
+
+@dataclass(slots=True)
+class Ack:
+    """ACK (version 1.1): one message sent to this group member is done with."""
+
+    rid: int
+    topic: str
+    offset: int
+
+    def encode(self) -> bytes:
+        return (
+            _op_rid.pack(Opcode.ACK, self.rid)
+            + _string(self.topic)
+            + _u64.pack(self.offset)
+        )
+
+
 Request = Union[
     Hello,
     CreateTopic,
@@ -359,6 +429,8 @@ Request = Union[
     Ping,
     ListTopics,
     PublishBatch,
+    SubscribeGroup,
+    Ack,
 ]
 
 
@@ -404,6 +476,24 @@ def _decode_commit(r: _Reader) -> Commit:
     return Commit(rid, r.string("topic"), r.u64("offset"))
 
 
+def _decode_subscribe_group(r: _Reader) -> SubscribeGroup:
+    rid = r.read_rid()
+    topic = r.string("topic")
+    group = r.string("group")
+    start = r.u8("start")
+    offset = r.u64("offset")
+    max_inflight = r.u32("max_inflight")
+    ack_timeout = r.u32("ack_timeout")
+    if start > Start.EARLIEST:
+        raise r.fail(f"unknown start {start}")
+    return SubscribeGroup(rid, topic, group, Start(start), offset, max_inflight, ack_timeout)
+
+
+def _decode_ack(r: _Reader) -> Ack:
+    rid = r.read_rid()
+    return Ack(rid, r.string("topic"), r.u64("offset"))
+
+
 def _decode_publish_batch(r: _Reader) -> PublishBatch:
     rid = r.read_rid()
     topic = r.string("topic")
@@ -432,6 +522,8 @@ _REQUEST_DECODERS: Dict[int, Callable[[_Reader], Request]] = {
     Opcode.PING: lambda r: Ping(r.read_rid()),
     Opcode.LIST_TOPICS: lambda r: ListTopics(r.read_rid()),
     Opcode.PUBLISH_BATCH: _decode_publish_batch,
+    Opcode.SUBSCRIBE_GROUP: _decode_subscribe_group,
+    Opcode.ACK: _decode_ack,
 }
 
 

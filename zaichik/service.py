@@ -5,9 +5,9 @@ retention sweep.  Connections (see L{zaichik.session}) call into it.
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -18,6 +18,8 @@ from zaichik.auth import AllowAll, IAuthenticator
 from zaichik.clock import wall_clock
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
+from zaichik.groups import Group
+from zaichik.patterns import PatternIndex
 from zaichik.storage import IStorage
 from zaichik.storage.memory import MemoryStorage
 from zaichik.topic import KeyBudget, Topic
@@ -67,6 +69,8 @@ class Limits:
     @ivar max_client_id: bytes of a HELLO's client_id.
     @ivar durable_ttl: ms after which a durable client's positions are
         forgotten if it has neither been connected nor committed.
+    @ivar max_groups: consumer groups in all (each is remembered for good);
+        a SUBSCRIBE_GROUP that would make one more is refused with LIMIT.
     """
 
     max_connections: int = 10_000
@@ -86,6 +90,7 @@ class Limits:
     max_compaction_keys_total: int = 4_000_000
     max_client_id: int = 256
     durable_ttl: int = 7 * 24 * 3600 * 1000
+    max_groups: int = 100_000
 
 
 @dataclass
@@ -149,6 +154,11 @@ class BrokerService(Service):
         self.keys = KeyBudget(limits.max_compaction_keys, limits.max_compaction_keys_total, limits.max_key_size)
         self.topics: Dict[str, Topic] = {}
         self.topic_names: List[str] = []  # sorted, for LIST_TOPICS
+        # Wildcard subscriptions of every connection, told of new topics.
+        self.patterns = PatternIndex()
+        # Consumer groups, by (topic, group name): made at their first
+        # SUBSCRIBE_GROUP (at their recorded position, after a restart).
+        self.groups: Dict[Tuple[str, str], Group] = {}
         self._durable_sessions: Dict[str, Any] = {}  # client_id -> its Session
         self._last_seen: Dict[str, int] = {}  # client_id -> when it last left (ms)
         self._durable_queue: List[str] = []
@@ -180,12 +190,35 @@ class BrokerService(Service):
         self.ready.callback(None)
 
     def _notRecovered(self, failure) -> None:
-        _log.failure("Could not open storage; stopping", failure)
+        """
+        Storage could not be opened (the data dir locked, unwritable, or in
+        a newer format), or the topics not recovered: C{ready} fails with
+        the reason and a running reactor is stopped.  Whoever waits on
+        C{ready} says why (C{twistd zaichik}: one line on stderr, exit
+        status 1); if nothing handled the failure, one line is logged here
+        (with the traceback only for an unexpected error).
+        """
         from twisted.internet import reactor
 
-        if reactor.running and self.clock is reactor:
-            reactor.stop()
+        from zaichik.storage import StorageError
+        from zaichik.storage.disk import DataDirError, DataDirLocked
+
+        def unreported(failure):
+            if failure.check(OSError, StorageError, DataDirError, DataDirLocked):
+                _log.critical("Could not open storage: {error}; stopping", error=failure.getErrorMessage())
+            else:
+                _log.failure("Could not open storage; stopping", failure)
+            return failure
+
         self.ready.errback(failure)
+        self.ready.addErrback(unreported)  # runs only if the failure is still unhandled
+        if reactor.running and self.clock is reactor:
+            from twisted.internet.error import ReactorNotRunning
+
+            try:
+                reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping (twistd zaichik stopped it)
 
     def stopService(self) -> Deferred:
         if self._sweeper is not None and self._sweeper.running:
@@ -256,7 +289,21 @@ class BrokerService(Service):
                       max_frame_size=limits.max_frame_size)
         self.topics[name] = topic
         insort(self.topic_names, name)
+        if self.patterns:
+            for pattern in self.patterns.match(name):
+                pattern.topic_created(topic)
         return topic
+
+    def topics_from(self, prefix: str) -> Iterator[Topic]:
+        """The topics whose names start with C{prefix}, in name order."""
+        names = self.topic_names
+        i = bisect_left(names, prefix)
+        topics = self.topics
+        while i < len(names) and names[i].startswith(prefix):
+            topic = topics.get(names[i])
+            i += 1
+            if topic is not None:
+                yield topic
 
     def create_topic(self, name: str, retention_ttl: int, compaction_window: int) -> Topic:
         """
@@ -285,6 +332,30 @@ class BrokerService(Service):
         if topic is None:
             topic = self.create_topic(name, self.default_retention, self.default_compaction_window)
         return topic
+
+    # -- consumer groups -----------------------------------------------------------
+
+    def group(self, topic: Topic, name: str, start: int = 0) -> Tuple[Group, Optional[Deferred]]:
+        """
+        Group C{name} of C{topic}, made if new: at its recorded position if
+        storage has one (after a restart), else at C{start}.  With it, what
+        recording a new group's position returns (None for a known group).
+        """
+        key = (topic.name, name)
+        group = self.groups.get(key)
+        if group is not None:
+            return group, None
+        recorded = self.storage.group_positions().get(topic.name, {}).get(name)
+        if recorded is None and len(self.groups) >= self.limits.max_groups:
+            raise ZaichikError(ErrorCode.LIMIT, f"group limit of {self.limits.max_groups} reached")
+        position = start if recorded is None else min(max(recorded, 0), topic.next_offset)
+        group = Group(topic, name, position, self.clock, self.work,
+                      lambda offset: self.storage.record_group_position(topic.name, name, offset))
+        self.groups[key] = group
+        if recorded is None:
+            group.recorded = position
+            return group, self.storage.record_group_position(topic.name, name, position)
+        return group, None
 
     def list_topics(self) -> List[TopicInfo]:
         return [self.topics[name].info() for name in self.topic_names]

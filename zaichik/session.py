@@ -18,9 +18,12 @@ from zaichik import codec
 from zaichik.codec import ErrorCode
 from zaichik.auth import ALLOW_ALL, Permissions
 from zaichik.errors import ZaichikError
+from zaichik.groups import GroupMember
+from zaichik.patterns import PatternSubscription, literal_prefix
 from zaichik.service import BrokerService
 from zaichik.storage import StorageError
 from zaichik.subscription import Output, Subscription
+from zaichik.topic import Topic
 from zaichik.work import Pending
 
 _log = Logger()
@@ -40,14 +43,44 @@ def _storage_error(failure) -> ZaichikError:
 
 def _check_topic(name: str) -> None:
     if not codec.is_valid_topic(name):
+        if codec.is_pattern(name):
+            raise ZaichikError(ErrorCode.BAD_TOPIC, "a pattern is allowed in SUBSCRIBE and UNSUBSCRIBE only")
         raise ZaichikError(ErrorCode.BAD_TOPIC,
                            "a topic name is 1 to 249 bytes of A-Z a-z 0-9 . _ - /")
+
+
+def _pending(d: Optional[Deferred]) -> Optional[Pending]:
+    """What a reply must wait for, given what storage returned for a write (None: nothing)."""
+    if d is None or (d.called and d.result is None):
+        return None  # (stored already)
+    pending = Pending()
+    d.addCallbacks(lambda _: pending.settle(), lambda f: pending.settle(_storage_error(f)))
+    return None if pending.done and pending.error is None else pending
+
+
+def _either(first: Optional[Pending], second: Optional[Pending]) -> Optional[Pending]:
+    """One L{Pending} for two: settled once both are, with the first error."""
+    if first is None or second is None:
+        return first if second is None else second
+    both = Pending()
+
+    def settled() -> None:
+        if first.done and second.done and not both.done:
+            both.settle(first.error or second.error)
+
+    first.when_done(settled)
+    second.when_done(settled)
+    return both
 
 
 class Session:
     """
     @ivar client_id: the durable client id given by HELLO, or "".
     @ivar subscriptions: this connection's subscriptions by topic name.
+    @ivar patterns: its wildcard subscriptions by pattern (protocol 1.1).
+    @ivar groups: its consumer group memberships by topic name (protocol
+        1.1); a topic has at most one subscription here or in
+        C{subscriptions}.
     """
 
     def __init__(
@@ -66,6 +99,8 @@ class Session:
             None if service.authenticator.requires_hello else ALLOW_ALL)
         self._allowed: Dict[Tuple[str, str], bool] = {}
         self.subscriptions: Dict[str, Subscription] = {}
+        self.patterns: Dict[str, PatternSubscription] = {}
+        self.groups: Dict[str, GroupMember] = {}
         self.ended = False
         self.output = Output(self._write_ordered)
         self._send_reply = reply
@@ -92,6 +127,8 @@ class Session:
             codec.Ping: self._ping,
             codec.ListTopics: self._list_topics,
             codec.PublishBatch: self._publish_batch,
+            codec.SubscribeGroup: self._subscribe_group,
+            codec.Ack: self._ack,
         }
 
     # -- dispatch ----------------------------------------------------------------
@@ -269,6 +306,14 @@ class Session:
         for subscription in self.subscriptions.values():
             subscription.cancel()
         self.subscriptions.clear()
+        for pattern in self.patterns.values():
+            self.service.patterns.remove(pattern)
+            pattern.cancel()
+        self.patterns.clear()
+        members = list(self.groups.values())
+        self.groups.clear()
+        for member in members:
+            member.leave()  # what was outstanding goes to the other members
         if self.client_id:
             self.service.detach(self.client_id, self)
 
@@ -293,7 +338,15 @@ class Session:
         for subscription in list(self.subscriptions.values()):
             subscription.drain()
             if self.output.paused:
-                break
+                return
+        for pattern in list(self.patterns.values()):
+            pattern.drain()
+            if self.output.paused:
+                return
+        for member in list(self.groups.values()):
+            member.group.dispatch()
+            if self.output.paused:
+                return
 
     def _subscriptionStopped(self, subscription: Subscription, why: str) -> None:
         """A subscription ended on the broker's side: forget it, and tell the client (rid 0)."""
@@ -306,6 +359,27 @@ class Session:
         subscription.cancel()
         if not self.ended:
             self.fail(0, ZaichikError(ErrorCode.INTERNAL, f"subscription to {name} ended: {why}"))
+
+    def _patternStopped(self, pattern: PatternSubscription, subscription: Subscription, why: str) -> None:
+        """One topic of a wildcard subscription ended on the broker's side: it is no longer followed."""
+        name = subscription.topic.name
+        if pattern.subscriptions.get(name) is not subscription:
+            return
+        pattern.drop(name)
+        self._remember_sent(name, subscription.last_sent)
+        if not self.ended:
+            self.fail(0, ZaichikError(ErrorCode.INTERNAL, f"subscription to {name} (by {pattern.pattern}) "
+                                                          f"ended: {why}"))
+
+    def _memberStopped(self, member: GroupMember, why: str) -> None:
+        """A group membership ended on the broker's side: forget it, and tell the client (rid 0)."""
+        name = member.topic.name
+        if self.groups.get(name) is not member:
+            return
+        del self.groups[name]
+        member.leave()
+        if not self.ended:
+            self.fail(0, ZaichikError(ErrorCode.INTERNAL, f"group {member.group.name} on {name} ended: {why}"))
 
     def _overflowed(self, subscription: Subscription) -> None:
         """A subscription's queue passed the output limit: a slow consumer."""
@@ -330,10 +404,30 @@ class Session:
         if not self.client_id:
             self._commits[topic] = offset
             return None
-        pending = Pending()
-        self.service.record_commit(self.client_id, topic, offset).addCallbacks(
-            lambda _: pending.settle(), lambda f: pending.settle(_storage_error(f)))
-        return None if pending.done and pending.error is None else pending
+        return _pending(self.service.record_commit(self.client_id, topic, offset))
+
+    def _remember_sent(self, name: str, last_sent: Optional[int]) -> None:
+        """The connection's highest offset sent on topic C{name}, kept past the subscription that sent it."""
+        if last_sent is not None and last_sent > self._last_sent.get(name, -1):
+            self._last_sent[name] = last_sent
+
+    def _following(self, name: str) -> list:
+        """This connection's plain and wildcard subscriptions to topic C{name}."""
+        found = []
+        plain = self.subscriptions.get(name)
+        if plain is not None:
+            found.append(plain)
+        for pattern in self.patterns.values():
+            subscription = pattern.subscriptions.get(name)
+            if subscription is not None:
+                found.append(subscription)
+        return found
+
+    def _count_subscriptions(self) -> None:
+        """Refuse with LIMIT a subscription beyond --max-subscriptions (plain, pattern and group alike)."""
+        limit = self.service.limits.max_subscriptions
+        if len(self.subscriptions) + len(self.patterns) + len(self.groups) >= limit:
+            raise ZaichikError(ErrorCode.LIMIT, f"subscription limit of {limit} per connection reached")
 
     # -- requests ------------------------------------------------------------
 
@@ -409,12 +503,12 @@ class Session:
 
     def _subscribe(self, request: codec.Subscribe) -> None:
         name = request.topic
+        if not codec.is_valid_topic(name) and codec.is_pattern(name):
+            return self._subscribe_pattern(request)
         _check_topic(name)
-        if name in self.subscriptions:
+        if name in self.subscriptions or name in self.groups:
             raise ZaichikError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
-        limit = self.service.limits.max_subscriptions
-        if len(self.subscriptions) >= limit:
-            raise ZaichikError(ErrorCode.LIMIT, f"subscription limit of {limit} per connection reached")
+        self._count_subscriptions()
         self._allow("subscribe", name)
         topic = self.service.topic(name)
         first = topic.start_offset(request.start, request.offset, self.committed(name))
@@ -426,15 +520,120 @@ class Session:
         self._reply(codec.Ok(request.rid))
         subscription.drain()
 
+    def _subscribe_pattern(self, request: codec.Subscribe) -> None:
+        """
+        SUBSCRIBE with a pattern: follow every matching topic the connection
+        may subscribe to, those that exist now (from C{start}, each with its
+        own durable position) and those created later (from their first
+        message).  A pattern creates no topic.
+        """
+        name = request.topic
+        if name in self.patterns:
+            raise ZaichikError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
+        self._count_subscriptions()
+        limits = self.service.limits
+        pattern: PatternSubscription
+
+        def follow(topic: Topic, start: Optional[int]) -> Optional[Subscription]:
+            if not self._may("subscribe", topic.name):
+                return None
+            return Subscription(topic, self.output, request.max_inflight, self._last_sent.get(topic.name), start,
+                                limits.max_output_buffer, self._overflowed,
+                                lambda subscription, why: self._patternStopped(pattern, subscription, why))
+
+        pattern = PatternSubscription(name, follow)
+        for topic in list(self.service.topics_from(literal_prefix(name))):
+            if pattern.matches(topic.name):  # (follow() asks the permissions)
+                pattern.follow(topic, topic.start_offset(request.start, request.offset, self.committed(topic.name)))
+        self.service.patterns.add(pattern)
+        self.patterns[name] = pattern
+        self._reply(codec.Ok(request.rid))
+        pattern.drain()
+
+    def _may(self, action: str, name: str) -> bool:
+        """Do the connection's permissions allow C{action} on existing topic C{name}?"""
+        if self.permissions is ALLOW_ALL:
+            return True
+        try:
+            self._allow(action, name)
+        except ZaichikError:
+            return False
+        return True
+
+    def _subscribe_group(self, request: codec.SubscribeGroup) -> None:
+        """
+        SUBSCRIBE_GROUP: join group C{request.group} of a topic that retains
+        messages (made, if new, at C{start}; DEFAULT means EARLIEST).  The OK
+        comes before the messages the membership releases, and waits for the
+        new group's position to be recorded.
+        """
+        name = request.topic
+        _check_topic(name)  # (a pattern too: BAD_TOPIC)
+        if not codec.is_valid_topic(request.group):
+            raise ZaichikError(ErrorCode.BAD_TOPIC, "a group name is 1 to 249 bytes of A-Z a-z 0-9 . _ - /")
+        if name in self.subscriptions or name in self.groups:
+            raise ZaichikError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
+        self._count_subscriptions()
+        permissions = self.permissions
+        if permissions is not ALLOW_ALL and permissions is not None and not permissions.may_subscribe(name):
+            raise ZaichikError(ErrorCode.NOT_AUTHORIZED, f"not allowed to subscribe {name}")
+        topic = self.service.topics.get(name)
+        if topic is None:
+            if not self.service.default_retention:
+                raise ZaichikError(ErrorCode.BAD_TOPIC, f"{name} does not exist, and a new topic would retain "
+                                                        f"nothing: a group needs retained messages")
+            self._allow("subscribe", name)  # (using a new topic creates it: that needs create too)
+            topic = self.service.topic(name)
+        if not topic.retains:
+            raise ZaichikError(ErrorCode.BAD_TOPIC, f"{name} retains nothing (retention_ttl 0): "
+                                                    f"a group needs retained messages")
+        start = codec.Start.EARLIEST if request.start == codec.Start.DEFAULT else request.start
+        # (Where the group begins, if it is new: a known group ignores it.)
+        group, recorded = self.service.group(topic, request.group, topic.start_offset(start, request.offset))
+        member = GroupMember(group, self.output, request.max_inflight, request.ack_timeout, self._memberStopped)
+        group.join(member)
+        self.groups[name] = member
+        self._reply(codec.Ok(request.rid), _pending(recorded))
+        group.dispatch()  # after the reply: what it releases follows it
+
+    def _ack(self, request: codec.Ack) -> None:
+        name = request.topic
+        _check_topic(name)
+        member = self.groups.get(name)
+        if member is None:
+            raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not a member of a group on {name}")
+        if not member.acknowledge(request.offset):
+            raise ZaichikError(ErrorCode.BAD_OFFSET, f"offset {request.offset} is not outstanding for this "
+                                                     f"member of {member.group.name} on {name}")
+        self._reply(codec.Ok(request.rid), _pending(member.group.settle()))
+        member.group.dispatch()  # after the reply: what it releases follows it
+
     def _unsubscribe(self, request: codec.Unsubscribe) -> None:
-        _check_topic(request.topic)
-        subscription = self.subscriptions.pop(request.topic, None)
+        name = request.topic
+        if not codec.is_valid_topic(name) and codec.is_pattern(name):
+            pattern = self.patterns.pop(name, None)
+            if pattern is None:
+                raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {name}")
+            self.service.work.flush()  # what was published before this request is delivered
+            self.service.patterns.remove(pattern)
+            pattern.cancel()
+            for topic, followed in pattern.subscriptions.items():
+                self._remember_sent(topic, followed.last_sent)
+            self._reply(codec.Ok(request.rid))
+            return
+        _check_topic(name)
+        member = self.groups.pop(name, None)
+        if member is not None:
+            self.service.work.flush()
+            member.leave()  # what was outstanding goes back to the group
+            self._reply(codec.Ok(request.rid))
+            return
+        subscription = self.subscriptions.pop(name, None)
         if subscription is None:
-            raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {request.topic}")
+            raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {name}")
         self.service.work.flush()  # what was published before this request is delivered
         subscription.cancel()
-        if subscription.last_sent is not None:
-            self._last_sent[request.topic] = subscription.last_sent
+        self._remember_sent(name, subscription.last_sent)
         self._reply(codec.Ok(request.rid))
 
     def _topic(self, name: str):
@@ -468,17 +667,15 @@ class Session:
     def _commit(self, request: codec.Commit) -> None:
         name = request.topic
         _check_topic(name)
+        if self.patterns or self.groups:
+            return self._commit_shared(request)
         subscription = self.subscriptions.get(name)
         if subscription is None:
             raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {name}")
         last = self.committed(name)
         if last is None or request.offset > last:
             if subscription.last_sent is None or request.offset > subscription.last_sent:
-                raise ZaichikError(
-                    ErrorCode.BAD_OFFSET,
-                    f"offset {request.offset} has not been sent on {name} "
-                    f"(highest sent: {subscription.last_sent})",
-                )
+                raise self._not_sent(name, request.offset, subscription.last_sent)
             waiting = self._record_commit(name, request.offset)
         else:
             waiting = None
@@ -487,6 +684,48 @@ class Session:
         # resume sit at or below the committed offset): the window opens.
         self._reply(codec.Ok(request.rid), waiting)
         subscription.acknowledge(request.offset)  # after the reply: what it releases follows it
+
+    def _commit_shared(self, request: codec.Commit) -> None:
+        """
+        COMMIT on a connection with patterns or group memberships: the
+        topic may be followed by a plain subscription and patterns (each is
+        acknowledged, the commit recorded once) or by a group membership
+        (what is outstanding for the member up to the offset is
+        acknowledged).  BAD_OFFSET past the highest offset sent to the
+        connection on the topic, by any of them.
+        """
+        name = request.topic
+        following = self._following(name)
+        member = self.groups.get(name)
+        if not following and member is None:
+            raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {name}")
+        sent = [s.last_sent for s in following if s.last_sent is not None]
+        if member is not None and member.last_sent is not None:
+            sent.append(member.last_sent)
+        highest = max(sent) if sent else None
+        if member is not None and (highest is None or request.offset > highest):
+            raise self._not_sent(name, request.offset, highest)
+        waiting = None
+        if following:
+            last = self.committed(name)
+            if last is None or request.offset > last:
+                if highest is None or request.offset > highest:
+                    raise self._not_sent(name, request.offset, highest)
+                waiting = self._record_commit(name, request.offset)
+        if member is not None:
+            member.acknowledge_through(request.offset)
+            waiting = _either(waiting, _pending(member.group.settle()))
+        self._reply(codec.Ok(request.rid), waiting)
+        # After the reply: what it releases follows it.
+        for subscription in following:
+            subscription.acknowledge(request.offset)
+        if member is not None:
+            member.group.dispatch()
+
+    @staticmethod
+    def _not_sent(name: str, offset: int, highest: Optional[int]) -> ZaichikError:
+        return ZaichikError(ErrorCode.BAD_OFFSET,
+                            f"offset {offset} has not been sent on {name} (highest sent: {highest})")
 
     def _close(self, request: codec.Close) -> None:
         self._reply(codec.Ok(request.rid))

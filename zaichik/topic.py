@@ -84,6 +84,9 @@ class Topic:
         self.reject_over_bytes = reject_over_bytes
         self.next_offset = next_offset
         self.subscribers: List[ISubscriber] = []
+        # Subscribers not in that list: a consumer group is one subscriber
+        # there however many members it has, and TOPICS counts members.
+        self.extra_subscribers = 0
         self._log = log
         self._clock = clock
         self._work = work if work is not None else UnitOfWork(lambda: None)
@@ -487,4 +490,4 @@ class Topic:
     def info(self) -> codec.TopicInfo:
         self.expire()
         return codec.TopicInfo(self.name, self.retention_ttl, self.compaction_window,
-                               self.next_offset, self.retained, len(self.subscribers))
+                               self.next_offset, self.retained, len(self.subscribers) + self.extra_subscribers)

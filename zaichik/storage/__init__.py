@@ -4,7 +4,8 @@ contract.
 
 Two interfaces form the seam.  L{IMessageLog} holds one topic's messages by
 offset; L{IStorage} creates those logs, remembers topics and their settings,
-keeps durable clients' committed offsets, and makes what was written durable.
+keeps durable clients' committed offsets and consumer groups' positions,
+and makes what was written durable.
 The service and the topics talk to nothing else: the backends (L{memory},
 L{disk}, and a networked one later) are interchangeable, and one contract
 test suite (C{tests/test_storage_contract.py}) runs against each.
@@ -118,7 +119,8 @@ class TopicState:
 class IStorage(Interface):
     """
     The broker's state that outlives a topic's memory: topics and their
-    settings, their logs, and durable clients' committed offsets.
+    settings, their logs, durable clients' committed offsets and consumer
+    groups' positions.
 
     Its life: L{open} (from the service's C{startService}), then any number
     of units of work, each ended by L{sync}; then L{close}.
@@ -150,6 +152,19 @@ class IStorage(Interface):
         """
         Remember that durable C{client_id} committed C{offset} on C{topic};
         fires once that is as durable as the policy promises.
+        """
+
+    def group_positions() -> Dict[str, Dict[str, int]]:
+        """
+        Consumer groups' positions (protocol 1.1), C{{topic: {group: offset}}}:
+        the lowest offset each group has not acknowledged.  Kept apart from
+        L{commits}, so that no client_id can ever name a group's position.
+        """
+
+    def record_group_position(topic: str, group: str, offset: int) -> "Deferred":
+        """
+        Remember that C{group} of C{topic} is at C{offset}; fires once that
+        is as durable as the policy promises.  Groups are never forgotten.
         """
 
     def last_commit_times() -> Dict[str, int]:

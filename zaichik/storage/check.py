@@ -879,7 +879,8 @@ def _commit_problem(line: bytes) -> Optional[str]:
     """
     What is wrong with a commits.log line, or None: the broker writes
     C{[client_id, topic, offset, ms]} (0.1.0 wrote C{[client_id, topic,
-    offset]}) and C{[client_id, null]} for a client it forgot.
+    offset]}), C{[client_id, null]} for a client it forgot, and
+    C{["group", topic, group, offset, ms]} for a consumer group's position.
     """
     try:
         text = line.decode("utf-8")
@@ -899,6 +900,12 @@ def _commit_problem(line: bytes) -> Optional[str]:
         if isinstance(topic, str) and type(offset) is int and offset >= 0 and when_ok:
             return None
         return "wrong types; the broker skips it"
+    if len(value) == 5 and value[0] == "group":
+        topic, group, offset, when = value[1:]
+        if isinstance(topic, str) and isinstance(group, str) and type(offset) is int and offset >= 0 \
+                and type(when) is int:
+            return None
+        return "wrong types in a group position; the broker skips it"
     return "not [client_id, topic, offset, ms]; the broker skips it"
 
 

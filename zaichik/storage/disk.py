@@ -912,6 +912,7 @@ class DiskStorage:
         self._commit_lines: List[str] = []
         self._commit_waiting: List[Deferred] = []
         self._last_commit: Dict[str, int] = {}
+        self._groups: Dict[str, Dict[str, int]] = {}  # topic -> group -> position
         self._commit_lines_on_disk = 0
         self._live_positions = 0
         self._on_idle: List[Deferred] = []
@@ -1071,9 +1072,12 @@ class DiskStorage:
     def _load_commits(self) -> None:
         """
         Read commits.log: C{[client_id, topic, offset, ms]} lines (C{ms}
-        missing in release 0.1.0's), and C{[client_id, null]} for a client
-        forgotten (see L{forget_client}).  A line that is not one of these
-        is skipped (a torn write), with a warning.
+        missing in release 0.1.0's), C{[client_id, null]} for a client
+        forgotten (see L{forget_client}), and C{["group", topic, group,
+        offset, ms]} for a consumer group's position (five fields: no client
+        line has them, and a broker before groups skips it as malformed).  A
+        line that is not one of these is skipped (a torn write), with a
+        warning.
         """
         try:
             with open(self._commits_path, "rb") as f:
@@ -1085,6 +1089,13 @@ class DiskStorage:
         for line in lines:
             try:
                 entry = json.loads(line.decode("utf-8"))
+                if len(entry) == 5 and entry[0] == "group":
+                    _, topic, group, offset = entry[:4]
+                    if (not isinstance(topic, str) or not isinstance(group, str) or not isinstance(offset, int)
+                            or isinstance(offset, bool)):
+                        raise TypeError(entry)
+                    self._groups.setdefault(topic, {})[group] = offset
+                    continue
                 client_id, topic = entry[0], entry[1]
                 if not isinstance(client_id, str):
                     raise TypeError(client_id)
@@ -1117,6 +1128,10 @@ class DiskStorage:
                     when = self._last_commit.get(client_id, 0)
                     for topic, offset in positions.items():
                         f.write(json.dumps([client_id, topic, offset, when]) + "\n")
+                now = round(self.wall.seconds() * 1000)
+                for topic, groups in self._groups.items():
+                    for group, offset in groups.items():
+                        f.write(json.dumps(["group", topic, group, offset, now]) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._commits_path)
@@ -1128,7 +1143,8 @@ class DiskStorage:
             except OSError:
                 pass
             return
-        self._live_positions = self._commit_lines_on_disk = sum(len(p) for p in self._commits.values())
+        self._live_positions = self._commit_lines_on_disk = (
+            sum(len(p) for p in self._commits.values()) + sum(len(g) for g in self._groups.values()))
         if self._commits_fd is not None:
             self.retire_fd(self._commits_fd)  # (an fsync in a thread may still use it)
             self._commits_fd = os.open(self._commits_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -1153,6 +1169,34 @@ class DiskStorage:
         d.addErrback(self._commitFailed, client_id, topic, offset, previous)
         self._commit_waiting.append(d)
         return d
+
+    def group_positions(self) -> Dict[str, Dict[str, int]]:
+        return self._groups
+
+    def record_group_position(self, topic: str, group: str, offset: int) -> Deferred:
+        positions = self._groups.setdefault(topic, {})
+        previous = positions.get(group)
+        if previous is None:
+            self._live_positions += 1
+        positions[group] = offset
+        when = round(self.wall.seconds() * 1000)
+        self._commit_lines.append(json.dumps(["group", topic, group, offset, when]) + "\n")
+        d: Deferred = Deferred()
+        d.addErrback(self._groupFailed, topic, group, offset, previous)
+        self._commit_waiting.append(d)
+        return d
+
+    def _groupFailed(self, failure, topic: str, group: str, offset: int, previous: Optional[int]):
+        positions = self._groups.get(topic, {})
+        if positions.get(group) == offset:
+            if previous is None:
+                positions.pop(group, None)
+                self._live_positions -= 1
+                if not positions:
+                    self._groups.pop(topic, None)
+            else:
+                positions[group] = previous
+        return failure
 
     def forget_client(self, client_id: str) -> None:
         positions = self._commits.pop(client_id, None)

@@ -182,6 +182,7 @@ class MemoryStorage:
     def __init__(self, clock=None) -> None:
         self._commits: Dict[str, Dict[str, int]] = {}
         self._last_commit: Dict[str, int] = {}
+        self._groups: Dict[str, Dict[str, int]] = {}
         self._clock = clock
 
     def open(self) -> Deferred:
@@ -196,6 +197,13 @@ class MemoryStorage:
     def record_commit(self, client_id: str, topic: str, offset: int) -> Deferred:
         self._commits.setdefault(client_id, {})[topic] = offset
         self._last_commit[client_id] = round(self._clock.seconds() * 1000) if self._clock else 0
+        return succeed(None)
+
+    def group_positions(self) -> Dict[str, Dict[str, int]]:
+        return self._groups
+
+    def record_group_position(self, topic: str, group: str, offset: int) -> Deferred:
+        self._groups.setdefault(topic, {})[group] = offset
         return succeed(None)
 
     def last_commit_times(self) -> Dict[str, int]:
