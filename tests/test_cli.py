@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
+from typing import List
 
 from twisted.trial.unittest import TestCase
 
@@ -178,7 +179,8 @@ class Behaviour(TestCase):
     def test_subcommand_help_lists_the_options(self):
         text = self.run_cli("sub", "--help").stdout.decode()
         for option in ("-s SERVER, --server SERVER", "--client-id", "--token", "--tls", "--ca", "--timeout",
-                       "--format {text,json,raw}", "130", "141"):
+                       "--format {text,json,raw}", "130", "141", "--group NAME", "--no-ack",
+                       "--ack-timeout DURATION", "zaichik sub 'sensors.>'", "zaichik sub jobs --group workers"):
             self.assertIn(option, text)
 
     def test_version(self):
@@ -349,3 +351,89 @@ class Behaviour(TestCase):
         self.assertEqual(done.returncode, cli.EXIT_USAGE)
         self.assertIn("not a duration", done.stderr.decode())
 
+
+
+class PatternAndGroupCommands(TestCase):
+    """`zaichik sub 'sensors.>'` and `zaichik sub jobs --group workers` (protocol 1.1)."""
+
+    setUp = Behaviour.setUp
+    run_cli = Behaviour.run_cli
+    retained = Behaviour.retained
+    assertOneLineError = Behaviour.assertOneLineError
+    start = Behaviour.start
+    subscribers = Behaviour.subscribers
+
+    def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.run_cli("-s", self.broker.address, *args, **kwargs)
+
+    def lines(self, done: subprocess.CompletedProcess) -> List[str]:
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout.decode().splitlines()
+
+    def test_sub_pattern(self):
+        """Existing topics from --from, a topic created later from its first message."""
+        base = unique("sensors")
+        for name, value in ((f"{base}.a", b"21.5"), (f"{base}.b.c", b"19.0"), (f"{base}x", b"no")):
+            self.client.create_topic(name, retention_ttl=600_000)
+            self.client.publish(name, value)
+        done = self.cli("sub", f"{base}.>", "--from", "earliest", "--count", "2")
+        self.assertEqual(sorted(self.lines(done)), [f"{base}.a 0 21.5", f"{base}.b.c 0 19.0"])
+
+        process = self.start("sub", f"{base}.*", "--from", "latest", "--count", "1", "--format", "json")
+        wait_until(lambda: self.subscribers(f"{base}.a") == 1, what="the pattern following the topic")
+        self.client.publish(f"{base}.new", b"later")
+        out, err = process.communicate(timeout=10)
+        self.assertEqual((process.returncode, err), (0, b""))
+        self.assertEqual(json.loads(out)["topic"], f"{base}.new")
+
+    def test_sub_pattern_commit(self):
+        """--commit commits each message's own topic: a durable reader resumes per topic."""
+        base = unique("p")
+        for name in (f"{base}.a", f"{base}.b"):
+            self.client.create_topic(name, retention_ttl=600_000)
+            self.client.publish_batch(name, [(None, b"0"), (None, b"1")])
+        client_id = unique("reader")
+        first = self.cli("--client-id", client_id, "sub", f"{base}.*", "--commit", "--count", "4")
+        self.assertEqual(len(self.lines(first)), 4)
+        self.client.publish(f"{base}.b", b"2")
+        second = self.cli("--client-id", client_id, "sub", f"{base}.*", "--count", "1")
+        self.assertEqual(self.lines(second), [f"{base}.b 2 2"])
+
+    def test_sub_group_shares_and_acks(self):
+        """Two members share the jobs; each acks what it printed, so a member
+        joining later gets only what is new."""
+        topic = self.retained(*[b"job %d" % i for i in range(6)])
+        first = self.start("sub", topic, "--group", "workers", "--count", "3", "--max-inflight", "3")
+        second = self.start("sub", topic, "--group", "workers", "--count", "3", "--max-inflight", "3")
+        outputs = [p.communicate(timeout=20) for p in (first, second)]
+        self.assertEqual([p.returncode for p in (first, second)], [0, 0], outputs)
+        lines = [line for out, _ in outputs for line in out.decode().splitlines()]
+        self.assertEqual(sorted(lines), [f"{topic} {i} job {i}" for i in range(6)])
+        self.client.publish(topic, b"job 6")
+        third = self.cli("sub", topic, "--group", "workers", "--count", "1")
+        self.assertEqual(self.lines(third), [f"{topic} 6 job 6"])
+
+    def test_sub_group_no_ack(self):
+        """--no-ack: what was printed goes back to the group when the member
+        leaves, and comes again after --ack-timeout to a member that stays."""
+        topic = self.retained(b"a", b"b")
+        first = self.cli("sub", topic, "--group", "peek", "--no-ack", "--count", "2")
+        self.assertEqual(self.lines(first), [f"{topic} 0 a", f"{topic} 1 b"])
+        again = self.cli("sub", topic, "--group", "peek", "--no-ack", "--ack-timeout", "200ms", "--count", "4")
+        self.assertEqual(self.lines(again), [f"{topic} 0 a", f"{topic} 1 b"] * 2)
+
+    def test_group_usage_and_refusals(self):
+        topic = self.retained()
+        for args, fragment in (
+                (["--no-ack"], "--no-ack is for a group member"),
+                (["--ack-timeout", "1s"], "--ack-timeout is for a group member"),
+                (["--group", "g", "--commit"], "--commit is for a plain subscription"),
+                (["--group", "g", "--ack-timeout", "soon"], "not a duration")):
+            done = self.cli("sub", topic, *args)
+            self.assertEqual(done.returncode, cli.EXIT_USAGE, (args, done.stderr))
+            self.assertIn(fragment, done.stderr.decode())
+        live = unique("live")
+        self.client.create_topic(live)   # retains nothing
+        self.assertOneLineError(self.cli("sub", live, "--group", "g"), cli.EXIT_BROKER_ERROR, "BAD_TOPIC",
+                                "retains nothing")
+        self.assertOneLineError(self.cli("sub", f"{topic}.>", "--group", "g"), cli.EXIT_BROKER_ERROR, "BAD_TOPIC")

@@ -337,3 +337,200 @@ class EndingTests(CoreTestCase):
         c.request(later, lambda rid: codec.Ping(rid), 0.0)
         self.assertIsInstance(self.rejected(c.events())[later], core.ClientClosedError)
         self.assertRaises(ConnectionLostError, c.send, core.encode_publish("t", b"x"), 0.0)
+
+
+class PatternAndGroupTests(CoreTestCase):
+    """Protocol 1.1 in the core: wildcard subscriptions and consumer groups."""
+
+    def message(self, topic: str, offset: int) -> bytes:
+        return reply(codec.Message(topic, offset, 1, b"%s:%d" % (topic.encode(), offset)))
+
+    def subscribe(self, c, topic, start=Start.LATEST, handle=None, **kwargs) -> SubscriptionState:
+        sub = SubscriptionState(topic, start, 0, kwargs.pop("max_inflight", 0), False, handle=handle or topic,
+                                **kwargs)
+        c.subscribe(Waiter(), sub, 0.0)
+        (request,) = frames(c.data_to_send())
+        c.receive_data(reply(codec.Ok(request.rid)), 0.0)
+        c.events()
+        self.last_request = request
+        return sub
+
+    def taken(self, c, sub) -> List:
+        return [(m.topic, m.offset) for m in c.take_all(sub)]
+
+    def test_pattern_matching(self):
+        """The core matches as the broker's index does (zaichik.patterns.matches)."""
+        from zaichik.patterns import matches
+
+        cases = [("sensors.*.temp", "sensors.a.temp"), ("sensors.*.temp", "sensors.a.b.temp"),
+                 ("sensors.>", "sensors.a"), ("sensors.>", "sensors.a.b"), ("sensors.>", "sensors"),
+                 ("a.*", "a."), ("*.>", "x.y.z"), ("*", "x"), ("*", "x.y"), ("a.>", "b.c"), ("*.b", "a.c")]
+        for pattern, name in cases:
+            self.assertEqual(core.pattern_matches(pattern, name), matches(pattern, name), (pattern, name))
+
+    def test_kinds(self):
+        self.assertEqual(SubscriptionState("a.b", Start.LATEST, 0, 0, False).kind, core.TOPIC)
+        self.assertEqual(SubscriptionState("a.>", Start.LATEST, 0, 0, False).kind, core.PATTERN)
+        self.assertEqual(SubscriptionState("a.*.c", Start.LATEST, 0, 0, False).kind, core.PATTERN)
+        self.assertEqual(SubscriptionState("a*", Start.LATEST, 0, 0, False).kind, core.TOPIC)  # BAD_TOPIC
+        self.assertEqual(SubscriptionState("jobs", Start.LATEST, 0, 0, False, group="w").kind, core.GROUP)
+
+    def test_pattern_gets_each_topic_in_turn(self):
+        c = self.up()
+        sub = self.subscribe(c, "s.>", start=Start.EARLIEST)
+        self.assertEqual(self.last_request, codec.Subscribe(self.last_request.rid, "s.>", Start.EARLIEST, 0, 0))
+        c.receive_data(self.message("s.a", 0) + self.message("s.b.c", 0) + self.message("s.a", 1)
+                       + self.message("other", 0), 0.0)
+        self.assertEqual(self.taken(c, sub), [("s.a", 0), ("s.b.c", 0), ("s.a", 1)])
+        self.assertEqual(sub.last_by_topic, {"s.a": 1, "s.b.c": 0})
+
+    def test_commit_names_the_topic(self):
+        c = self.up()
+        sub = self.subscribe(c, "s.>")
+        w = Waiter()
+        c.commit(w, "s.a", 4, 0.0)
+        (commit,) = frames(c.data_to_send())
+        self.assertEqual(commit, codec.Commit(commit.rid, "s.a", 4))
+        c.receive_data(reply(codec.Ok(commit.rid)), 0.0)
+        self.assertEqual((sub.committed_by_topic, sub.committed), ({"s.a": 4}, None))
+        self.assertEqual(core.commit_topic(sub, "s.a"), "s.a")
+        self.assertRaises(ValueError, core.commit_topic, sub, None)
+        self.assertRaises(ValueError, core.commit_topic, sub, "t.a")
+        plain = SubscriptionState("t", Start.LATEST, 0, 0, False)
+        self.assertEqual(core.commit_topic(plain, None), "t")
+        self.assertRaises(ValueError, core.commit_topic, plain, "u")
+        self.assertRaises(ValueError, core.ack_topic, plain)
+        self.assertRaises(ValueError, core.ack_topic, sub)
+
+    def test_unsubscribe_names_the_pattern(self):
+        c = self.up()
+        sub = self.subscribe(c, "s.*")
+        c.receive_data(self.message("s.a", 0), 0.0)
+        w = Waiter()
+        c.unsubscribe(w, "s.*", 0.0)
+        (request,) = frames(c.data_to_send())
+        self.assertEqual(request, codec.Unsubscribe(request.rid, "s.*"))
+        c.receive_data(self.message("s.a", 1) + reply(codec.Ok(request.rid)) + self.message("s.a", 2), 0.0)
+        self.assertEqual(sub.state, core.ENDED)
+        self.assertEqual(self.taken(c, sub), [("s.a", 0), ("s.a", 1)])
+        self.assertNotIn("s.*", c.subscriptions)
+
+    def test_overlap_one_copy_each(self):
+        """A topic and two patterns that follow it: the broker sends three copies
+        of each message, in any interleaving; each subscription gets each once, in order."""
+        c = self.up()
+        plain = self.subscribe(c, "s.a", start=Start.EARLIEST)
+        star = self.subscribe(c, "s.*", start=Start.EARLIEST)
+        rest = self.subscribe(c, "s.>", start=Start.EARLIEST)
+        order = [0, 0, 1, 0, 1, 2, 2, 1, 3, 2, 3, 3]   # three streams of 0..3, interleaved
+        c.receive_data(b"".join(self.message("s.a", o) for o in order), 0.0)
+        for sub in (plain, star, rest):
+            self.assertEqual([o for _, o in self.taken(c, sub)], [0, 1, 2, 3], sub)
+
+    def test_overlap_with_different_starts(self):
+        """The pattern from the oldest message, the topic from the newest: the
+        pattern's history is not taken for the topic's, nor the other way round."""
+        c = self.up()
+        rest = self.subscribe(c, "s.>", start=Start.EARLIEST)
+        c.receive_data(self.message("s.a", 0) + self.message("s.a", 1), 0.0)
+        plain = self.subscribe(c, "s.a", start=Start.LATEST)
+        # The pattern's 2 and 3 (it was held back), then both copies of 4.
+        c.receive_data(self.message("s.a", 2) + self.message("s.a", 4) + self.message("s.a", 3)
+                       + self.message("s.a", 4), 0.0)
+        self.assertEqual([o for _, o in self.taken(c, rest)], [0, 1, 2, 3, 4])
+        self.assertEqual([o for _, o in self.taken(c, plain)], [4])
+
+    def test_overlap_with_a_known_start(self):
+        """A topic from offset 5, then a pattern from the oldest: the pattern's
+        first copies are not taken for the topic's."""
+        c = self.up()
+        plain = self.subscribe(c, "s.a", start=Start.OFFSET, handle="plain")
+        plain.offset = 5
+        rest = self.subscribe(c, "s.>", start=Start.EARLIEST)
+        c.receive_data(b"".join(self.message("s.a", o) for o in (0, 1, 5, 2, 3, 4, 6, 5, 6)), 0.0)
+        self.assertEqual([o for _, o in self.taken(c, rest)], [0, 1, 2, 3, 4, 5, 6])
+        self.assertEqual([o for _, o in self.taken(c, plain)], [5, 6])
+
+    def test_pattern_renewed_after_reconnect(self):
+        """Renewed with its own start; what each topic already handed out is not handed out again."""
+        c = self.up(reconnect=True)
+        sub = self.subscribe(c, "s.>", start=Start.EARLIEST, max_inflight=5)
+        c.receive_data(self.message("s.a", 0) + self.message("s.a", 1) + self.message("s.b", 0), 0.0)
+        c.connection_lost(ConnectionLostError("reset"), 1.0)
+        c.events()
+        c.connection_made(1.0)
+        (renewed,) = frames(c.data_to_send())
+        self.assertEqual(renewed, codec.Subscribe(renewed.rid, "s.>", Start.EARLIEST, 0, 5))
+        c.receive_data(reply(codec.Ok(renewed.rid)) + b"".join(
+            self.message(t, o) for t, o in [("s.a", 0), ("s.a", 1), ("s.a", 2), ("s.b", 0), ("s.c", 0)]), 1.0)
+        self.assertEqual(self.taken(c, sub), [("s.a", 0), ("s.a", 1), ("s.b", 0), ("s.a", 2), ("s.c", 0)])
+
+    def test_durable_pattern_renewed_from_its_commits(self):
+        c = self.up(reconnect=True, client_id="w")
+        sub = self.subscribe(c, "s.>", start=Start.EARLIEST)
+        self.assertEqual(c._resume_position(sub), (Start.EARLIEST, 0))
+        sub.committed_by_topic["s.a"] = 3
+        self.assertEqual(c._resume_position(sub), (Start.DEFAULT, 0))
+
+    def test_group_subscription(self):
+        c = self.up()
+        sub = self.subscribe(c, "jobs", start=Start.DEFAULT, group="workers", max_inflight=10, ack_timeout=60_000)
+        self.assertEqual(self.last_request, codec.SubscribeGroup(self.last_request.rid, "jobs", "workers",
+                                                                 Start.DEFAULT, 0, 10, 60_000))
+        # A message not acknowledged in time comes again: it is handed out again.
+        c.receive_data(self.message("jobs", 3) + self.message("jobs", 5) + self.message("jobs", 3), 0.0)
+        self.assertEqual([o for _, o in self.taken(c, sub)], [3, 5, 3])
+        w = Waiter()
+        c.ack(w, "jobs", 5, 0.0)
+        (ack,) = frames(c.data_to_send())
+        self.assertEqual(ack, codec.Ack(ack.rid, "jobs", 5))
+        c.receive_data(reply(codec.Ok(ack.rid)), 0.0)
+        self.assertIn(core.Resolve(w, None), c.events())
+        self.assertEqual(core.ack_topic(sub), "jobs")
+        c.commit(Waiter(), "jobs", 3, 0.0)
+        (commit,) = frames(c.data_to_send())
+        c.receive_data(reply(codec.Ok(commit.rid)), 0.0)
+        self.assertEqual(sub.committed, 3)
+        # One subscription per topic, plain or group.
+        with self.assertRaises(core.ZaichikError) as caught:
+            c.subscribe(Waiter(), SubscriptionState("jobs", Start.LATEST, 0, 0, False), 0.0)
+        self.assertIs(caught.exception.code, ErrorCode.ALREADY_SUBSCRIBED)
+
+    def test_group_rejoins_and_drops_what_went_back(self):
+        """After a loss the membership is renewed as it began; what was queued
+        and unread is dropped (the broker gives it back to the group)."""
+        c = self.up(reconnect=True, client_id="w", max_queued=4)
+        sub = self.subscribe(c, "jobs", start=Start.EARLIEST, group="workers", max_inflight=2, ack_timeout=500)
+        c.receive_data(b"".join(self.message("jobs", o) for o in range(6)), 0.0)
+        self.assertTrue(c.paused)
+        self.assertEqual(c.take(sub).offset, 0)
+        c.connection_lost(ConnectionLostError("reset"), 1.0)
+        self.assertEqual((sub.generation, len(sub.queue), c.queued, c.paused), (1, 0, 0, False))
+        c.events()
+        c.connection_made(1.0)
+        hello, = frames(c.data_to_send())
+        c.receive_data(reply(codec.Ok(hello.rid)), 1.0)
+        (renewed,) = frames(c.data_to_send())
+        self.assertEqual(renewed, codec.SubscribeGroup(renewed.rid, "jobs", "workers", Start.EARLIEST, 0, 2, 500))
+        c.receive_data(reply(codec.Ok(renewed.rid)) + self.message("jobs", 1) + self.message("jobs", 0), 1.0)
+        self.assertEqual([o for _, o in self.taken(c, sub)], [1, 0])
+
+    def test_group_left_drops_what_is_queued(self):
+        c = self.up()
+        sub = self.subscribe(c, "jobs", group="workers")
+        c.receive_data(self.message("jobs", 0) + self.message("jobs", 1), 0.0)
+        c.unsubscribe(Waiter(), "jobs", 0.0)
+        (request,) = frames(c.data_to_send())
+        c.receive_data(reply(codec.Ok(request.rid)), 0.0)
+        self.assertEqual((sub.state, list(sub.queue), c.queued), (core.ENDED, [], 0))
+        self.assertIn(core.Wake("jobs"), c.events())
+
+    def test_group_and_pattern_on_one_topic(self):
+        """Their copies cannot be told apart; the pattern has each message once,
+        and no copy is lost."""
+        c = self.up()
+        group = self.subscribe(c, "jobs.a", group="workers")
+        rest = self.subscribe(c, "jobs.>", start=Start.EARLIEST, handle="rest")
+        c.receive_data(b"".join(self.message("jobs.a", o) for o in (0, 0, 1, 1)), 0.0)
+        self.assertEqual([o for _, o in self.taken(c, rest)], [0, 1])
+        self.assertEqual([o for _, o in self.taken(c, group)], [0, 1])

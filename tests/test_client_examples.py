@@ -50,6 +50,17 @@ class ExampleTests(unittest.TestCase):
             self.assertIn("worker: job 3 (offset 3)", done.stdout)
             self.assertIn("sync_worker: OK", done.stdout)
 
+    def test_work_queue(self):
+        """Three workers in a group, one dies mid-way: every job is done, and
+        what it had in hand is redelivered (run twice: topics of its own run)."""
+        for _ in range(2):
+            done = run_python(os.path.join("examples", "work_queue.py"), env=self.env)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            self.assertIn("worker-2: dies with job", done.stdout)
+            self.assertIn("every job processed at least once: True; redelivered: 1 (processed twice: 1",
+                          done.stdout)
+            self.assertIn("work_queue: OK", done.stdout)
+
 
 class NoTwistedTests(unittest.TestCase):
     def test_aio_and_sync_import_no_twisted(self):
@@ -64,10 +75,13 @@ class NoTwistedTests(unittest.TestCase):
         import zaichik.sync
 
         methods = {"hello", "create_topic", "publish", "publish_nowait", "publish_batch", "subscribe",
-                   "commit", "unsubscribe", "ping", "list_topics", "close", "abort", "client_id",
-                   "close_reason", "is_closed", "server", "on_error"}
+                   "subscribe_group", "ack", "commit", "unsubscribe", "ping", "list_topics", "close", "abort",
+                   "client_id", "close_reason", "is_closed", "server", "on_error"}
+        subscription = {"topic", "group", "is_pattern", "active", "committed", "committed_offsets", "get",
+                        "commit", "ack", "unsubscribe"}
         for module in (zaichik.client, zaichik.aio, zaichik.sync):
             self.assertEqual(methods - set(dir(module.Client)) - {"on_error"}, set(), module)
+            self.assertEqual(subscription - set(dir(module.Subscription)) - {"topic"}, set(), module)
             for name in ("Start", "ZaichikError", "ErrorCode", "Message", "PublishResult", "TopicInfo",
                          "ConnectionLostError", "RequestTimeout", "ConnectTimeout", "connect"):
                 self.assertTrue(hasattr(module, name), (module, name))

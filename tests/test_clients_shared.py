@@ -511,6 +511,218 @@ class Behaviour(BehaviourBase):
         self.assertIsNone(await self.next(subscription))  # a clean end
         await self.raises(ConnectionError, lambda: first.ping())
 
+    # --- wildcard subscriptions (protocol 1.1) ----------------------------------------
+
+    async def read(self, subscription, count: int) -> List[Any]:
+        return [await self.next(subscription) for _ in range(count)]
+
+    @shared
+    async def test_pattern_existing_and_later_topics(self):
+        """A pattern follows the topics that exist (from its start) and those
+        created later (from their first message); messages carry their own
+        topic, commits name it, unsubscribe names the pattern."""
+        client = await self.connect()
+        base = unique("pat")
+        old = f"{base}.old"
+        await self.do(client.create_topic(old, retention_ttl=60_000))
+        await self.do(client.publish_batch(old, [(None, b"o0"), (None, b"o1")]))
+        subscription = await self.do(client.subscribe(f"{base}.>", start=Start.EARLIEST))
+        self.assertTrue(subscription.is_pattern)
+        self.assertIsNone(subscription.group)
+        self.assertEqual(subscription.topic, f"{base}.>")
+        got = await self.read(subscription, 2)
+        self.assertEqual([(m.topic, m.offset, m.value) for m in got], [(old, 0, b"o0"), (old, 1, b"o1")])
+
+        await self.do(client.publish(f"{base}x.nope", b"not matched"))
+        await self.do(client.publish(base, b"not matched either"))   # ">" needs one more segment
+        await self.do(client.publish(f"{base}.new.deeper", b"n0"))    # created now
+        message = await self.next(subscription)
+        self.assertEqual((message.topic, message.offset, message.value), (f"{base}.new.deeper", 0, b"n0"))
+
+        await self.do(client.commit(old, 1))
+        await self.do(subscription.commit(0, f"{base}.new.deeper"))
+        self.assertEqual(subscription.committed_offsets, {old: 1, f"{base}.new.deeper": 0})
+        await self.raises(ValueError, lambda: subscription.commit(0))   # which topic?
+        await self.broker_error(ErrorCode.BAD_OFFSET, lambda: client.commit(old, 2))
+        await self.broker_error(ErrorCode.BAD_TOPIC, lambda: client.commit(f"{base}.>", 0))
+
+        await self.broker_error(ErrorCode.ALREADY_SUBSCRIBED, lambda: client.subscribe(f"{base}.>"))
+        await self.broker_error(ErrorCode.BAD_TOPIC, lambda: client.subscribe(f"{base}.a*"))
+        await self.do(client.unsubscribe(f"{base}.>"))
+        self.assertFalse(subscription.active)
+        self.assertIsNone(await self.next(subscription))
+        names = {t.name for t in await self.do(client.list_topics())}
+        self.assertNotIn(f"{base}.>", names)
+
+    @shared
+    async def test_pattern_overlap(self):
+        """A topic and two patterns that follow it: each subscription gets its own copy, once."""
+        client = await self.connect()
+        base = unique("ovl")
+        plain = await self.do(client.subscribe(f"{base}.a", start=Start.LATEST))
+        star = await self.do(client.subscribe(f"{base}.*", start=Start.LATEST))
+        rest = await self.do(client.subscribe(f"{base}.>", start=Start.LATEST))
+        await self.do(client.publish_batch(f"{base}.a", [(None, b"a%d" % i) for i in range(3)]))
+        await self.do(client.publish(f"{base}.b.c", b"bc"))
+        await self.do(client.publish(f"{base}.a", b"a3"))
+        self.assertEqual([m.value for m in await self.read(plain, 4)], [b"a0", b"a1", b"a2", b"a3"])
+        self.assertEqual([m.value for m in await self.read(star, 4)], [b"a0", b"a1", b"a2", b"a3"])
+        self.assertEqual(sorted((m.topic, m.value) for m in await self.read(rest, 5)),
+                         [(f"{base}.a", b"a%d" % i) for i in range(4)] + [(f"{base}.b.c", b"bc")])
+        # A commit of the topic commits it for every subscription that follows it.
+        await self.do(client.commit(f"{base}.a", 3))
+        self.assertEqual((plain.committed, star.committed_offsets, rest.committed_offsets[f"{base}.a"]),
+                         (3, {f"{base}.a": 3}, 3))
+        # Ending one leaves the others.
+        await self.do(star.unsubscribe())
+        await self.do(client.publish(f"{base}.a", b"a4"))
+        self.assertEqual(((await self.next(plain)).value, (await self.next(rest)).value), (b"a4", b"a4"))
+        self.assertIsNone(await self.next(star))
+
+    # --- consumer groups (protocol 1.1) ------------------------------------------------
+
+    async def queue(self, client, prefix: str, jobs: int = 0) -> str:
+        topic = unique(prefix)
+        await self.do(client.create_topic(topic, retention_ttl=600_000))
+        if jobs:
+            await self.do(client.publish_batch(topic, [(None, b"job %d" % i) for i in range(jobs)]))
+        return topic
+
+    @shared
+    async def test_group_members_share_a_topic(self):
+        """Two members: each message to one of them (round-robin over members
+        with room); ack one at a time, or commit as a cumulative ack."""
+        a, b = await self.connect(), await self.connect()
+        topic = await self.queue(a, "grp")
+        first = await self.do(a.subscribe_group(topic, "workers", max_inflight=5))
+        second = await self.do(b.subscribe_group(topic, "workers", max_inflight=5))
+        self.assertEqual((first.group, first.topic, first.is_pattern), ("workers", topic, False))
+        await self.do(a.publish_batch(topic, [(None, b"job %d" % i) for i in range(10)]))
+        got_a, got_b = await self.read(first, 5), await self.read(second, 5)
+        offsets_a, offsets_b = [m.offset for m in got_a], [m.offset for m in got_b]
+        self.assertEqual(sorted(offsets_a + offsets_b), list(range(10)))
+        self.assertEqual([m.value for m in got_a], [b"job %d" % o for o in offsets_a])
+        for offset in offsets_a:
+            await self.do(first.ack(offset))
+        await self.broker_error(ErrorCode.BAD_OFFSET, lambda: first.ack(offsets_a[0]))   # acknowledged already
+        await self.broker_error(ErrorCode.BAD_OFFSET, lambda: a.ack(topic, offsets_b[0]))  # the other member's
+        await self.do(second.commit(max(offsets_b)))                                        # all of b's
+        self.assertEqual(second.committed, max(offsets_b))
+        await self.broker_error(ErrorCode.BAD_OFFSET, lambda: b.ack(topic, offsets_b[0]))
+        # Both windows are open again: the next four are shared too.
+        await self.do(b.publish_batch(topic, [(None, b"job %d" % i) for i in range(10, 14)]))
+        more = await self.read(first, 2) + await self.read(second, 2)
+        self.assertEqual(sorted(m.offset for m in more), [10, 11, 12, 13])
+        info = {t.name: t for t in await self.do(a.list_topics())}[topic]
+        self.assertEqual(info.subscribers, 2)   # each member counts
+
+    @shared
+    async def test_group_refusals(self):
+        client = await self.connect()
+        topic = await self.queue(client, "grp")
+        plain = await self.do(client.subscribe(topic, start=Start.LATEST))
+        await self.raises(ValueError, lambda: plain.ack(0))
+        await self.broker_error(ErrorCode.NOT_SUBSCRIBED, lambda: client.ack(topic, 0))
+        await self.broker_error(ErrorCode.ALREADY_SUBSCRIBED, lambda: client.subscribe_group(topic, "w"))
+        await self.broker_error(ErrorCode.BAD_TOPIC, lambda: client.subscribe_group(f"{topic}.>", "w"))
+        await self.broker_error(ErrorCode.BAD_TOPIC, lambda: client.subscribe_group(unique("nothing"), "w"))
+        await self.broker_error(ErrorCode.BAD_TOPIC, lambda: client.subscribe_group(topic + "x", "no spaces"))
+        await self.do(client.create_topic(topic + "-live"))   # retains nothing
+        await self.broker_error(ErrorCode.BAD_TOPIC, lambda: client.subscribe_group(topic + "-live", "w"))
+        self.assertIsNone(await self.do(client.ping()))
+
+    @shared
+    async def test_group_redelivery_after_ack_timeout(self):
+        """A member that does not ack within its ack_timeout: the message goes
+        to the next member with room, the same message; the first may no
+        longer ack it."""
+        slow, other = await self.connect(), await self.connect()
+        topic = await self.queue(slow, "redeliver")
+        late = await self.do(slow.subscribe_group(topic, "workers", max_inflight=1, ack_timeout=300))
+        fine = await self.do(other.subscribe_group(topic, "workers", max_inflight=1))
+        result = await self.do(slow.publish(topic, b"job", key=b"k"))
+        first = await self.next(late)
+        again = await self.next(fine)
+        self.assertEqual((first.offset, first.key, first.value), (result.offset, b"k", b"job"))
+        self.assertEqual((again.offset, again.key, again.value, again.timestamp),
+                         (first.offset, first.key, first.value, first.timestamp))
+        await self.broker_error(ErrorCode.BAD_OFFSET, lambda: late.ack(first.offset))
+        self.assertIsNone(await self.do(fine.ack(again.offset)))
+
+    @shared
+    async def test_group_member_killed(self):
+        """A member whose connection is dropped mid-way: what it had not
+        acknowledged goes to the other member; every job is processed."""
+        doomed, survivor = await self.connect(), await self.connect()
+        topic = await self.queue(survivor, "killed")
+        victim = await self.do(doomed.subscribe_group(topic, "workers", max_inflight=5))
+        worker = await self.do(survivor.subscribe_group(topic, "workers", max_inflight=5))
+        await self.do(survivor.publish_batch(topic, [(None, b"job %d" % i) for i in range(10)]))
+        had = [m.offset for m in await self.read(victim, 5)]
+        for offset in had[:2]:
+            await self.do(victim.ack(offset))
+        doomed.abort()
+        processed = set(had[:2])
+        seen_again = []
+        while len(processed) < 10:
+            message = await self.next(worker)
+            if message.offset in had:
+                seen_again.append(message.offset)
+            processed.add(message.offset)
+            await self.do(worker.ack(message.offset))
+        self.assertEqual(processed, set(range(10)))
+        self.assertEqual(sorted(seen_again), sorted(had[2:]))
+
+    @shared
+    async def test_group_callback(self):
+        """A member's messages go to a callback, as a subscription's do."""
+        client = await self.connect()
+        topic = await self.queue(client, "grpcb", jobs=3)
+        got: List[int] = []
+        done = self.driver.event()
+
+        def callback(message) -> None:
+            got.append(message.offset)
+            if len(got) == 3:
+                done.set()
+
+        await self.do(client.subscribe_group(topic, "workers", callback))
+        await self.driver.wait(done)
+        self.assertEqual(sorted(got), [0, 1, 2])
+        await self.do(client.commit(topic, 2))
+
+    @shared
+    async def test_reconnect_renews_patterns_and_groups(self):
+        """After a broker restart (--data-dir) a pattern is renewed (and follows
+        a topic created since), and a group membership rejoins at the group's
+        position: what was outstanding comes again."""
+        data_dir = tempfile.mkdtemp(prefix="zaichik-renew-")
+        self.later.append(lambda: shutil.rmtree(data_dir, ignore_errors=True))
+        broker = self.broker_with("--data-dir", data_dir, fixed_port=True)
+        base = unique("renew")
+        client = await self.connect(broker.address, reconnect=True)
+        jobs = f"{base}.jobs"
+        await self.do(client.create_topic(jobs, retention_ttl=3_600_000))
+        await self.do(client.publish_batch(jobs, [(None, b"job %d" % i) for i in range(4)]))
+        member = await self.do(client.subscribe_group(jobs, "workers", max_inflight=2))
+        events = await self.do(client.subscribe(f"{base}.events.>", start=Start.LATEST))
+        self.assertEqual([m.offset for m in await self.read(member, 2)], [0, 1])
+        await self.do(member.ack(0))
+
+        broker.stop()
+        broker.start()
+        await self.ping_through(client)   # reconnected, renewed
+        publisher = await self.connect(broker.address)
+        await self.do(publisher.publish(f"{base}.events.new", b"e"))
+        message = await self.next(events)
+        self.assertEqual((message.topic, message.offset, message.value), (f"{base}.events.new", 0, b"e"))
+        again = await self.read(member, 2)
+        self.assertEqual([(m.offset, m.value) for m in again], [(1, b"job 1"), (2, b"job 2")])
+        for m in again:
+            await self.do(member.ack(m.offset))
+        self.assertEqual((await self.next(member)).offset, 3)
+        self.assertTrue(member.active and events.active)
+
     # --- connecting, timeouts --------------------------------------------------------
 
     @shared

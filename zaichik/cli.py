@@ -8,6 +8,8 @@ in the manner of mosquitto_pub/mosquitto_sub, the nats CLI and kcat.
     zaichik sub greetings --from earliest --count 2
     zaichik sub greetings --client-id w1 --commit
     zaichik sub logs --format raw | grep ERROR # the values alone
+    zaichik sub 'sensors.>'                    # every topic under sensors. (a pattern)
+    zaichik sub jobs --group workers           # a share of jobs; each acked once printed
     zaichik topics
     zaichik create orders --retention 60s --compaction-window 10s
     zaichik check /var/lib/zaichik             # damage in a data dir (no broker needed)
@@ -72,6 +74,23 @@ exit status:
      warnings: they still exit 0
   1  damage found (or the data dir is of a newer release)
   2  usage error: DATA_DIR is not a directory, or not a data dir (no topics/)
+"""
+
+SUB_DESCRIPTION = """\
+Print messages of the topics as they arrive, until --count or Ctrl-C.
+
+A TOPIC may be a pattern: it follows every topic it matches, those that
+exist and those created later, and each line names the message's topic.
+  zaichik sub 'sensors.>'              sensors.a, sensors.a.b, ... (not sensors)
+  zaichik sub 'sensors.*.temp'         sensors.kitchen.temp, ...
+
+With --group NAME the command is a member of that consumer group of each
+TOPIC: the topic's messages are shared among the members, each to one of
+them, and each is acknowledged once printed (--no-ack: never), so a
+message printed by a member that dies before acknowledging it is sent
+again, to another member (at least once).
+  zaichik sub jobs --group workers     in each of several shells
+  zaichik sub jobs --group workers --ack-timeout 5m --max-inflight 1
 """
 
 DEFAULT_TIMEOUT = 10.0
@@ -194,15 +213,30 @@ def parser() -> argparse.ArgumentParser:
                      help="key each line by its N-th field, or by a field of a JSON line")
     pub.add_argument("--ack", action="store_true", help="wait for each PUBLISHED; print offsets")
 
-    sub = command("sub", help="print messages as they arrive",
-                  description="Print messages of the topics as they arrive, until --count or Ctrl-C.")
-    sub.add_argument("topics", nargs="+")
+    sub = command("sub", help="print messages as they arrive (of topics, patterns, or as a group member)",
+                  description=SUB_DESCRIPTION)
+    sub.add_argument("topics", nargs="+", metavar="TOPIC",
+                     help="a topic, or a pattern: a segment * matches any one segment, a last > one or "
+                          "more (sensors.*.temp, 'sensors.>': quote it for the shell)")
     sub.add_argument("--from", dest="start", type=_start, default=(Start.DEFAULT, 0),
                      help="latest, earliest, default (after the client's commit, else the oldest "
-                          "retained; the default) or offset:N")
+                          "retained; the default) or offset:N; with --group, where a new group begins "
+                          "(default: the oldest retained)")
     sub.add_argument("--commit", action="store_true", help="commit each message once printed")
     sub.add_argument("--count", type=int, default=0, help="exit after this many messages")
-    sub.add_argument("--max-inflight", type=int, default=0)
+    sub.add_argument("--max-inflight", type=int, default=0,
+                     help="messages sent and not committed at most (per topic, for a pattern; with "
+                          "--group: not acknowledged); 0: no limit (with --group: 1000)")
+    group = sub.add_argument_group("consumer groups (work queues)")
+    group.add_argument("--group", metavar="NAME",
+                       help="join consumer group NAME of each TOPIC (which must retain messages): each "
+                            "message goes to one member of the group; each is acknowledged once printed")
+    group.add_argument("--no-ack", action="store_true",
+                       help="with --group: do not acknowledge (what is printed is sent again, to any "
+                            "member, after --ack-timeout)")
+    group.add_argument("--ack-timeout", type=_duration, default=0, metavar="DURATION",
+                       help="with --group: a message not acknowledged within this is sent again, to any "
+                            "member (e.g. 30s, 500ms; default: the broker's, 30s)")
     sub.add_argument("--format", choices=("text", "json", "raw"), default="text",
                      help="text: TOPIC OFFSET [KEY] VALUE; json: one object a line; raw: the value's "
                           "bytes alone, then a newline")
@@ -360,10 +394,16 @@ def _sub(client, args, out: _Output) -> None:
         except BaseException as e:
             inbox.put((END, e))
 
+    grouped = args.group is not None
     subscriptions = []
     for topic in args.topics:
-        subscriptions.append(client.subscribe(topic, start=start, offset=offset,
-                                              max_inflight=args.max_inflight))
+        if grouped:
+            subscriptions.append(client.subscribe_group(topic, args.group, start=start, offset=offset,
+                                                        max_inflight=args.max_inflight,
+                                                        ack_timeout=args.ack_timeout))
+        else:
+            subscriptions.append(client.subscribe(topic, start=start, offset=offset,
+                                                  max_inflight=args.max_inflight))
     for subscription in subscriptions:
         threading.Thread(target=forward, args=(subscription,), daemon=True,
                          name=f"zaichik-sub-{subscription.topic}").start()
@@ -371,6 +411,8 @@ def _sub(client, args, out: _Output) -> None:
     printed = 0
     ended = 0
     uncommitted = {}
+    unacked: List[Tuple[str, int]] = []
+    ack = grouped and not args.no_ack
     while True:
         item = inbox.get()
         if type(item) is tuple and item[0] is END:
@@ -385,15 +427,24 @@ def _sub(client, args, out: _Output) -> None:
             continue
         out.write(_format(item, args.format))
         printed += 1
-        uncommitted[item.topic] = item.offset
+        if ack:
+            unacked.append((item.topic, item.offset))
+        else:
+            uncommitted[item.topic] = item.offset
         done = bool(args.count) and printed >= args.count
         if done or inbox.empty():
             out.flush()
+            # Printed (and flushed) before committed or acknowledged: at least once.
             if args.commit:
-                # Printed (and flushed) before committed: at least once.
                 for topic, last in uncommitted.items():
                     client.commit(topic, last)
             uncommitted.clear()
+            for topic, offset in unacked:
+                # One by one: a group's messages need not come in order of
+                # offset (one sent again comes after later ones), so a
+                # COMMIT of the highest could acknowledge one not printed.
+                client.ack(topic, offset)
+            unacked.clear()
         if done:
             return
 
@@ -438,8 +489,20 @@ def _connect(args):
         raise CommandError(f"bad --server {args.server!r}: {e}", EXIT_USAGE) from None
 
 
+def _check_sub_options(args) -> None:
+    if args.group is None:
+        for given, option in ((args.no_ack, "--no-ack"), (args.ack_timeout, "--ack-timeout")):
+            if given:
+                raise CommandError(f"{option} is for a group member: give --group NAME", EXIT_USAGE)
+    elif args.commit:
+        raise CommandError("a group member acknowledges each message once printed: --commit is for a "
+                           "plain subscription (--no-ack not to acknowledge)", EXIT_USAGE)
+
+
 def run(args, out: _Output, stdin) -> None:
     """Carry out a broker command; raises what ends it badly."""
+    if args.command == "sub":
+        _check_sub_options(args)
     client = _connect(args)
     try:
         if args.command == "pub":

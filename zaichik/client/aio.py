@@ -31,7 +31,7 @@ import logging
 import os
 import ssl
 from collections import deque
-from typing import Any, Callable, Deque, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from zaichik import codec
 from zaichik.client import core as _core
@@ -90,8 +90,10 @@ def describe_connect_error(error: BaseException) -> str:
 
 class Subscription:
     """
-    Messages of one topic, delivered to a callback or read with
-    C{async for message in subscription} (or L{get}).
+    Messages of one topic, of the topics a pattern matches, or a consumer
+    group member's share of a topic: delivered to a callback or read with
+    C{async for message in subscription} (or L{get}).  Each message names
+    its own topic (C{message.topic}).
     """
 
     def __init__(self, client: "Client", state: _core.SubscriptionState,
@@ -105,7 +107,8 @@ class Subscription:
         self._listeners: List[Callable[[], None]] = []
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.topic} active={self.active}>"
+        group = f" group={self.group}" if self.group is not None else ""
+        return f"<Subscription {self.topic}{group} active={self.active}>"
 
     @property
     def active(self) -> bool:
@@ -113,9 +116,27 @@ class Subscription:
         return self._state.active
 
     @property
+    def group(self) -> Optional[str]:
+        """The consumer group this subscription is a member of (L{Client.subscribe_group}), or None."""
+        return self._state.group
+
+    @property
+    def is_pattern(self) -> bool:
+        """Is C{topic} a wildcard pattern (C{sensors.>}, C{sensors.*.temp})?"""
+        return self._state.kind == _core.PATTERN
+
+    @property
     def committed(self) -> Optional[int]:
-        """The highest offset whose COMMIT the broker accepted."""
+        """The highest offset whose COMMIT the broker accepted (None for a pattern: see L{committed_offsets})."""
         return self._state.committed
+
+    @property
+    def committed_offsets(self) -> Dict[str, int]:
+        """The highest offset whose COMMIT the broker accepted, per topic."""
+        state = self._state
+        if state.kind == _core.PATTERN:
+            return dict(state.committed_by_topic)
+        return {} if state.committed is None else {state.topic: state.committed}
 
     def _deliver(self, message: Message) -> None:
         assert self._callback is not None
@@ -168,9 +189,17 @@ class Subscription:
             raise StopAsyncIteration
         return message
 
-    async def commit(self, offset: int) -> None:
-        """Commit everything of this topic up to and including C{offset}."""
-        await self.client.commit(self.topic, offset)
+    async def commit(self, offset: int, topic: Optional[str] = None) -> None:
+        """
+        Commit everything of this topic up to and including C{offset} (of a
+        pattern's: of C{topic}, the message's own; of a group member's:
+        acknowledge what was sent to it up to C{offset}).
+        """
+        await self.client.commit(_core.commit_topic(self._state, topic), offset)
+
+    async def ack(self, offset: int) -> None:
+        """Acknowledge the message at C{offset} (a group member's)."""
+        await self.client.ack(_core.ack_topic(self._state), offset)
 
     async def unsubscribe(self) -> None:
         await self.client.unsubscribe(self.topic)
@@ -518,14 +547,38 @@ class Client:
                         start: Start = Start.DEFAULT, offset: int = 0,
                         max_inflight: int = 0) -> Subscription:
         """
-        Follow C{topic}.  Returns a L{Subscription} once the broker has
-        accepted; messages then go to C{callback}, or are read by iterating
-        the subscription.  A coroutine function as C{callback} is awaited
-        for each message in turn.
+        Follow C{topic}, or every topic a wildcard pattern matches
+        (C{sensors.>}, C{sensors.*.temp}: those that exist and those
+        created later; each message names its topic).  Returns a
+        L{Subscription} once the broker has accepted; messages then go to
+        C{callback}, or are read by iterating the subscription.  A coroutine
+        function as C{callback} is awaited for each message in turn.
         """
+        return await self._subscribe(_core.SubscriptionState(topic, start, offset, max_inflight, False),
+                                     callback)
+
+    async def subscribe_group(self, topic: str, group: str, callback: Optional[Callable[[Message], object]] = None,
+                              start: Start = Start.DEFAULT, offset: int = 0, max_inflight: int = 0,
+                              ack_timeout: int = 0) -> Subscription:
+        """
+        Join consumer group C{group} of C{topic} (which must retain
+        messages): each message goes to one member of the group at a time.
+        Returns a L{Subscription}, as L{subscribe}.  Acknowledge each
+        message with L{ack} (or L{Subscription.ack}), or all up to an
+        offset with L{commit}; one not acknowledged within C{ack_timeout}
+        milliseconds (0: the broker's 30 s), or outstanding when this
+        member leaves or its connection ends, is sent again, to any member.
+        C{start}/C{offset} set a new group's position (DEFAULT: the oldest
+        retained message); C{max_inflight} bounds what this member has
+        unacknowledged (0: 1,000).
+        """
+        return await self._subscribe(_core.SubscriptionState(topic, start, offset, max_inflight, False,
+                                                             group=group, ack_timeout=ack_timeout), callback)
+
+    async def _subscribe(self, state: _core.SubscriptionState,
+                         callback: Optional[Callable[[Message], object]]) -> Subscription:
         is_async = callback is not None and inspect.iscoroutinefunction(callback)
-        state = _core.SubscriptionState(topic, start, offset, max_inflight,
-                                        callback is not None and not is_async)
+        state.has_callback = callback is not None and not is_async
         subscription = Subscription(self, state, None if is_async else callback)
         await self._call(lambda future: self._core.subscribe(future, state, self._now()))
         if is_async:
@@ -536,11 +589,20 @@ class Client:
         return subscription
 
     async def unsubscribe(self, topic: str) -> None:
+        """End the subscription to C{topic}, or to a pattern, or leave the group of C{topic}."""
         return await self._call(lambda f: self._core.unsubscribe(f, topic, self._now()))
 
     async def commit(self, topic: str, offset: int) -> None:
-        """Commit C{topic} up to and including C{offset}."""
+        """
+        Commit C{topic} up to and including C{offset} (the message's own
+        topic, for a pattern's; for a group member, acknowledge everything
+        sent to it up to C{offset}).
+        """
         return await self._call(lambda f: self._core.commit(f, topic, offset, self._now()))
+
+    async def ack(self, topic: str, offset: int) -> None:
+        """Acknowledge the message at C{offset} of C{topic}, sent to this member of a group."""
+        return await self._call(lambda f: self._core.ack(f, topic, offset, self._now()))
 
     async def ping(self) -> None:
         return await self._simple(codec.Ping)

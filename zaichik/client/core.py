@@ -21,13 +21,20 @@ opaque C{waiter} (a Deferred, a Future) that the core hands back in a
 L{Resolve} or L{Reject} event; the core never calls it.
 
 What lives here: request ids and matching replies to requests, timeouts of
-requests, of connecting and of keepalive PINGs; subscriptions (their
-messages queued for readers, or handed to a callback, their committed and
-received offsets); flow control (reading pauses while readers fall behind,
-unless a reply is awaited); the list of servers, failover and reconnecting
-with backoff, resubscribing from the committed position; and which error
-ends a connection: an ERROR the broker sent before closing is reported as
-that error, not as a lost connection.
+requests, of connecting and of keepalive PINGs; subscriptions to a topic,
+to a wildcard pattern or to a consumer group (their messages queued for
+readers, or handed to a callback, their committed and received offsets);
+flow control (reading pauses while readers fall behind, unless a reply is
+awaited); the list of servers, failover and reconnecting with backoff,
+resubscribing from the committed position and rejoining groups; and which
+error ends a connection: an ERROR the broker sent before closing is
+reported as that error, not as a lost connection.
+
+A MESSAGE frame names its topic, not the subscription it is for.  A message
+goes to the subscription to its topic or, failing that, to the pattern
+that matches it; where several subscriptions of the connection follow one
+topic (a topic and patterns, or patterns that overlap), the broker sends a
+copy for each, and L{ClientCore._attribute} hands each copy to one of them.
 """
 
 from __future__ import annotations
@@ -282,38 +289,149 @@ Event = Union[Resolve, Reject, Deliver, Wake, AsyncError, Dial, CloseTransport, 
 
 PENDING, ACTIVE, ENDED = "pending", "active", "ended"
 
+# What a subscription follows.
+TOPIC, PATTERN, GROUP = "topic", "pattern", "group"
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """
+    Does the wildcard C{pattern} match the topic C{name}?  Both split on
+    C{.} into segments (empty ones included); C{*} matches any one segment,
+    a last C{>} one or more.  (As the broker's index decides; see
+    docs/groups-and-patterns.rst.)
+    """
+    want = pattern.split(".")
+    got = name.split(".")
+    if want[-1] == ">":
+        if len(got) < len(want):
+            return False
+        want = want[:-1]
+        got = got[:len(want)]
+    elif len(got) != len(want):
+        return False
+    return all(w == "*" or w == g for w, g in zip(want, got))
+
 
 class SubscriptionState:
     """
     One subscription as the core sees it.  C{handle} is the adapter's
     Subscription object, returned to the caller and named in events.
+
+    C{topic} is a topic, or a wildcard pattern (L{codec.is_pattern}: then
+    C{kind} is L{PATTERN}, and offsets are kept per topic followed); with a
+    C{group}, the subscription is a membership of that consumer group of
+    the topic (C{kind} L{GROUP}): messages are not deduplicated (a message
+    not acknowledged in time comes again), and what is queued and unread
+    when the connection ends is dropped (the broker gives it back to the
+    group).
     """
 
     def __init__(self, topic: str, start: Start, offset: int, max_inflight: int,
-                 has_callback: bool, handle: Any = None) -> None:
+                 has_callback: bool, handle: Any = None, group: Optional[str] = None,
+                 ack_timeout: int = 0) -> None:
         self.topic = topic
         self.start = Start(start)
         self.offset = offset
         self.max_inflight = max_inflight
         self.has_callback = has_callback
         self.handle = handle
+        self.group = group
+        self.ack_timeout = ack_timeout
+        if group is not None:
+            self.kind = GROUP
+        elif codec.is_pattern(topic):
+            self.kind = PATTERN
+        else:
+            self.kind = TOPIC
         self.state = PENDING
         self.queue: Deque[Message] = deque()
         # The first and last offsets received, and the highest commit the
-        # broker accepted: where a renewed subscription resumes.
+        # broker accepted: where a renewed subscription resumes.  (Of a
+        # pattern: per topic, in the dicts.)
         self.first_received: Optional[int] = None
         self.last_received: Optional[int] = None
         self.committed: Optional[int] = None
+        self.last_by_topic: Dict[str, int] = {}
+        self.committed_by_topic: Dict[str, int] = {}
         self.unsubscribing = False
         self.confirmed = False   # the broker accepted it once (so it is renewed after a reconnect)
         self.end_error: Optional[BaseException] = None
+        self.seq = 0             # order of subscribing (the core numbers them)
+        # Bumped when queued messages are dropped (a group's, at the end of a
+        # connection): an adapter that buffers messages itself drops those
+        # of an earlier generation.
+        self.generation = 0
 
     @property
     def active(self) -> bool:
         return self.state != ENDED
 
+    def matches(self, topic: str) -> bool:
+        """Does this subscription follow C{topic}?"""
+        if self.kind == PATTERN:
+            return pattern_matches(self.topic, topic)
+        return topic == self.topic
+
+    def last(self, topic: str) -> Optional[int]:
+        """The last offset of C{topic} handed to this subscription (None for a group's)."""
+        if self.kind == PATTERN:
+            return self.last_by_topic.get(topic)
+        if self.kind == GROUP:
+            return None
+        return self.last_received
+
+    def accepts(self, topic: str, offset: int) -> bool:
+        """Is the message C{offset} of C{topic} new to this subscription?  (A
+        group's messages always are: one may come again after its ack_timeout.)"""
+        last = self.last(topic)
+        return last is None or offset > last
+
+    def received(self, topic: str, offset: int) -> None:
+        if self.kind == PATTERN:
+            self.last_by_topic[topic] = offset
+            return
+        if self.first_received is None:
+            self.first_received = offset
+        if self.last_received is None or offset > self.last_received:
+            self.last_received = offset
+
+    def commit_accepted(self, topic: str, offset: int) -> None:
+        if self.kind == PATTERN:
+            if offset > self.committed_by_topic.get(topic, -1):
+                self.committed_by_topic[topic] = offset
+        elif self.committed is None or offset > self.committed:
+            self.committed = offset
+
     def __repr__(self) -> str:
-        return f"<SubscriptionState {self.topic} {self.state}>"
+        group = f" group {self.group}" if self.group is not None else ""
+        return f"<SubscriptionState {self.topic}{group} {self.state}>"
+
+
+def commit_topic(sub: SubscriptionState, topic: Optional[str]) -> str:
+    """
+    The topic a subscription's C{commit(offset, topic)} names: the
+    subscription's own, or for a pattern's, C{topic} (a message's).
+
+    @raise ValueError: a pattern's commit without a topic it matches, or
+        another subscription's with a topic not its own.
+    """
+    if sub.kind == PATTERN:
+        if topic is None:
+            raise ValueError(f"a commit of {sub.topic} names the message's topic: commit(offset, message.topic)")
+        if not pattern_matches(sub.topic, topic):
+            raise ValueError(f"{topic} is not a topic of {sub.topic}")
+        return topic
+    if topic is not None and topic != sub.topic:
+        raise ValueError(f"{topic} is not the topic of this subscription ({sub.topic})")
+    return sub.topic
+
+
+def ack_topic(sub: SubscriptionState) -> str:
+    """The topic of a group member's C{ack(offset)}; ValueError for any other subscription."""
+    if sub.kind != GROUP:
+        raise ValueError(f"ack is for the messages of a group member (subscribe_group), "
+                         f"not of a subscription to {sub.topic}: commit them")
+    return sub.topic
 
 
 # --- requests --------------------------------------------------------------------
@@ -471,7 +589,11 @@ class ClientCore:
         self._backlog: List[Tuple[bytes, Optional[_Pending]]] = []
         self._backlog_bytes = 0
         self._buffer = bytearray()
+        # Subscriptions by topic, pattern (which no topic name can be) or
+        # group's topic (one subscription per topic, plain or group).
         self.subscriptions: Dict[str, SubscriptionState] = {}
+        self._routes_cache: Dict[str, List[SubscriptionState]] = {}
+        self._subscribed_count = 0
         self.queued = 0
         self.paused = False
         self._last_error: Optional[ZaichikError] = None   # the last frame, if an ERROR
@@ -548,7 +670,7 @@ class ClientCore:
                 continue
             sub.state = PENDING
             start, offset = self._resume_position(sub)
-            self._send_internal(codec.Subscribe(self._rid(), sub.topic, start, offset, sub.max_inflight),
+            self._send_internal(self._subscribe_request(self._rid(), sub, start, offset),
                                 lambda reply, sub=sub: self._subscribed(sub),
                                 lambda error, sub=sub: self._end_subscription(sub, error),
                                 None, None)
@@ -570,7 +692,19 @@ class ClientCore:
         at the first message received (so that commits of received messages
         still refer to messages sent on the new connection), or where it
         began.  Messages received before are not handed out twice.
+
+        A pattern has one start for all its topics: DEFAULT as above, or
+        else where it began (per topic, what was handed out already is not
+        handed out again).  A group rejoins as it joined: the group's
+        position is the broker's, and what was outstanding for this member
+        is sent again by the broker, to any member.
         """
+        if sub.kind == GROUP:
+            return sub.start, sub.offset
+        if sub.kind == PATTERN:
+            if self.client_id and (sub.committed_by_topic or sub.start == Start.DEFAULT):
+                return Start.DEFAULT, 0
+            return sub.start, sub.offset
         if self.client_id and (sub.committed is not None or sub.start == Start.DEFAULT):
             return Start.DEFAULT, 0
         if sub.committed is not None:
@@ -677,9 +811,18 @@ class ClientCore:
 
         self.request(waiter, lambda rid: codec.Hello(rid, client_id, token), now, ok)
 
+    @staticmethod
+    def _subscribe_request(rid: int, sub: SubscriptionState, start: Start, offset: int):
+        if sub.kind == GROUP:
+            assert sub.group is not None
+            return codec.SubscribeGroup(rid, sub.topic, sub.group, start, offset, sub.max_inflight,
+                                        sub.ack_timeout)
+        return codec.Subscribe(rid, sub.topic, start, offset, sub.max_inflight)
+
     def subscribe(self, waiter: Any, sub: SubscriptionState, now: float) -> None:
         """
-        Follow C{sub.topic}; C{waiter} gets C{sub.handle} once the broker
+        Follow C{sub.topic} (a topic or a pattern), or join C{sub.group} of
+        it (SUBSCRIBE_GROUP); C{waiter} gets C{sub.handle} once the broker
         accepts.  Messages for it are delivered only after that (a reply
         comes before the messages its request releases), so strays of an
         earlier subscription to the topic are not taken for this one's.
@@ -695,20 +838,39 @@ class ClientCore:
             return sub.handle
 
         def refused(error: BaseException) -> None:
-            if self.subscriptions.get(topic) is sub:
-                del self.subscriptions[topic]
+            self._forget(sub)
             sub.state = ENDED
 
         try:
-            pending = self._request(waiter, lambda rid: codec.Subscribe(rid, topic, sub.start, sub.offset,
-                                                                        sub.max_inflight), now, ok, refused)
+            pending = self._request(waiter, lambda rid: self._subscribe_request(rid, sub, sub.start, sub.offset),
+                                    now, ok, refused)
         except BaseException:
             sub.state = ENDED
             raise
         if pending is not None:
+            self._subscribed_count += 1
+            sub.seq = self._subscribed_count
             self.subscriptions[topic] = sub
+            self._routes_cache.clear()
         else:
             sub.state = ENDED
+
+    def _forget(self, sub: SubscriptionState) -> None:
+        if self.subscriptions.get(sub.topic) is sub:
+            del self.subscriptions[sub.topic]
+            self._routes_cache.clear()
+
+    def _routes(self, topic: str) -> List[SubscriptionState]:
+        """The subscriptions that follow C{topic}: its own, then the patterns that match it."""
+        routes = self._routes_cache.get(topic)
+        if routes is None:
+            own = self.subscriptions.get(topic)
+            routes = [own] if own is not None else []
+            routes.extend(s for s in self.subscriptions.values() if s.kind == PATTERN and s.matches(topic))
+            if len(self._routes_cache) >= 10_000:
+                self._routes_cache.clear()
+            self._routes_cache[topic] = routes
+        return routes
 
     def _subscribed(self, sub: SubscriptionState) -> None:
         sub.confirmed = True
@@ -716,6 +878,12 @@ class ClientCore:
             sub.state = ACTIVE
 
     def unsubscribe(self, waiter: Any, topic: str, now: float) -> None:
+        """
+        UNSUBSCRIBE C{topic}: a topic, a pattern (which ends the whole
+        pattern subscription), or the topic of a group membership (which
+        leaves the group: what was outstanding goes back to it, and what
+        is queued unread here is dropped).
+        """
         sub = self.subscriptions.get(topic)
 
         def ok(reply) -> None:
@@ -729,13 +897,23 @@ class ClientCore:
             sub.unsubscribing = True
 
     def commit(self, waiter: Any, topic: str, offset: int, now: float) -> None:
+        """
+        COMMIT C{topic} (a topic, never a pattern: the topic of a message
+        a pattern brought) up to and including C{offset}.  The broker
+        commits it for every subscription of the connection that follows
+        the topic; on a group membership it acknowledges what is
+        outstanding for this member up to C{offset}.
+        """
         def ok(reply) -> None:
             _none(reply)
-            sub = self.subscriptions.get(topic)
-            if sub is not None and (sub.committed is None or offset > sub.committed):
-                sub.committed = offset
+            for sub in self._routes(topic):
+                sub.commit_accepted(topic, offset)
 
         self.request(waiter, lambda rid: codec.Commit(rid, topic, offset), now, ok)
+
+    def ack(self, waiter: Any, topic: str, offset: int, now: float) -> None:
+        """ACK one message of C{topic} sent to this member of a group."""
+        self.request(waiter, lambda rid: codec.Ack(rid, topic, offset), now)
 
     def close(self, waiter: Any, now: float) -> None:
         """
@@ -791,19 +969,46 @@ class ClientCore:
             self._resume()
         return messages
 
+    def _drop_queued(self, sub: SubscriptionState) -> None:
+        sub.generation += 1
+        if sub.queue:
+            self.queued -= len(sub.queue)
+            sub.queue.clear()
+            if self.paused and self.queued <= self.max_queued // 2:
+                self._resume()
+
     def _resume(self) -> None:
         self.paused = False
         self._events.append(ResumeReading())
 
     def _deliver(self, message: Message) -> None:
-        sub = self.subscriptions.get(message.topic)
-        if sub is None or sub.state != ACTIVE:
-            return  # after UNSUBSCRIBE's OK, or before SUBSCRIBE's: not this subscription's
-        if sub.last_received is not None and message.offset <= sub.last_received:
-            return  # sent again after a reconnect: already handed out
-        if sub.first_received is None:
-            sub.first_received = message.offset
-        sub.last_received = message.offset
+        routes = self._routes_cache.get(message.topic)
+        if routes is None:
+            routes = self._routes(message.topic)
+        if len(routes) == 1:
+            sub: Optional[SubscriptionState] = routes[0]
+            assert sub is not None
+            if sub.state != ACTIVE:
+                return  # after UNSUBSCRIBE's OK, or before SUBSCRIBE's: not this subscription's
+            offset = message.offset
+            if sub.kind is TOPIC:   # (the common case, inline)
+                last = sub.last_received
+                if last is not None and offset <= last:
+                    return  # sent again after a reconnect: already handed out
+                if last is None:
+                    sub.first_received = offset
+                sub.last_received = offset
+            elif sub.accepts(message.topic, offset):
+                sub.received(message.topic, offset)
+            else:
+                return
+        elif not routes:
+            return
+        else:
+            sub = self._attribute(routes, message.topic, message.offset)
+            if sub is None:
+                return
+            sub.received(message.topic, message.offset)
         if sub.has_callback:
             self._events.append(Deliver(sub.handle, message))
             return
@@ -815,16 +1020,60 @@ class ClientCore:
             self.paused = True
             self._events.append(PauseReading())
 
+    @staticmethod
+    def _attribute(routes: List[SubscriptionState], topic: str, offset: int) -> Optional[SubscriptionState]:
+        """
+        Which of several subscriptions following C{topic} a copy of the
+        message at C{offset} is for.  The broker sends one copy per
+        subscription, each subscription's in order of offset, but the frame
+        does not say whose it is.  A subscription follows the topic's log
+        from where it began, and a log's offsets are consecutive, so:
+
+          1. a subscription whose last message of the topic was
+             C{offset - 1} (it is its next: whose ever copy it was, each
+             subscription then ends up with each message once, in order);
+          2. else the oldest that has had nothing of the topic yet (and
+             whose known start, C{Start.OFFSET}, is not past C{offset});
+          3. else the group membership of the topic (a group's messages
+             come in any order, and may come again);
+          4. else the one that got furthest in the topic without reaching
+             C{offset} (messages expired while it lagged behind).
+
+        None: every one had it already (sent again after a reconnect).
+        """
+        fresh: Optional[SubscriptionState] = None
+        group: Optional[SubscriptionState] = None
+        best: Optional[SubscriptionState] = None
+        best_last = -1
+        for sub in routes:
+            if sub.state != ACTIVE:
+                continue
+            if sub.kind == GROUP:
+                group = sub
+                continue
+            last = sub.last(topic)
+            if last is None:
+                if sub.kind == TOPIC and sub.start == Start.OFFSET and offset < sub.offset:
+                    continue
+                if fresh is None or sub.seq < fresh.seq:
+                    fresh = sub
+            elif last == offset - 1:
+                return sub
+            elif last < offset and (best is None or last > best_last):
+                best, best_last = sub, last
+        return fresh or group or best
+
     def _awaiting_reply(self) -> bool:
         return any(not p.abandoned for p in self._waiting.values())
 
     def _end_subscription(self, sub: SubscriptionState, error: Optional[BaseException]) -> None:
-        if self.subscriptions.get(sub.topic) is sub:
-            del self.subscriptions[sub.topic]
+        self._forget(sub)
         if sub.state == ENDED:
             return
         sub.state = ENDED
         sub.end_error = error
+        if sub.kind == GROUP:
+            self._drop_queued(sub)   # given back to the group by the broker
         if not sub.has_callback:
             self._events.append(Wake(sub.handle))
 
@@ -1021,6 +1270,11 @@ class ClientCore:
         for sub in self.subscriptions.values():
             if sub.state == ACTIVE:
                 sub.state = PENDING
+            if sub.kind == GROUP:
+                # What this member had and nobody read goes back to the
+                # group with the connection (the broker sends it again, to
+                # any member): not handed out from here.
+                self._drop_queued(sub)
 
         if asked:
             self._finish(None)
@@ -1070,6 +1324,7 @@ class ClientCore:
         for sub in list(self.subscriptions.values()):
             self._end_subscription(sub, subscriptions_error)
         self.subscriptions.clear()
+        self._routes_cache.clear()
         if self._connect_waiter is not None:
             waiter, self._connect_waiter = self._connect_waiter, None
             self._events.append(Reject(waiter, error or ConnectionLostError("closed while connecting")))

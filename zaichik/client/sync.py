@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from zaichik.client import aio as _aio
 from zaichik.client import core as _core
@@ -81,8 +81,10 @@ MAX_PENDING_BYTES = 256 * 1024
 
 class Subscription:
     """
-    Messages of one topic: iterate (C{for message in subscription}), or
-    L{get} one at a time.  A context manager that unsubscribes at its end.
+    Messages of one topic, of the topics a pattern matches, or a consumer
+    group member's share of a topic: iterate (C{for message in
+    subscription}), or L{get} one at a time.  A context manager that
+    unsubscribes (or leaves the group) at its end.
     """
 
     def __init__(self, client: "Client", inner: _aio.Subscription) -> None:
@@ -90,22 +92,41 @@ class Subscription:
         self.topic = inner.topic
         self._inner = inner
         self._cond = threading.Condition()
-        self._buffer: Deque[Message] = deque()
+        # (generation, message): a group member's messages of an earlier
+        # connection are dropped (the broker gave them back to the group).
+        self._buffer: Deque[Tuple[int, Message]] = deque()
         self._ended = False
         self._error: Optional[BaseException] = None
         self._asked = False
         self._thread: Optional[threading.Thread] = None
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.topic} active={self.active}>"
+        group = f" group={self.group}" if self.group is not None else ""
+        return f"<Subscription {self.topic}{group} active={self.active}>"
 
     @property
     def active(self) -> bool:
         return self._inner.active
 
     @property
+    def group(self) -> Optional[str]:
+        """The consumer group this subscription is a member of (L{Client.subscribe_group}), or None."""
+        return self._inner.group
+
+    @property
+    def is_pattern(self) -> bool:
+        """Is C{topic} a wildcard pattern (C{sensors.>}, C{sensors.*.temp})?"""
+        return self._inner.is_pattern
+
+    @property
     def committed(self) -> Optional[int]:
+        """The highest offset whose COMMIT the broker accepted (None for a pattern: see L{committed_offsets})."""
         return self._inner.committed
+
+    @property
+    def committed_offsets(self) -> Dict[str, int]:
+        """The highest offset whose COMMIT the broker accepted, per topic."""
+        return self._inner.committed_offsets
 
     def _fetch(self) -> None:
         """(I/O thread) Move what is queued to this thread-safe buffer, or wait for it."""
@@ -115,8 +136,9 @@ class Subscription:
         if not messages and state.active:
             self._inner._listeners.append(self._fetch)
             return
+        generation = state.generation
         with self._cond:
-            self._buffer.extend(messages)
+            self._buffer.extend((generation, m) for m in messages)
             if not state.active and not state.queue:
                 self._ended = True
                 self._error = state.end_error
@@ -133,18 +155,22 @@ class Subscription:
         @raise TimeoutError: nothing came within C{timeout} seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        state = self._inner._state
         with self._cond:
             while True:
                 if self._buffer:
-                    return self._buffer.popleft()
+                    generation, message = self._buffer.popleft()
+                    if generation != state.generation:
+                        continue
+                    return message
                 if self._ended:
                     if self._error is not None:
                         raise self._error
                     return None
                 if self.client._stopped:
                     # The I/O thread is gone (closed): what is left is read here.
-                    state = self._inner._state
-                    self._buffer.extend(self.client._inner._core.take_all(state))
+                    generation = state.generation
+                    self._buffer.extend((generation, m) for m in self.client._inner._core.take_all(state))
                     if not self._buffer:
                         self._ended = True
                         self._error = state.end_error if not state.active else self.client._closed_error()
@@ -164,9 +190,17 @@ class Subscription:
                 return
             yield message
 
-    def commit(self, offset: int) -> None:
-        """Commit everything of this topic up to and including C{offset}."""
-        self.client.commit(self.topic, offset)
+    def commit(self, offset: int, topic: Optional[str] = None) -> None:
+        """
+        Commit everything of this topic up to and including C{offset} (of a
+        pattern's: of C{topic}, the message's own; of a group member's:
+        acknowledge what was sent to it up to C{offset}).
+        """
+        self.client.commit(_core.commit_topic(self._inner._state, topic), offset)
+
+    def ack(self, offset: int) -> None:
+        """Acknowledge the message at C{offset} (a group member's)."""
+        self.client.ack(_core.ack_topic(self._inner._state), offset)
 
     def unsubscribe(self) -> None:
         self.client.unsubscribe(self.topic)
@@ -350,12 +384,39 @@ class Client:
     def subscribe(self, topic: str, callback: Optional[Callable[[Message], object]] = None,
                   start: Start = Start.DEFAULT, offset: int = 0, max_inflight: int = 0) -> Subscription:
         """
-        Follow C{topic}.  Returns a L{Subscription} once the broker has
-        accepted; messages then go to C{callback} (in order, on a thread of
-        the subscription's own), or are read by iterating the subscription.
+        Follow C{topic}, or every topic a wildcard pattern matches
+        (C{sensors.>}, C{sensors.*.temp}: those that exist and those
+        created later; each message names its topic).  Returns a
+        L{Subscription} once the broker has accepted; messages then go to
+        C{callback} (in order, on a thread of the subscription's own), or
+        are read by iterating the subscription.
         """
         inner = self._run(self._inner.subscribe(topic, start=start, offset=offset,
                                                 max_inflight=max_inflight))
+        return self._subscription(inner, callback)
+
+    def subscribe_group(self, topic: str, group: str, callback: Optional[Callable[[Message], object]] = None,
+                        start: Start = Start.DEFAULT, offset: int = 0, max_inflight: int = 0,
+                        ack_timeout: int = 0) -> Subscription:
+        """
+        Join consumer group C{group} of C{topic} (which must retain
+        messages): each message goes to one member of the group at a time.
+        Returns a L{Subscription}, as L{subscribe}.  Acknowledge each
+        message with L{ack} (or L{Subscription.ack}), or all up to an
+        offset with L{commit}; one not acknowledged within C{ack_timeout}
+        milliseconds (0: the broker's 30 s), or outstanding when this
+        member leaves or its connection ends, is sent again, to any member.
+        C{start}/C{offset} set a new group's position (DEFAULT: the oldest
+        retained message); C{max_inflight} bounds what this member has
+        unacknowledged (0: 1,000).
+        """
+        inner = self._run(self._inner.subscribe_group(topic, group, start=start, offset=offset,
+                                                      max_inflight=max_inflight, ack_timeout=ack_timeout))
+        return self._subscription(inner, callback)
+
+    def _subscription(self, inner: _aio.Subscription,
+                      callback: Optional[Callable[[Message], object]]) -> Subscription:
+        topic = inner.topic
         subscription = Subscription(self, inner)
         if callback is not None:
             thread = threading.Thread(target=subscription._dispatch, args=(callback,),
@@ -365,10 +426,20 @@ class Client:
         return subscription
 
     def unsubscribe(self, topic: str) -> None:
+        """End the subscription to C{topic}, or to a pattern, or leave the group of C{topic}."""
         return self._run(self._inner.unsubscribe(topic))
 
     def commit(self, topic: str, offset: int) -> None:
+        """
+        Commit C{topic} up to and including C{offset} (the message's own
+        topic, for a pattern's; for a group member, acknowledge everything
+        sent to it up to C{offset}).
+        """
         return self._run(self._inner.commit(topic, offset))
+
+    def ack(self, topic: str, offset: int) -> None:
+        """Acknowledge the message at C{offset} of C{topic}, sent to this member of a group."""
+        return self._run(self._inner.ack(topic, offset))
 
     def ping(self) -> None:
         """Every request and fire-and-forget publish before it has been handled when it returns."""

@@ -20,6 +20,11 @@ by L{twisted.internet.task.react}::
 
     react(main)
 
+C{subscribe} takes a wildcard pattern too (C{"sensors.>"}: each message
+names its topic), and C{subscribe_group(topic, group)} joins a consumer
+group, whose messages are acknowledged with C{ack(topic, offset)} (see
+docs/groups-and-patterns.rst).
+
 Errors from the broker are raised as L{zaichik.errors.ZaichikError}, whose
 C{code} is the protocol's L{ErrorCode}.  The asyncio client
 (L{zaichik.aio}) and the blocking one (L{zaichik.sync}) have the same
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from typing import Any, Callable, Deque, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import error as _error
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
@@ -125,8 +130,10 @@ def _log_error(error: ZaichikError) -> None:
 
 class Subscription:
     """
-    Messages of one topic, delivered to a callback or read with
-    C{async for message in subscription} (or L{get}).
+    Messages of one topic, of the topics a pattern matches, or a consumer
+    group member's share of a topic: delivered to a callback or read with
+    C{async for message in subscription} (or L{get}).  Each message names
+    its own topic (C{message.topic}).
     """
 
     def __init__(self, client: "Client", state: _core.SubscriptionState,
@@ -139,7 +146,8 @@ class Subscription:
         self._waiters: Deque[Deferred] = deque()
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.topic} active={self.active}>"
+        group = f" group={self.group}" if self.group is not None else ""
+        return f"<Subscription {self.topic}{group} active={self.active}>"
 
     @property
     def active(self) -> bool:
@@ -147,9 +155,27 @@ class Subscription:
         return self._state.active
 
     @property
+    def group(self) -> Optional[str]:
+        """The consumer group this subscription is a member of (L{Client.subscribe_group}), or None."""
+        return self._state.group
+
+    @property
+    def is_pattern(self) -> bool:
+        """Is C{topic} a wildcard pattern (C{sensors.>}, C{sensors.*.temp})?"""
+        return self._state.kind == _core.PATTERN
+
+    @property
     def committed(self) -> Optional[int]:
-        """The highest offset whose COMMIT the broker accepted."""
+        """The highest offset whose COMMIT the broker accepted (None for a pattern: see L{committed_offsets})."""
         return self._state.committed
+
+    @property
+    def committed_offsets(self) -> Dict[str, int]:
+        """The highest offset whose COMMIT the broker accepted, per topic."""
+        state = self._state
+        if state.kind == _core.PATTERN:
+            return dict(state.committed_by_topic)
+        return {} if state.committed is None else {state.topic: state.committed}
 
     def _deliver(self, message: Message) -> None:
         assert self._callback is not None
@@ -207,9 +233,25 @@ class Subscription:
             raise StopAsyncIteration
         return message
 
-    def commit(self, offset: int) -> Deferred:
-        """Commit everything of this topic up to and including C{offset}."""
-        return self.client.commit(self.topic, offset)
+    def commit(self, offset: int, topic: Optional[str] = None) -> Deferred:
+        """
+        Commit everything of this topic up to and including C{offset} (of a
+        pattern's: of C{topic}, the message's own; of a group member's:
+        acknowledge what was sent to it up to C{offset}).
+        """
+        try:
+            name = _core.commit_topic(self._state, topic)
+        except ValueError as e:
+            return fail(e)
+        return self.client.commit(name, offset)
+
+    def ack(self, offset: int) -> Deferred:
+        """Acknowledge the message at C{offset} (a group member's)."""
+        try:
+            name = _core.ack_topic(self._state)
+        except ValueError as e:
+            return fail(e)
+        return self.client.ack(name, offset)
 
     def unsubscribe(self) -> Deferred:
         return self.client.unsubscribe(self.topic)
@@ -559,14 +601,47 @@ class Client:
         max_inflight: int = 0,
     ) -> Deferred:
         """
-        Follow C{topic}.  Fires with a L{Subscription} once the broker has
-        accepted; messages then go to C{callback}, or are read by iterating
-        the subscription.  A coroutine function as C{callback} is awaited
-        for each message in turn.
+        Follow C{topic}, or every topic a wildcard pattern matches
+        (C{sensors.>}, C{sensors.*.temp}: those that exist and those
+        created later; each message names its topic).  Fires with a
+        L{Subscription} once the broker has accepted; messages then go to
+        C{callback}, or are read by iterating the subscription.  A coroutine
+        function as C{callback} is awaited for each message in turn.
         """
+        return self._subscribe(_core.SubscriptionState, topic, callback, start, offset, max_inflight)
+
+    def subscribe_group(
+        self,
+        topic: str,
+        group: str,
+        callback: Optional[Callable[[Message], object]] = None,
+        start: Start = Start.DEFAULT,
+        offset: int = 0,
+        max_inflight: int = 0,
+        ack_timeout: int = 0,
+    ) -> Deferred:
+        """
+        Join consumer group C{group} of C{topic} (which must retain
+        messages): each message goes to one member of the group at a time.
+        Fires with a L{Subscription}, as L{subscribe}.  Acknowledge each
+        message with L{ack} (or L{Subscription.ack}), or all up to an
+        offset with L{commit}; one not acknowledged within C{ack_timeout}
+        milliseconds (0: the broker's 30 s), or outstanding when this
+        member leaves or its connection ends, is sent again, to any member.
+        C{start}/C{offset} set a new group's position (DEFAULT: the oldest
+        retained message); C{max_inflight} bounds what this member has
+        unacknowledged (0: 1,000).
+        """
+        def make(topic, start, offset, max_inflight, has_callback):
+            return _core.SubscriptionState(topic, start, offset, max_inflight, has_callback, group=group,
+                                           ack_timeout=ack_timeout)
+        return self._subscribe(make, topic, callback, start, offset, max_inflight)
+
+    def _subscribe(self, make: Callable[..., _core.SubscriptionState], topic: str,
+                   callback: Optional[Callable[[Message], object]], start: Start, offset: int,
+                   max_inflight: int) -> Deferred:
         is_async = callback is not None and inspect.iscoroutinefunction(callback)
-        state = _core.SubscriptionState(topic, start, offset, max_inflight,
-                                        callback is not None and not is_async)
+        state = make(topic, start, offset, max_inflight, callback is not None and not is_async)
         Subscription(self, state, None if is_async else callback)   # state.handle
         d: Deferred = Deferred()
         try:
@@ -584,16 +659,31 @@ class Client:
         return d
 
     def unsubscribe(self, topic: str) -> Deferred:
+        """End the subscription to C{topic}, or to a pattern, or leave the group of C{topic}."""
         d: Deferred = Deferred()
         self._core.unsubscribe(d, topic, self._now())
         self._pump()
         return d
 
     def commit(self, topic: str, offset: int) -> Deferred:
-        """Commit C{topic} up to and including C{offset}."""
+        """
+        Commit C{topic} up to and including C{offset} (the message's own
+        topic, for a pattern's; for a group member, acknowledge everything
+        sent to it up to C{offset}).
+        """
         d: Deferred = Deferred()
         try:
             self._core.commit(d, topic, offset, self._now())
+        except Exception as e:
+            return fail(e)
+        self._pump()
+        return d
+
+    def ack(self, topic: str, offset: int) -> Deferred:
+        """Acknowledge the message at C{offset} of C{topic}, sent to this member of a group."""
+        d: Deferred = Deferred()
+        try:
+            self._core.ack(d, topic, offset, self._now())
         except Exception as e:
             return fail(e)
         self._pump()
