@@ -242,8 +242,10 @@ class TokenFileChecker:
     def __init__(self, credentials: Dict[str, Tuple[str, Permissions]], run: Optional[Callable] = None) -> None:
         self.credentials = credentials
         if run is None:
-            from twisted.internet.threads import deferToThread as run
-        self._run = run
+            from twisted.internet.threads import deferToThread
+
+            run = deferToThread
+        self._run: Callable[..., Deferred] = run
         # Unknown names are checked against a dummy hash so that they take
         # as long as known ones (no name enumeration by timing).
         self._dummy = hash_secret(secrets.token_urlsafe(8))

@@ -98,6 +98,7 @@ class SegmentReport:
     first_offset: Optional[int] = None  # the first and last messages' offsets
     last_offset: Optional[int] = None
     end_offset: Optional[int] = None  # one past the newest offset used (messages and gap markers)
+    reserved: int = 0  # the newest reservation in it (where a broker goes on after an unclean stop)
     findings: List[Finding] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -390,7 +391,7 @@ def _check_topic(data_dir: str, path: str, names: List[str], counter: _Counter, 
         topic.segments.append(report)
         if report.end_offset is None:
             continue
-        if previous is not None and not previous_bad_tail:
+        if previous is not None and previous.end_offset is not None and not previous_bad_tail:
             if base > previous.end_offset:
                 report.findings.insert(0, Finding(
                     NOTE, "gap", report.path,
@@ -410,19 +411,18 @@ def _check_topic(data_dir: str, path: str, names: List[str], counter: _Counter, 
             if f.kind in ("torn-tail", "bad-last-batch") and f.offsets is not None:
                 ends.append(f.offsets[1] + 1)  # what the broker uses up when it starts
     if topic.segments:
-        newest = topic.segments[-1]
-        index = newest.path[:-4] + ".idx"
+        newest_segment = topic.segments[-1]
         clean = False
         try:
-            with open(os.path.join(path, os.path.basename(index)), "rb") as f:
-                decoded = fmt.decode_index(f.read())
+            with open(os.path.join(path, os.path.basename(newest_segment.path)[:-4] + ".idx"), "rb") as index:
+                decoded = fmt.decode_index(index.read())
             clean = decoded is not None and decoded[0] == os.path.getsize(
-                os.path.join(path, os.path.basename(newest.path)))
+                os.path.join(path, os.path.basename(newest_segment.path)))
         except OSError:
             pass
         if not clean:
             # Not closed cleanly: the broker goes on from the newest reservation.
-            ends.append(getattr(newest, "reserved", 0))
+            ends.append(newest_segment.reserved)
     topic.next_offset = max(ends + [0])
     return topic
 
@@ -540,7 +540,7 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
             add(Finding(DAMAGE, "empty-segment", rel, "empty (not even a header): the broker ignores it"))
         return report
 
-    if upgrade and fmt.is_v1(data[:4]) and not _damaged_v2_header(data, base):
+    if upgrade and fmt.is_v1(bytes(data[:4])) and not _damaged_v2_header(data, base):
         _check_v1(data, report, newest, prefix_len)
         _check_index(path, data, None, report)
         return report
@@ -562,7 +562,7 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
     damage_before = {end: start for start, end in result.damage}
     for batch in result.batches:
         if batch.is_reservation:
-            report.reserved = max(getattr(report, "reserved", 0), batch.first)
+            report.reserved = max(report.reserved, batch.first)
             continue
         start = damage_before.get(batch.pos)
         if start is not None:
