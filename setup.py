@@ -20,7 +20,7 @@ setup(
     # packages: twistd finds plugins by scanning sys.path for
     # twisted/plugins/ directories, and would miss this one behind a hook.
     package_dir={"": "."},
-    package_data={"twisted.plugins": ["zaichik_plugin.py"]},
+    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed"]},
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     # prometheus_client: the metrics endpoint's exposition format and its
     # Twisted resource, rather than writing the text format by hand.
@@ -28,6 +28,11 @@ setup(
     # the client's certificate checks.
     install_requires=["Twisted[tls]>=23.8", "zope.interface>=5", "prometheus_client>=0.17"],
     extras_require={
+        # The checks .ci/run makes: ruff (lint, ruff.toml) and mypy with the
+        # mypy-zope plugin, which checks @implementer classes against their
+        # interfaces (setup.cfg [mypy]).  Pinned: a new release of either
+        # may add checks, which should be a change of its own.
+        "lint": ["ruff==0.17.6", "mypy==2.4.1", "mypy-zope==1.0.17"],
         # fastapi + httpx: examples/fastapi_app.py, run by the tests over
         # httpx's ASGI transport; uvloop: the asyncio client's suite also
         # runs on uvloop (not on Windows).
