@@ -1,9 +1,15 @@
 """
 The figures behind the choice of storage engine: the broker's own write and
 read pattern (append 100-byte messages in batches, each batch made durable;
-read everything back at start) on a hand-written segment log like
-zaichik.disk's, on SQLite in WAL mode, and on LMDB when the lmdb package is
-installed.
+read everything back at start) on a hand-written segment log, on SQLite in
+WAL mode, and on LMDB when the lmdb package is installed.
+
+The segment log here models release 0.1.0's layout (``u32 length, u32
+crc32, frame`` records, one after the other), the one that was measured
+when the engine was chosen; the broker's log (``zaichik.storage.disk``) has
+since moved to format 2, checksummed batches with a header (see
+``docs/storage.rst``): one CRC for each batch of messages rather than one
+for each message.
 
     python benchmarks/storage_engines.py              # 200,000 messages, batches of 500
 """

@@ -176,7 +176,9 @@ class ProcessTests(TestCase):
         events = [json.loads(line) for line in broker.log().splitlines() if line.strip()]
         created = [e for e in events if e.get("topic") == "logged.topic"]
         self.assertEqual(len(created), 1, events)
-        self.assertEqual(created[0]["log_namespace"], "zaichik.service")
+        self.assertEqual(created[0]["namespace"], "zaichik.service")
+        self.assertIn("logged.topic", created[0]["message"])
+        self.assertFalse([key for event in events for key in event if key.startswith("log_")])
 
     def test_bad_option_refused(self):
         done = subprocess.run(TWISTD + ["-n", "zaichik", "--default-retention", "soon"],

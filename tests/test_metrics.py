@@ -64,6 +64,79 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "zaichik_errors_total", code="LIMIT"), 0)
 
 
+    def topics_service(self, count: int) -> BrokerService:
+        """A broker with C{count} topics t0000, t0001, ...; topic tN has N % 7 + 1 messages."""
+        clock = Clock()
+        clock.advance(1_000)
+        service = BrokerService(clock=clock)
+        for n in range(count):
+            topic = service.create_topic(f"t{n:04d}", retention_ttl=60_000, compaction_window=0)
+            for _ in range(n % 7 + 1):
+                topic.publish(None, b"v")
+        return service
+
+    def collect(self, service: BrokerService, **kwargs) -> str:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(service, **kwargs))
+        return generate_latest(registry).decode()
+
+    def test_per_topic_series_are_capped(self):
+        """
+        2,000 topics, the default cap of 1,000: the first 1,000 by name have
+        series of their own, the other 1,000 are summed in topic="_other".
+        """
+        from zaichik.metrics import DEFAULT_MAX_TOPICS
+
+        self.assertEqual(DEFAULT_MAX_TOPICS, 1000)
+        service = self.topics_service(2_000)
+        service.record_commit("worker", "t0001", 0)
+        service.record_commit("worker", "t1999", 0)
+        text = self.collect(service)
+        metrics = samples(text)
+        for family in ("zaichik_messages_in_total", "zaichik_messages_out_total",
+                       "zaichik_duplicates_dropped_total", "zaichik_messages_expired_total",
+                       "zaichik_retained_messages", "zaichik_retained_bytes", "zaichik_subscribers"):
+            topics = [dict(labels)["topic"] for name, labels in metrics if name == family]
+            self.assertEqual(len(topics), 1_001, family)
+            self.assertEqual(set(topics), {f"t{n:04d}" for n in range(1_000)} | {"_other"}, family)
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="t0005"), 6)
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="_other"),
+                         sum(n % 7 + 1 for n in range(1_000, 2_000)))
+        self.assertEqual(value(metrics, "zaichik_retained_messages", topic="_other"),
+                         sum(n % 7 + 1 for n in range(1_000, 2_000)))
+        self.assertEqual(value(metrics, "zaichik_topics"), 2_000)
+        self.assertEqual(value(metrics, "zaichik_metrics_topics_other"), 1_000)
+        # commit lag: by client and topic for the topics shown, the rest summed
+        self.assertEqual(value(metrics, "zaichik_commit_lag", client_id="worker", topic="t0001"), 1)
+        self.assertEqual(value(metrics, "zaichik_commit_lag", client_id="_other", topic="_other"),
+                         1999 % 7 + 1 - 1)
+        self.assertLess(len(text), 1_000 * 8 * 80)  # about 1,000 lines of 80 bytes for each family
+
+    def test_cap_option(self):
+        service = self.topics_service(30)
+        metrics = samples(self.collect(service, max_topics=10))
+        topics = {dict(labels)["topic"] for name, labels in metrics if name == "zaichik_messages_in_total"}
+        self.assertEqual(topics, {f"t{n:04d}" for n in range(10)} | {"_other"})
+        metrics = samples(self.collect(service, max_topics=0))
+        topics = {dict(labels)["topic"] for name, labels in metrics if name == "zaichik_messages_in_total"}
+        self.assertEqual(topics, {"_other"})
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="_other"),
+                         sum(n % 7 + 1 for n in range(30)))
+
+    def test_under_the_cap_no_other(self):
+        metrics = samples(self.collect(self.topics_service(5), max_topics=5))
+        topics = {dict(labels)["topic"] for name, labels in metrics if name == "zaichik_messages_in_total"}
+        self.assertEqual(topics, {f"t{n:04d}" for n in range(5)})
+        self.assertEqual(value(metrics, "zaichik_metrics_topics_other"), 0)
+
+    def test_a_topic_named_other_is_counted_in_other(self):
+        """A real topic called _other never has a series of its own (it would clash): it is in the sum."""
+        service = self.topics_service(3)
+        service.topic("_other").publish(None, b"x")
+        metrics = samples(self.collect(service, max_topics=10))
+        self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="_other"), 1)
+        self.assertEqual(value(metrics, "zaichik_metrics_topics_other"), 1)
+
     def test_storage_counters(self):
         """Damage found on disk, torn tails, refused appends and the cache are counted."""
         import os

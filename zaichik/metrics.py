@@ -4,14 +4,22 @@ Metrics in the Prometheus text format, and a health check, over HTTP.
 The broker keeps plain integer counters on its objects (the hot path pays an
 addition, nothing more); a collector reads them when Prometheus scrapes.
 
-    twistd zaichik --metrics-port tcp:9102
+    twistd zaichik --metrics-port 9102
     curl localhost:9102/metrics
     curl localhost:9102/healthz
+
+Per-topic series are capped (C{--metrics-max-topics}, L{DEFAULT_MAX_TOPICS}):
+the first topics by name have series of their own, and the rest are summed
+into series labelled C{topic="_other"}, so that a broker with 100,000 topics
+still answers a scrape with a few thousand lines.  Name order keeps the set
+stable: a topic's series do not come and go with its traffic (which would
+make counters jump between it and C{_other}); only a new topic whose name
+sorts among the first ones moves the last of them into C{_other}.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, List, Tuple, Union
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,12 +30,36 @@ from twisted.web.server import Site
 from zaichik.codec import ErrorCode
 from zaichik.service import BrokerService
 
+DEFAULT_MAX_TOPICS = 1000
+OTHER = "_other"
+
 
 class BrokerCollector:
-    """Reads a L{BrokerService}'s counters at scrape time."""
+    """
+    Reads a L{BrokerService}'s counters at scrape time.
 
-    def __init__(self, service: BrokerService) -> None:
+    @ivar max_topics: topics with per-topic series of their own (the first
+        ones by name); the others are summed into C{topic="_other"}.  A
+        topic actually named C{_other} is always in the sum.  The commit lag
+        has at most as many series, by client and topic, for the topics
+        shown; the rest is summed into C{client_id="_other", topic="_other"}.
+    """
+
+    def __init__(self, service: BrokerService, max_topics: int = DEFAULT_MAX_TOPICS) -> None:
         self.service = service
+        self.max_topics = max_topics
+
+    def _shown(self) -> List[str]:
+        """The names of the topics with series of their own."""
+        shown: List[str] = []
+        if self.max_topics <= 0:
+            return shown
+        for name in self.service.topic_names:  # kept sorted by the service
+            if name != OTHER:
+                shown.append(name)
+                if len(shown) == self.max_topics:
+                    break
+        return shown
 
     def collect(self) -> Iterator[Metric]:
         service = self.service
@@ -58,9 +90,19 @@ class BrokerCollector:
         store_errors = CounterMetricFamily("zaichik_store_errors",
                                            "Appends storage refused (a full disk, an I/O error), by topic.",
                                            labels=["topic"])
-        for name, topic in topics.items():
+        shown = self._shown()
+        shown_set = set(shown)
+        others = [topic for name, topic in topics.items() if name not in shown_set]
+        yield GaugeMetricFamily("zaichik_metrics_topics_other",
+                                f'Topics without per-topic series of their own: summed in topic="{OTHER}" '
+                                "(see --metrics-max-topics).", value=len(others))
+        for name in shown:
+            topic = topics[name]
             if topic.store_errors:
                 store_errors.add_metric([name], topic.store_errors)
+        other_errors = sum(topic.store_errors for topic in others)
+        if other_errors:
+            store_errors.add_metric([OTHER], other_errors)
         yield store_errors
 
         messages_in = CounterMetricFamily("zaichik_messages_in", "Messages stored, by topic.",
@@ -77,28 +119,50 @@ class BrokerCollector:
         retained_bytes = GaugeMetricFamily("zaichik_retained_bytes",
                                            "Bytes retained (encoded messages), by topic.", labels=["topic"])
         subscribers = GaugeMetricFamily("zaichik_subscribers", "Subscriptions, by topic.", labels=["topic"])
-        for name, topic in topics.items():
-            label = [name]
-            messages_in.add_metric(label, topic.next_offset)
-            messages_out.add_metric(label, topic.messages_out)
-            duplicates.add_metric(label, topic.duplicates)
-            expired.add_metric(label, topic.expired)
-            retained.add_metric(label, topic.retained)
-            retained_bytes.add_metric(label, topic.retained_bytes)
-            subscribers.add_metric(label, len(topic.subscribers))
-        yield from (messages_in, messages_out, duplicates, expired, retained, retained_bytes, subscribers)
+        families: Tuple[Union[CounterMetricFamily, GaugeMetricFamily], ...] = (
+            messages_in, messages_out, duplicates, expired, retained, retained_bytes, subscribers)
+        for name in shown:
+            for family, number in zip(families, _per_topic(topics[name])):
+                family.add_metric([name], number)
+        if others:
+            sums = [0] * len(families)
+            for topic in others:
+                for i, number in enumerate(_per_topic(topic)):
+                    sums[i] += number
+            for family, number in zip(families, sums):
+                family.add_metric([OTHER], number)
+        yield from families
 
         lag = GaugeMetricFamily(
             "zaichik_commit_lag",
-            "Messages stored after a durable client's committed offset, by client and topic.",
+            "Messages stored after a durable client's committed offset, by client and topic "
+            f'(at most --metrics-max-topics series; the rest summed in client_id="{OTHER}", topic="{OTHER}").',
             labels=["client_id", "topic"],
         )
-        for client_id, positions in service.durable_positions().items():
-            for name, offset in positions.items():
-                topic = topics.get(name)
-                if topic is not None:
-                    lag.add_metric([client_id, name], max(0, topic.next_offset - 1 - offset))
+        series, other_lag, any_other = 0, 0, False
+        positions_of = service.durable_positions()
+        for client_id in sorted(positions_of):
+            positions = positions_of[client_id]
+            for name in sorted(positions):
+                committed_on = topics.get(name)
+                if committed_on is None:
+                    continue
+                behind = max(0, committed_on.next_offset - 1 - positions[name])
+                if name in shown_set and series < self.max_topics:
+                    lag.add_metric([client_id, name], behind)
+                    series += 1
+                else:
+                    other_lag += behind
+                    any_other = True
+        if any_other:
+            lag.add_metric([OTHER, OTHER], other_lag)
         yield lag
+
+
+def _per_topic(topic) -> tuple:
+    """A topic's numbers, in the order of the per-topic families."""
+    return (topic.next_offset, topic.messages_out, topic.duplicates, topic.expired, topic.retained,
+            topic.retained_bytes, len(topic.subscribers))
 
 
 class Health(Resource):
@@ -118,10 +182,10 @@ class Health(Resource):
         return b"stopped\n"
 
 
-def metrics_site(service: BrokerService) -> Site:
+def metrics_site(service: BrokerService, max_topics: int = DEFAULT_MAX_TOPICS) -> Site:
     """An HTTP site with C{/metrics} and C{/healthz} for C{service}."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(service))
+    registry.register(BrokerCollector(service, max_topics))
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry))
     root.putChild(b"healthz", Health(service))

@@ -1,17 +1,46 @@
 """
-C{twistd zaichik}: command-line options and the service they build.
+C{twistd zaichik}: command-line options, the service they build, and how it
+starts.
+
+Every start-up error is one line on stderr (C{twistd zaichik: ...}) and
+exit status 1, without a traceback: a bad option, a port that cannot be
+listened on, a credentials file that cannot be read, a data dir that cannot
+be used.  Errors found while parsing the options exit there; those found
+when listening or opening storage are turned into the same line by
+L{BrokerRoot}, the application's top service.
+
+A bare port number listens on 127.0.0.1 only, unless C{--auth} is given (as
+mosquitto 2 does): without credentials a broker is for this machine, until
+an interface is named (C{--port tcp:8889:interface=0.0.0.0}).
 """
 
 from __future__ import annotations
 
-from twisted.application import strports
-from twisted.application.service import MultiService
-from twisted.python import usage
+import os
+import sys
+from typing import Any, Dict, Optional
 
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+import zaichik
 from zaichik import codec, logs, units
 from zaichik.clock import MonotonicTimers
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
+
+_log = Logger()
+
+LOCAL_INTERFACE = "127.0.0.1"
+DEFAULT_PORT = 8889
+
 
 def parse_duration(text: str) -> int:
     try:
@@ -20,23 +49,63 @@ def parse_duration(text: str) -> int:
         raise usage.UsageError(str(e)) from None
 
 
-def endpoint_description(port: str) -> str:
-    """A bare port number becomes C{tcp:PORT}; anything else is a strports description."""
-    return f"tcp:{port}" if port.strip().isdigit() else port
+def is_bare_port(port: str) -> bool:
+    return port.strip().isdigit()
+
+
+def endpoint_description(port: str, local: bool = False) -> str:
+    """
+    A bare port number becomes C{tcp:PORT}, on 127.0.0.1 only if C{local};
+    anything else is a strports endpoint description, used as given.
+    """
+    if not is_bare_port(port):
+        return port
+    return f"tcp:{port.strip()}:interface={LOCAL_INTERFACE}" if local else f"tcp:{port.strip()}"
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("not a whole number") from None
     if value < 0:
-        raise ValueError(text)
+        raise ValueError("must be 0 or more")
     return value
 
 
 def _frame_size(text: str) -> int:
-    value = int(text)
+    value = _non_negative_int(text)
     if value < 64:
-        raise ValueError("--max-frame-size is at least 64 bytes")
+        raise ValueError("must be at least 64 (bytes)")
     return value
+
+
+def _naming(name: str, coerce):
+    """C{coerce}, whose errors name the option: C{--max-connections -5: must be 0 or more}."""
+
+    def coerced(text: str):
+        try:
+            return coerce(text)
+        except (ValueError, usage.UsageError) as e:
+            raise usage.UsageError(f"--{name} {text}: {e}") from None
+
+    coerced.coerceDoc = getattr(coerce, "coerceDoc", "")  # type: ignore[attr-defined]
+    return coerced
+
+
+def describe(error: BaseException, path: Optional[str] = None) -> str:
+    """
+    An error as a short phrase for a one-line message (no exception class
+    names); the file name of an OSError is left out when it is C{path}.
+    """
+    if isinstance(error, CannotListenError) and error.socketError is not None:
+        return describe(error.socketError)
+    if isinstance(error, OSError) and error.strerror:
+        if error.filename and error.filename != path:
+            return f"{error.filename}: {error.strerror}"
+        return error.strerror
+    text = str(error).strip().rstrip(".")
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class Options(usage.Options):
@@ -76,7 +145,11 @@ class Options(usage.Options):
          "Credentials file: every connection must authenticate with HELLO (see zaichik.auth)."],
         ["metrics-port", None, None,
          "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
-         "endpoint description (tcp:9102:interface=127.0.0.1)."],
+         "endpoint description (tcp:9102:interface=0.0.0.0). A bare port listens on "
+         "127.0.0.1 only, unless --auth is given (/metrics itself asks for no credentials)."],
+        ["metrics-max-topics", None, 1000,
+         "Topics with /metrics series of their own (the first ones by name); the others are "
+         "summed into series labelled topic=\"_other\".", _non_negative_int],
         ["log-format", None, "text", "text, or json: one JSON object a line with structured fields."],
         ["frame-timeout", None, int(Limits.frame_timeout * 1000),
          "A frame must be complete this long after its first byte arrives (LIMIT and close "
@@ -110,17 +183,29 @@ class Options(usage.Options):
 
     def opt_port(self, port: str) -> None:
         """
-        Listen on this port number or strports endpoint description
-        (tcp:8889:interface=127.0.0.1, unix:/path, ssl:...).  May be given
-        more than once.  Default: tcp:8889.
+        Listen for clients on this port number or strports endpoint
+        description (tcp:8889:interface=0.0.0.0, unix:/path, ssl:...).  May
+        be given more than once.  A bare port number listens on 127.0.0.1
+        only, unless --auth is given.  Default: 8889.
         """
-        self["port"].append(endpoint_description(port))
+        self["port"].append(port)
 
     opt_p = opt_port
 
+    def parseOptions(self, options=None) -> None:
+        """
+        Under twistd, a usage error exits with one line on stderr rather
+        than twistd's page of usage.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            hint = " (twistd zaichik --help lists the options)" if "not recognized" in str(e) else ""
+            raise SystemExit(f"twistd zaichik: {e}{hint}") from None
+
     def postOptions(self) -> None:
-        if not self["port"]:
-            self["port"] = ["tcp:8889"]
         if self["sweep-interval"] <= 0:
             raise usage.UsageError("--sweep-interval must be positive")
         if self["retained-bytes-policy"] not in ("expire", "reject"):
@@ -131,16 +216,67 @@ class Options(usage.Options):
             raise usage.UsageError("--fsync is always, interval or never")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
-        if self["log-format"] == "json" and self.parent is not None:
+        self.authenticator = None
+        if self["auth"]:
+            from zaichik.auth import CredentialsFileError, PortalAuthenticator
+
+            try:
+                self.authenticator = PortalAuthenticator.from_file(self["auth"])
+            except (OSError, CredentialsFileError) as e:
+                raise usage.UsageError(f"--auth {self['auth']}: {describe(e, self['auth'])}") from None
+        # Without credentials, a bare port is for this machine only.
+        local = not self["auth"]
+        self["port"] = [self._endpoint("--port", port, local) for port in self["port"] or [str(DEFAULT_PORT)]]
+        if self["metrics-port"]:
+            self["metrics-port"] = self._endpoint("--metrics-port", self["metrics-port"], local)
+        if self["data-dir"]:
+            from zaichik.storage.disk import DataDirLocked, check_not_locked
+
+            try:
+                # The lock itself is taken when the broker starts (after
+                # twistd has daemonized); this only refuses early.
+                check_not_locked(self["data-dir"])
+            except (DataDirLocked, OSError) as e:
+                raise usage.UsageError(f"--data-dir {self['data-dir']}: {describe(e, self['data-dir'])}") from None
+        if self.parent is not None:
             # twistd reads its logger option once options are parsed and
             # before the service is made: this is the moment to choose it.
-            logs.configure(self.parent.get("logfile"), bool(self.parent.get("nodaemon")))
-            self.parent["logger"] = logs.JSON_OBSERVER
+            if self["log-format"] == "json":
+                self.parent["logger"] = logs.JSON_OBSERVER
+            logs.configure(self.parent.get("logfile"), bool(self.parent.get("nodaemon")),
+                           bool(self.parent.get("syslog")), self.parent.get("logger"))
+
+    @staticmethod
+    def _endpoint(option: str, port: str, local: bool) -> str:
+        """The endpoint description for C{port}, checked (nothing is bound yet)."""
+        if is_bare_port(port) and not 0 <= int(port) <= 65535:
+            raise usage.UsageError(f"{option} {port}: a port number is 0 to 65535")
+        description = endpoint_description(port, local)
+        from twisted.internet import reactor
+
+        try:
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise usage.UsageError(f"{option} {port}: {describe(e)}") from None
+        return description
+
+
+def _named_parameters(parameters: Any) -> Any:
+    """C{optParameters} whose coercers' errors name their option."""
+    named = []
+    for p in parameters:
+        if len(p) > 4 and p[4] is not None:
+            p = [*p[:4], _naming(p[0], p[4])]
+        named.append(p)
+    return named
+
+
+Options.optParameters = _named_parameters(Options.optParameters)
+# --help prints a handler's docstring as it is: one paragraph, no indentation.
+Options.opt_port.__doc__ = " ".join((Options.opt_port.__doc__ or "").split())
 
 
 def makeService(config: Options) -> MultiService:
-    top = MultiService()
-    MonotonicTimers().setServiceParent(top)  # first: timers keep their period when the wall clock steps
     limits = Limits(
         max_connections=config["max-connections"],
         max_topics=config["max-topics"],
@@ -160,24 +296,15 @@ def makeService(config: Options) -> MultiService:
         max_client_id=config["max-client-id"],
         durable_ttl=config["durable-ttl"],
     )
-    authenticator = None
-    if config["auth"]:
-        from zaichik.auth import CredentialsFileError, PortalAuthenticator
+    authenticator = getattr(config, "authenticator", None)
+    if authenticator is None and config["auth"]:
+        from zaichik.auth import PortalAuthenticator
 
-        try:
-            authenticator = PortalAuthenticator.from_file(config["auth"])
-        except (OSError, CredentialsFileError) as e:
-            raise usage.UsageError(f"--auth {config['auth']}: {e}") from None
+        authenticator = PortalAuthenticator.from_file(config["auth"])
     storage = None
     if config["data-dir"]:
-        from zaichik.storage.disk import DataDirLocked, DiskStorage, check_not_locked
+        from zaichik.storage.disk import DiskStorage
 
-        try:
-            # The lock itself is taken when the broker starts (after twistd
-            # has daemonized); this only refuses early, with a clear message.
-            check_not_locked(config["data-dir"])
-        except (DataDirLocked, OSError) as e:
-            raise usage.UsageError(f"--data-dir: {e}") from None
         storage = DiskStorage(config["data-dir"], fsync=config["fsync"], cache_size=config["cache-size"])
     broker = BrokerService(
         storage=storage,
@@ -187,12 +314,250 @@ def makeService(config: Options) -> MultiService:
         sweep_interval=config["sweep-interval"] / 1000.0,
         limits=limits,
     )
+    top = BrokerRoot(broker, twistd=config.parent, data_dir=config["data-dir"], fsync=config["fsync"])
+    MonotonicTimers().setServiceParent(top)  # first: timers keep their period when the wall clock steps
     broker.setServiceParent(top)
     factory = BrokerFactory(broker, config["max-frame-size"])
     for description in config["port"]:
-        strports.service(description, factory).setServiceParent(top)
+        Listener("--port", description, factory).setServiceParent(top)
     if config["metrics-port"]:
         from zaichik.metrics import metrics_site
 
-        strports.service(endpoint_description(config["metrics-port"]), metrics_site(broker)).setServiceParent(top)
+        site = metrics_site(broker, config["metrics-max-topics"])
+        Listener("--metrics-port", config["metrics-port"], site).setServiceParent(top)
     return top
+
+
+class StartupError(Exception):
+    """The broker cannot start; the message is the one line that says why."""
+
+
+def report(line: str) -> None:
+    """
+    A start-up error: one line on the original stderr, and in the log too,
+    unless the log is on stdout (a foreground C{twistd -n} without
+    C{--logfile}), where the line on stderr says it once.
+    """
+    stderr = sys.__stderr__
+    if stderr is not None:
+        try:
+            stderr.write(f"twistd zaichik: {line}\n")
+            stderr.flush()
+        except (OSError, ValueError):
+            pass
+    if not logs.to_stdout():
+        _log.critical("Cannot start: {error}", error=line)
+
+
+def _exit_status_at_exit(status: int) -> None:
+    """
+    Exit with C{status} once twistd is done (it always exits 0 after its
+    reactor stopped): for an error found after the reactor started.
+    """
+    import atexit
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """An endpoint whose C{listen} also calls C{announce} with the port."""
+
+    def __init__(self, endpoint, announce) -> None:
+        self.endpoint = endpoint
+        self.announce = announce
+
+    def listen(self, factory) -> Deferred:
+        return self.endpoint.listen(factory).addCallback(self.announce)
+
+
+def _address(port) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+class Listener(StreamServerEndpointService):
+    """
+    One listening port, from an option's endpoint description: where it
+    listens is logged, and a failure to listen becomes a L{StartupError}
+    that names the option and the description.
+    """
+
+    WHAT = {"--port": "Listening for clients on {address} ({listener})",
+            "--metrics-port": "Serving /metrics and /healthz on {address} ({listener})"}
+
+    def __init__(self, option: str, description: str, factory) -> None:
+        from twisted.internet import reactor
+
+        endpoint = endpoints.serverFromString(reactor, description)
+        super().__init__(_Announced(endpoint, self._listening), factory)
+        # As strports.service() does: a port that cannot be listened on at
+        # once raises from privilegedStartService rather than being logged.
+        self._raiseSynchronously = True
+        self.option = option
+        self.description = description
+        self.address: Optional[str] = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise StartupError(f"cannot listen on {self.option} {self.description}: {describe(e)}") from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()  # listens now if privilegedStartService did not
+        except StartupError:
+            raise
+        except Exception as e:
+            raise StartupError(f"cannot listen on {self.option} {self.description}: {describe(e)}") from None
+
+    def _listening(self, port):
+        self.address = _address(port)
+        text = self.WHAT.get(self.option, "Listening on {address} ({listener})")
+        if self.address.startswith(f"{LOCAL_INTERFACE}:"):
+            text += (": local only, other machines cannot connect (a bare port listens on 127.0.0.1 "
+                     "unless --auth is given; tcp:PORT:interface=0.0.0.0 listens on every interface)")
+        _log.info(text, address=self.address, listener=self.description, option=self.option)
+        return port
+
+
+class BrokerRoot(MultiService):
+    """
+    The top service of C{twistd zaichik}: the broker, its listeners and
+    metrics.  It logs what the broker starts with (version, storage) and
+    what it recovered, and turns a start-up failure (a port that cannot be
+    listened on, storage that cannot be opened) into one line on stderr and
+    exit status 1.
+
+    twistd runs C{privilegedStartService} (the ports are bound) and
+    C{startService} (storage is opened) before its reactor runs; a failure
+    there exits at once (twistd's own way of refusing to start, as when it
+    cannot switch user), telling a daemonizing twistd's parent through its
+    status pipe.  A failure found once the reactor runs stops it.
+
+    @ivar twistd: twistd's options (for its pid file and status pipe), or
+        None when not run by twistd.
+    """
+
+    def __init__(self, broker: BrokerService, twistd: Optional[Dict[str, Any]] = None,
+                 data_dir: Optional[str] = None, fsync: str = "interval") -> None:
+        super().__init__()
+        self.broker = broker
+        self.twistd = twistd
+        self.data_dir = data_dir
+        self.fsync = fsync
+        self._failed: Optional[str] = None
+        self._said_start = False
+
+    def privilegedStartService(self) -> None:
+        self._log_start()
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            self.fail(str(e))
+
+    def startService(self) -> None:
+        self._log_start()
+        self.broker.ready.addCallbacks(self._ready, self._not_ready)
+        try:
+            super().startService()
+        except StartupError as e:
+            self.fail(str(e))
+        if self._failed is not None:
+            self.fail(self._failed)
+
+    def _log_start(self) -> None:
+        if self._said_start:
+            return
+        self._said_start = True
+        fields: Dict[str, Any] = {"version": zaichik.__version__}
+        if self.data_dir:
+            fields.update(storage="data-dir", data_dir=self.data_dir, fsync=self.fsync)
+            mode = "data dir {data_dir}, --fsync {fsync}"
+        else:
+            fields.update(storage="memory")
+            mode = "in memory only (nothing is kept across a restart: --data-dir keeps it)"
+        _log.info("zaichik {version} starting: " + mode, **fields)
+
+    def _ready(self, result):
+        broker = self.broker
+        fields = dict(topics=len(broker.topics), retained=sum(t.retained for t in broker.topics.values()),
+                      durable_clients=len(broker.durable_positions()))
+        if self.data_dir:
+            _log.info("Recovered from {data_dir}: {topics} topics, {retained} messages retained, "
+                      "{durable_clients} durable clients' positions", data_dir=self.data_dir, **fields)
+        else:
+            _log.info("Ready: {topics} topics, {retained} messages retained (in memory)", **fields)
+        return result
+
+    def _not_ready(self, failure) -> None:
+        """Storage could not be opened: said here (the broker logs nothing more)."""
+        line = self._storage_error(failure.value)
+        from twisted.internet import reactor
+
+        if reactor.running:
+            self.fail_running(line)
+        else:
+            self._failed = line  # startService exits once its children are started
+        return None
+
+    def _storage_error(self, error: BaseException) -> str:
+        if not self.data_dir:
+            return f"cannot open storage: {describe(error)}"
+        where = self.data_dir
+        if isinstance(error, OSError) and error.strerror and error.filename == where:
+            reason = error.strerror
+        else:
+            reason = describe(error)
+            if reason.startswith(where + " "):
+                reason = "it " + reason[len(where) + 1:]
+        return f"cannot use --data-dir {where}: {reason}"
+
+    def fail(self, line: str) -> None:
+        """Before the reactor runs: say why, and exit with status 1."""
+        report(line)
+        twistd = self.twistd
+        if twistd is not None:
+            pidfile = twistd.get("pidfile")
+            if pidfile:
+                try:
+                    with open(pidfile) as f:
+                        mine = f.read().strip() == str(os.getpid())
+                    if mine:
+                        os.unlink(pidfile)
+                except OSError:
+                    pass
+            pipe = twistd.get("statusPipe")
+            if pipe is not None:
+                # What a daemonizing twistd's waiting parent prints.
+                try:
+                    os.write(pipe, ("1 " + line).encode("ascii", "backslashreplace")[:100])
+                    os.close(pipe)
+                except OSError:
+                    pass
+                twistd["statusPipe"] = None
+        raise SystemExit(1)
+
+    def fail_running(self, line: str) -> None:
+        """Once the reactor runs: say why, stop it, and exit with status 1."""
+        from twisted.internet import reactor
+        from twisted.internet.error import ReactorNotRunning
+
+        report(line)
+        _exit_status_at_exit(1)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
