@@ -174,6 +174,37 @@ class CollectorTests(SynchronousTestCase):
         self.assertTrue(os.listdir(directory))
 
 
+    def test_groups_and_patterns(self):
+        """Issue 13: per group lag, outstanding, members, redeliveries; per pattern subscriptions."""
+        from zaichik import codec
+        from zaichik.session import Session
+
+        clock = Clock()
+        clock.advance(1_000)
+        service = BrokerService(clock=clock)
+        topic = service.create_topic("jobs", retention_ttl=60_000, compaction_window=0)
+        for _ in range(5):
+            topic.publish(None, b"job")
+        replies = []
+        worker = Session(service, replies.append, lambda frames: None, lambda: None)
+        worker.handle(codec.SubscribeGroup(1, "jobs", "workers", codec.Start.EARLIEST, 0, 2, 1_000))
+        watcher = Session(service, replies.append, lambda frames: None, lambda: None)
+        watcher.handle(codec.Subscribe(2, "sensors.>"))
+        other = Session(service, replies.append, lambda frames: None, lambda: None)
+        other.handle(codec.Subscribe(3, "sensors.>"))
+        clock.advance(1.5)  # the two outstanding jobs time out and are sent again
+        self.assertEqual(replies, [codec.Ok(1), codec.Ok(2), codec.Ok(3)])
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(service))
+        metrics = samples(generate_latest(registry).decode())
+        self.assertEqual(value(metrics, "zaichik_group_lag", topic="jobs", group="workers"), 5)
+        self.assertEqual(value(metrics, "zaichik_group_outstanding", topic="jobs", group="workers"), 2)
+        self.assertEqual(value(metrics, "zaichik_group_members", topic="jobs", group="workers"), 1)
+        self.assertEqual(value(metrics, "zaichik_group_redeliveries_total", topic="jobs", group="workers"), 2)
+        self.assertEqual(value(metrics, "zaichik_pattern_subscriptions", pattern="sensors.>"), 2)
+
+
 METRICS_PORT = free_port()
 
 

@@ -157,6 +157,49 @@ class BrokerCollector:
         if any_other:
             lag.add_metric([OTHER, OTHER], other_lag)
         yield lag
+        yield from self._groups(shown_set)
+        yield from self._patterns()
+
+    def _groups(self, shown: set) -> Iterator[Metric]:
+        """Consumer groups: lag, outstanding, members, redeliveries (capped like the topics)."""
+        labels = ["topic", "group"]
+        lag = GaugeMetricFamily("zaichik_group_lag", "Messages from a group's position on, by topic and group.",
+                                labels=labels)
+        outstanding = GaugeMetricFamily("zaichik_group_outstanding",
+                                        "Messages sent to a group's members and not acknowledged.", labels=labels)
+        members = GaugeMetricFamily("zaichik_group_members", "Members of a group.", labels=labels)
+        redelivered = CounterMetricFamily("zaichik_group_redeliveries",
+                                          "Messages a group sent again (not acknowledged in time, or their "
+                                          "member left).", labels=labels)
+        series = 0
+        other = [0, 0, 0, 0]
+        any_other = False
+        for (name, group_name), group in sorted(self.service.groups.items()):
+            values = (group.lag, group.outstanding, len(group.members), group.redelivered)
+            if name in shown and series < self.max_topics:
+                for family, value in zip((lag, outstanding, members, redelivered), values):
+                    family.add_metric([name, group_name], value)
+                series += 1
+            else:
+                any_other = True
+                other = [a + b for a, b in zip(other, values)]
+        if any_other:
+            for family, value in zip((lag, outstanding, members, redelivered), other):
+                family.add_metric([OTHER, OTHER], value)
+        yield from (lag, outstanding, members, redelivered)
+
+    def _patterns(self) -> Iterator[Metric]:
+        """Wildcard subscriptions, by pattern (the first --metrics-max-topics patterns by name)."""
+        family = GaugeMetricFamily("zaichik_pattern_subscriptions", "Wildcard subscriptions, by pattern.",
+                                   labels=["pattern"])
+        counts = self.service.patterns.counts()
+        names = sorted(counts)
+        for pattern in names[: self.max_topics]:
+            family.add_metric([pattern], counts[pattern])
+        rest = sum(counts[p] for p in names[self.max_topics :])
+        if rest:
+            family.add_metric([OTHER], rest)
+        yield family
 
 
 def _per_topic(topic) -> tuple:

@@ -78,6 +78,19 @@ class PatternIndex:
     def __len__(self) -> int:
         return self._count
 
+    def counts(self) -> Dict[str, int]:
+        """How many subscriptions each subscribed pattern has (for metrics)."""
+        counts: Dict[str, int] = {}
+        nodes = [self._root]
+        while nodes:
+            node = nodes.pop()
+            for subscription in node.here + node.rest:
+                counts[subscription.pattern] = counts.get(subscription.pattern, 0) + 1
+            nodes.extend(node.children.values())
+            if node.star is not None:
+                nodes.append(node.star)
+        return counts
+
     def add(self, subscription: "PatternSubscription") -> None:
         node = self._root
         segments = subscription.segments
