@@ -174,19 +174,20 @@ class BrokerCollector:
         series = 0
         other = [0, 0, 0, 0]
         any_other = False
+        families: Tuple[Union[GaugeMetricFamily, CounterMetricFamily], ...] = (lag, outstanding, members, redelivered)
         for (name, group_name), group in sorted(self.service.groups.items()):
             values = (group.lag, group.outstanding, len(group.members), group.redelivered)
             if name in shown and series < self.max_topics:
-                for family, value in zip((lag, outstanding, members, redelivered), values):
+                for family, value in zip(families, values):
                     family.add_metric([name, group_name], value)
                 series += 1
             else:
                 any_other = True
                 other = [a + b for a, b in zip(other, values)]
         if any_other:
-            for family, value in zip((lag, outstanding, members, redelivered), other):
+            for family, value in zip(families, other):
                 family.add_metric([OTHER, OTHER], value)
-        yield from (lag, outstanding, members, redelivered)
+        yield from families
 
     def _patterns(self) -> Iterator[Metric]:
         """Wildcard subscriptions, by pattern (the first --metrics-max-topics patterns by name)."""
