@@ -31,7 +31,7 @@ import logging
 import os
 import ssl
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Deque, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from zaichik import codec
 from zaichik.client import core as _core
@@ -88,7 +88,7 @@ def describe_connect_error(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class Subscription:
+class Subscription(_core.SubscriptionInfo):
     """
     Messages of one topic, of the topics a pattern matches, or a consumer
     group member's share of a topic: delivered to a callback or read with
@@ -105,38 +105,6 @@ class Subscription:
         self._callback = callback
         self._waiters: Deque[asyncio.Future] = deque()
         self._listeners: List[Callable[[], None]] = []
-
-    def __repr__(self) -> str:
-        group = f" group={self.group}" if self.group is not None else ""
-        return f"<Subscription {self.topic}{group} active={self.active}>"
-
-    @property
-    def active(self) -> bool:
-        """Following the topic (also while reconnecting)."""
-        return self._state.active
-
-    @property
-    def group(self) -> Optional[str]:
-        """The consumer group this subscription is a member of (L{Client.subscribe_group}), or None."""
-        return self._state.group
-
-    @property
-    def is_pattern(self) -> bool:
-        """Is C{topic} a wildcard pattern (C{sensors.>}, C{sensors.*.temp})?"""
-        return self._state.kind == _core.PATTERN
-
-    @property
-    def committed(self) -> Optional[int]:
-        """The highest offset whose COMMIT the broker accepted (None for a pattern: see L{committed_offsets})."""
-        return self._state.committed
-
-    @property
-    def committed_offsets(self) -> Dict[str, int]:
-        """The highest offset whose COMMIT the broker accepted, per topic."""
-        state = self._state
-        if state.kind == _core.PATTERN:
-            return dict(state.committed_by_topic)
-        return {} if state.committed is None else {state.topic: state.committed}
 
     def _deliver(self, message: Message) -> None:
         assert self._callback is not None

@@ -312,6 +312,49 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return all(w == "*" or w == g for w, g in zip(want, got))
 
 
+class SubscriptionInfo:
+    """
+    What every adapter's Subscription tells of itself, read from its
+    L{SubscriptionState} (C{self._state}).
+    """
+
+    _state: "SubscriptionState"
+    topic: str
+
+    def __repr__(self) -> str:
+        group = f" group={self.group}" if self.group is not None else ""
+        return f"<Subscription {self.topic}{group} active={self.active}>"
+
+    @property
+    def active(self) -> bool:
+        """Following the topic (also while reconnecting)."""
+        return self._state.active
+
+    @property
+    def group(self) -> Optional[str]:
+        """The consumer group this subscription is a member of (L{Client.subscribe_group}), or None."""
+        return self._state.group
+
+    @property
+    def is_pattern(self) -> bool:
+        """Is C{topic} a wildcard pattern (C{sensors.>}, C{sensors.*.temp})?"""
+        return self._state.kind == PATTERN
+
+    @property
+    def committed(self) -> Optional[int]:
+        """The highest offset whose COMMIT the broker accepted (None for a pattern: see L{committed_offsets})."""
+        return self._state.committed
+
+    @property
+    def committed_offsets(self) -> Dict[str, int]:
+        """The highest offset whose COMMIT the broker accepted, per topic."""
+        state = self._state
+        if state.kind == PATTERN:
+            return dict(state.committed_by_topic)
+        return {} if state.committed is None else {state.topic: state.committed}
+
+
+
 class SubscriptionState:
     """
     One subscription as the core sees it.  C{handle} is the adapter's
