@@ -18,17 +18,16 @@ import sys
 import tempfile
 
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik import cli, codec
 from zaichik.codec import Start
-from zaichik.service import BrokerService
 from zaichik.session import Session
 from zaichik.storage import check
 from zaichik.storage import disk
 from zaichik.storage import segment as fmt
 from zaichik.storage.disk import DiskStorage
+from tests.test_disk import DiskTestCase
 from zaichik.testing import ROOT, parse_frames
 
 T0 = 1_700_000_000
@@ -61,47 +60,8 @@ def kinds(findings, severity=None) -> list:
     return [f.kind for f in findings if severity is None or f.severity == severity]
 
 
-class CheckTestCase(SynchronousTestCase):
+class CheckTestCase(DiskTestCase):
     """A data dir in a temp dir, written by a broker started and stopped (or crashed) in-process."""
-
-    def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="zaichik-check-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.clock = Clock()
-        self.clock.advance(T0)
-        self.storage = None
-        self.service = None
-        self.addCleanup(self.stop)
-
-    def start(self, **options) -> BrokerService:
-        """Start a broker on the data dir (a clean stop of the running one first)."""
-        self.stop()
-        self.storage = DiskStorage(self.dir, fsync="interval", clock=self.clock, run_blocking=run_now, **options)
-        self.service = BrokerService(storage=self.storage, clock=self.clock)
-        self.service.startService()
-        self.assertIsNone(self.successResultOf(self.service.ready))
-        return self.service
-
-    def stop(self) -> None:
-        if self.service is not None and self.service.running:
-            self.successResultOf(self.service.stopService())
-        self.service = None
-
-    def crash(self) -> None:
-        """The broker dies (kill -9): no clean close, no index for the newest segment."""
-        storage = self.storage
-        for log in storage._logs.values():
-            for fd in [log._fd, *log._read_fds.values()]:
-                if fd is not None:
-                    os.close(fd)
-            log._fd = None
-            log._read_fds.clear()
-        os.close(storage._commits_fd)
-        storage._lock.close()
-        self.service.running = False
-        if self.service._sweeper is not None:
-            self.service._sweeper.stop()
-        self.service = None
 
     def served(self, name: str) -> list:
         """The offsets a subscriber from the earliest gets from the running broker."""
