@@ -270,8 +270,9 @@ class FsyncTests(DiskTestCase):
                 topic.publish(None, b"v")
         self.assertEqual(len(calls), 1)
 
-    def test_always_acknowledges_and_delivers_only_after_the_fsync(self):
-        held = []
+    def start_with_held_fsyncs(self):
+        """A broker with --fsync always whose fsyncs wait, in C{held}, until the test runs them."""
+        held: list = []
 
         def later(f, *args):
             d = Deferred()
@@ -283,6 +284,10 @@ class FsyncTests(DiskTestCase):
         self.service = service = BrokerService(storage=self.storage, clock=self.clock)
         service.startService()
         service.create_topic("t", 60_000, 0)
+        return service, held
+
+    def test_always_acknowledges_and_delivers_only_after_the_fsync(self):
+        service, held = self.start_with_held_fsyncs()
         reader, written = self.follow(service, "t")
         replies = []
         writer = Session(service, replies.append, lambda b: None, lambda: None)
@@ -297,18 +302,7 @@ class FsyncTests(DiskTestCase):
 
     def test_always_a_request_after_a_publish_sees_it_stored(self):
         """A COMMIT in the same read as the PUBLISH it commits waits for the fsync, then succeeds."""
-        held = []
-
-        def later(f, *args):
-            d = Deferred()
-            held.append((d, f, args))
-            return d
-
-        self.stop()
-        self.storage = DiskStorage(self.dir, fsync="always", clock=self.clock, run_blocking=later)
-        self.service = service = BrokerService(storage=self.storage, clock=self.clock)
-        service.startService()
-        service.create_topic("t", 60_000, 0)
+        service, held = self.start_with_held_fsyncs()
         replies, written = [], []
         session = Session(service, replies.append, written.append, lambda: None)
         session.handle(codec.Subscribe(1, "t", Start.EARLIEST))
