@@ -437,3 +437,36 @@ class PatternAndGroupCommands(TestCase):
         self.assertOneLineError(self.cli("sub", live, "--group", "g"), cli.EXIT_BROKER_ERROR, "BAD_TOPIC",
                                 "retains nothing")
         self.assertOneLineError(self.cli("sub", f"{topic}.>", "--group", "g"), cli.EXIT_BROKER_ERROR, "BAD_TOPIC")
+
+
+class TopicsWithGroups(TestCase):
+    """`zaichik topics --metrics PORT`: the groups and their lag, from the broker's metrics endpoint."""
+
+    def test_groups_and_lag(self):
+        from zaichik.sync import Start, connect
+
+        metrics_port = free_port()
+        broker = shared_broker("--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1")
+        topic = unique("jobs")
+        with connect(broker.address, keepalive=0) as client:
+            client.create_topic(topic, retention_ttl=600_000)
+            for n in range(5):
+                client.publish(topic, b"job %d" % n)
+            with client.subscribe_group(topic, "workers", start=Start.EARLIEST, max_inflight=2) as member:
+                member.get(timeout=10)  # two are outstanding (its window), none acknowledged
+                done = subprocess.run([*ZAICHIK, "-s", broker.address, "topics", "--metrics", str(metrics_port)],
+                                      capture_output=True, text=True, timeout=60, env=ENV)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        header = lines.index(next(line for line in lines if line.startswith("topic") and "group" in line))
+        self.assertEqual(lines[header].split(), ["topic", "group", "members", "outstanding", "lag", "redeliveries"])
+        rows = [line.split() for line in lines[header + 1 :]]
+        self.assertIn([topic, "workers", "1", "2", "5", "0"], rows)
+
+    def test_metrics_unreachable_is_one_line(self):
+        broker = shared_broker()
+        done = subprocess.run([*ZAICHIK, "-s", broker.address, "topics", "--metrics", str(free_port())],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        self.assertEqual(done.returncode, 3)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+        self.assertIn("cannot read the metrics", done.stderr)

@@ -241,7 +241,10 @@ def parser() -> argparse.ArgumentParser:
                      help="text: TOPIC OFFSET [KEY] VALUE; json: one object a line; raw: the value's "
                           "bytes alone, then a newline")
 
-    command("topics", help="list topics")
+    topics = command("topics", help="list topics (and, with --metrics, consumer groups and their lag)")
+    topics.add_argument("--metrics", metavar="[HOST:]PORT|URL",
+                        help="the broker's --metrics-port: also list its consumer groups (members, "
+                             "outstanding, lag, redeliveries), which the protocol's TOPICS reply does not carry")
 
     token = commands.add_parser("hash-token",
                                 help="make a token for a credential: the token on stderr, the line "
@@ -454,11 +457,46 @@ def _topics(client, out: _Output) -> None:
     for t in client.list_topics():
         rows.append((t.name, units.format_duration(t.retention_ttl), units.format_duration(t.compaction_window),
                      str(t.next_offset), str(t.retained), str(t.subscribers)))
+    _table(rows, out)
+
+
+def _table(rows: list, out: _Output) -> None:
+    """Columns: the first left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write(("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip() + "\n").encode())
     out.flush()
+
+
+def _groups(where: str, timeout: Optional[float], out: _Output) -> None:
+    """The consumer groups, from the broker's metrics endpoint (TOPICS carries none)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = where if "://" in where else f"http://{where if ':' in where else 'localhost:' + where}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout or 10) as answer:
+            text = answer.read().decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise CommandError(f"cannot read the metrics at {url}: {getattr(e, 'reason', None) or e}",
+                           EXIT_CONNECTION) from None
+    columns = {"zaichik_group_members": 2, "zaichik_group_outstanding": 3, "zaichik_group_lag": 4,
+               "zaichik_group_redeliveries_total": 5}
+    groups: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            column = columns.get(sample.name)
+            if column is not None:
+                key = (sample.labels["topic"], sample.labels["group"])
+                groups.setdefault(key, ["0"] * 6)[column] = str(int(sample.value))
+    rows = [("topic", "group", "members", "outstanding", "lag", "redeliveries")]
+    for (topic, group), row in sorted(groups.items()):
+        row[0], row[1] = topic, group
+        rows.append(tuple(row))
+    out.write(b"\n")
+    _table(rows, out)
 
 
 def _connect(args):
@@ -511,6 +549,8 @@ def run(args, out: _Output, stdin) -> None:
             _sub(client, args, out)
         elif args.command == "topics":
             _topics(client, out)
+            if args.metrics:
+                _groups(args.metrics, args.timeout, out)
         elif args.command == "create":
             client.create_topic(args.topic, args.retention, args.compaction_window)
     except KeyboardInterrupt:
