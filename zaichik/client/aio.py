@@ -244,7 +244,7 @@ class _Protocol(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class Client:
+class Client(_core.ClientAdapter):
     """
     A client of a zaichik broker (one connection at a time; with
     C{reconnect}, a new one after a loss).  Make one with L{connect}.
@@ -282,23 +282,9 @@ class Client:
     def _now(self) -> float:
         return self._loop.time()
 
-    def _pump(self) -> None:
-        if self._pumping:
-            return
-        self._pumping = True
-        core = self._core
-        try:
-            while True:
-                data = core.data_to_send()
-                if data and self._protocol is not None:
-                    self._protocol.write(data)
-                event = core.pop_event()
-                if event is None:
-                    break
-                self._handle(event)
-        finally:
-            self._pumping = False
-        self._arm_timer()
+    def _send(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.write(data)
 
     def _handle(self, event) -> None:
         kind = type(event)
@@ -430,25 +416,6 @@ class Client:
         self._pump()
 
     # --- the API ------------------------------------------------------------------
-
-    @property
-    def client_id(self) -> str:
-        """The durable client id said in HELLO ("" for none)."""
-        return self._core.client_id
-
-    @property
-    def server(self) -> Optional[str]:
-        """The server connected to (or being dialed)."""
-        return self._core.server
-
-    @property
-    def close_reason(self) -> Optional[BaseException]:
-        """Why the client closed (None while open, or when asked to close)."""
-        return self._core.close_reason
-
-    @property
-    def is_closed(self) -> bool:
-        return self._core.closed
 
     @property
     def closed(self) -> "asyncio.Future[None]":

@@ -578,6 +578,64 @@ CLOSING = "closing"          # CLOSE sent (or the transport is being closed)
 CLOSED = "closed"
 
 
+class ClientAdapter:
+    """
+    What the adapters' Clients share: the core's state, and the loop that
+    moves the core's bytes out (C{_send}) and hands its events on
+    (C{_handle}), then sets the next timer (C{_arm_timer}).
+    """
+
+    _core: "ClientCore"
+    _pumping = False
+
+    def _send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _handle(self, event: Any) -> None:
+        raise NotImplementedError
+
+    def _arm_timer(self) -> None:
+        raise NotImplementedError
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        core = self._core
+        try:
+            while True:
+                data = core.data_to_send()
+                if data:
+                    self._send(data)
+                event = core.pop_event()
+                if event is None:
+                    break
+                self._handle(event)
+        finally:
+            self._pumping = False
+        self._arm_timer()
+
+
+    @property
+    def client_id(self) -> str:
+        """The durable client id said in HELLO ("" for none)."""
+        return self._core.client_id
+
+    @property
+    def server(self) -> Optional[str]:
+        """The server connected to (or being dialed)."""
+        return self._core.server
+
+    @property
+    def close_reason(self) -> Optional[BaseException]:
+        """Why the client closed (None while open, or when asked to close)."""
+        return self._core.close_reason
+
+    @property
+    def is_closed(self) -> bool:
+        return self._core.closed
+
+
 class ClientCore:
     """
     One client: its connection (one at a time), its requests and its
