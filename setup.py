@@ -1,4 +1,6 @@
-from setuptools import find_packages, setup
+import os
+
+from setuptools import Extension, find_packages, setup
 
 with open("README.rst", encoding="utf-8") as f:
     long_description = f.read()
@@ -20,7 +22,14 @@ setup(
     # packages: twistd finds plugins by scanning sys.path for
     # twisted/plugins/ directories, and would miss this one behind a hook.
     package_dir={"": "."},
-    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed"]},
+    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed", "_speedups.pyi"]},
+    # The optional accelerator (zaichik/_speedups.c: PUBLISH parsing, MESSAGE
+    # frame and segment batch encoding).  optional=True: where there is no C
+    # compiler (or no Python headers) the build says so and goes on, and
+    # the pure-Python twins in codec.py and segment.py are used.
+    # ZAICHIK_PURE=1 at install time skips the build altogether.
+    ext_modules=[] if os.environ.get("ZAICHIK_PURE") else [
+        Extension("zaichik._speedups", ["zaichik/_speedups.c"], optional=True)],
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     # prometheus_client: the metrics endpoint's exposition format and its
     # Twisted resource, rather than writing the text format by hand.

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+from zaichik import speedups
+
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
 MAX_TOPIC_LENGTH = 249
@@ -534,11 +536,14 @@ def _rid_or_zero(body: bytes) -> int:
 _rid_u16 = struct.Struct(">IH")
 
 
-def parse_publish(body: bytes) -> Optional[Tuple[int, str, Optional[bytes], bytes]]:
+def parse_publish_py(body: bytes) -> Optional[Tuple[int, str, Optional[bytes], bytes]]:
     """
     A PUBLISH body as C{(rid, topic, key, value)}, without the field-by-field
     reader: the broker's hot path.  Returns None for anything not perfectly
     formed; L{decode_request} then says what is wrong.
+
+    This is the specification; L{parse_publish} is the compiled twin when
+    it is built (see L{zaichik.speedups}).
     """
     try:
         rid, n = _rid_u16.unpack_from(body, 1)
@@ -735,8 +740,11 @@ def message_frame_offsets(topic: str) -> Tuple[int, int]:
     return at, at + 8
 
 
-def message_frame(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:
-    """A whole MESSAGE frame, length prefix included (see L{message_body})."""
+def message_frame_py(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:
+    """
+    A whole MESSAGE frame, length prefix included (see L{message_body}).
+    The specification of L{message_frame} (compiled where built).
+    """
     if key:
         key_len = len(key)
         size = len(prefix) + 22 + key_len + len(value)
@@ -745,6 +753,15 @@ def message_frame(prefix: bytes, offset: int, timestamp: int, key: Optional[byte
     size = len(prefix) + 22 + len(value)
     return b"".join((_u32.pack(size), prefix,
                      _message_head_nokey.pack(offset, timestamp, 0, len(value)), value))
+
+
+# The broker calls these two once per published message: the compiled twins
+# (zaichik/_speedups.c) when built, else the Python functions above.
+parse_publish: Callable[[bytes], Optional[Tuple[int, str, Optional[bytes], bytes]]] = parse_publish_py
+message_frame: Callable[[bytes, int, int, Optional[bytes], bytes], bytes] = message_frame_py
+if speedups.compiled is not None:
+    parse_publish = speedups.compiled.parse_publish
+    message_frame = speedups.compiled.message_frame
 
 
 def message_body(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:

@@ -1,0 +1,121 @@
+"""
+The compiled accelerator (C{zaichik/_speedups.c}) agrees with the pure-Python
+functions that specify it: the same result, or the same exception type, for
+any input (hypothesis), including every truncation and corruption of a
+well-formed frame.  Skipped where the accelerator is not built; the rest of
+the suite runs on whichever path is chosen (CI runs it both ways, the second
+time with C{ZAICHIK_PURE=1}).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from typing import Callable
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from zaichik import codec, speedups
+from zaichik.storage import segment
+
+try:
+    from zaichik import _speedups
+except ImportError:  # not built here: nothing to compare
+    _speedups = None  # type: ignore[assignment]
+
+SETTINGS = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+topics = st.text(min_size=0, max_size=300)
+keys = st.one_of(st.none(), st.binary(max_size=40))
+values = st.binary(max_size=300)
+u64s = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**64 - 1]))
+any_ints = st.one_of(u64s, st.integers(-(2**70), 2**70))
+
+
+def outcome(f: Callable, *args):
+    """What C{f(*args)} gives: its result, or the type of what it raised."""
+    try:
+        return f(*args)
+    except Exception as e:
+        return type(e)
+
+
+@st.composite
+def publish_bodies(draw):
+    """A PUBLISH body: well-formed, or truncated, extended or with a byte changed."""
+    body = codec.Publish(draw(st.integers(0, 2**32 - 1)), draw(topics), draw(values), draw(keys)).encode()
+    how = draw(st.sampled_from(["as is", "cut", "extend", "flip", "raw"]))
+    if how == "cut":
+        body = body[: draw(st.integers(0, len(body)))]
+    elif how == "extend":
+        body += draw(st.binary(min_size=1, max_size=8))
+    elif how == "flip":
+        at = draw(st.integers(0, len(body) - 1))
+        body = body[:at] + bytes([draw(st.integers(0, 255))]) + body[at + 1 :]
+    elif how == "raw":
+        body = draw(st.binary(max_size=64))
+    return body
+
+
+class AgreeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if _speedups is None:
+            raise self.skipTest("the accelerator is not built here (no C compiler at install time)")
+
+    @SETTINGS
+    @given(st.lists(publish_bodies(), min_size=1, max_size=4))
+    def test_parse_publish(self, bodies):
+        # Several in a row: the compiled one remembers the last topic.
+        for body in bodies:
+            self.assertEqual(outcome(_speedups.parse_publish, body), outcome(codec.parse_publish_py, body))
+
+    @SETTINGS
+    @given(st.binary(max_size=10), any_ints, any_ints, st.one_of(keys, st.binary(min_size=65530, max_size=65540)),
+           values)
+    def test_message_frame(self, prefix, offset, timestamp, key, value):
+        self.assertEqual(outcome(_speedups.message_frame, prefix, offset, timestamp, key, value),
+                         outcome(codec.message_frame_py, prefix, offset, timestamp, key, value))
+
+    @SETTINGS
+    @given(u64s, topics.filter(lambda t: len(t.encode()) < 250),
+           st.lists(st.tuples(u64s, u64s, keys, values), max_size=20), st.integers(0, 40))
+    def test_encode_batch(self, first, topic, messages, skip):
+        prefix = codec.topic_prefix(topic)
+        frames = [codec.message_frame_py(prefix, o, t, k, v) for o, t, k, v in messages]
+        if skip > 30:
+            skip = 4 + len(prefix)  # what the disk log leaves out
+        self.assertEqual(outcome(_speedups.encode_batch, first, frames, skip),
+                         outcome(segment.encode_batch_py, first, frames, skip))
+
+    def test_short_frames(self):
+        """Frames too short for a timestamp: both refuse with struct.error."""
+        for frames in ([b"abc"], [b"x" * 40, b"y"]):
+            self.assertIs(outcome(_speedups.encode_batch, 0, frames, 4), struct.error)
+            self.assertIs(outcome(segment.encode_batch_py, 0, frames, 4), struct.error)
+
+
+class ChoiceTests(SynchronousTestCase):
+    def test_chosen_automatically(self):
+        """The compiled functions are used when built, unless ZAICHIK_PURE is set."""
+        if speedups.compiled is None:
+            self.assertIs(codec.parse_publish, codec.parse_publish_py)
+            self.assertIs(codec.message_frame, codec.message_frame_py)
+            self.assertIs(segment.encode_batch, segment.encode_batch_py)
+        else:
+            self.assertIs(codec.parse_publish, speedups.compiled.parse_publish)
+            self.assertIs(codec.message_frame, speedups.compiled.message_frame)
+            self.assertIs(segment.encode_batch, speedups.compiled.encode_batch)
+
+    def test_pure_forced(self):
+        """ZAICHIK_PURE=1 makes a new interpreter use the Python functions."""
+        env = dict(os.environ, ZAICHIK_PURE="1")
+        code = ("from zaichik import codec, speedups; from zaichik.storage import segment; "
+                "print(speedups.compiled is None, codec.parse_publish is codec.parse_publish_py, "
+                "segment.encode_batch is segment.encode_batch_py)")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        self.assertEqual(out.stdout.split(), ["True", "True", "True"])
