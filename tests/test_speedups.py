@@ -49,6 +49,19 @@ def outcome(f: Callable, *args):
 def publish_bodies(draw):
     """A PUBLISH body: well-formed, or truncated, extended or with a byte changed."""
     body = codec.Publish(draw(st.integers(0, 2**32 - 1)), draw(topics), draw(values), draw(keys)).encode()
+    return draw(damaged(body))
+
+
+@st.composite
+def batch_bodies(draw):
+    """A PUBLISH_BATCH body: well-formed, or truncated, extended or with a byte changed."""
+    entries = draw(st.lists(st.tuples(keys, values), min_size=0, max_size=5))
+    body = codec.PublishBatch(draw(st.integers(0, 2**32 - 1)), draw(topics), entries).encode()
+    return draw(damaged(body))
+
+
+@st.composite
+def damaged(draw, body: bytes):
     how = draw(st.sampled_from(["as is", "cut", "extend", "flip", "raw"]))
     if how == "cut":
         body = body[: draw(st.integers(0, len(body)))]
@@ -73,6 +86,22 @@ class AgreeTests(SynchronousTestCase):
         # Several in a row: the compiled one remembers the last topic.
         for body in bodies:
             self.assertEqual(outcome(_speedups.parse_publish, body), outcome(codec.parse_publish_py, body))
+
+    @SETTINGS
+    @given(st.lists(st.one_of(publish_bodies(), batch_bodies()), min_size=1, max_size=4))
+    def test_parse_publish_batch(self, bodies):
+        for body in bodies:
+            self.assertEqual(outcome(_speedups.parse_publish_batch, body),
+                             outcome(codec.parse_publish_batch_py, body))
+            self.assertEqual(outcome(_speedups.parse_publish, body), outcome(codec.parse_publish_py, body))
+
+    @SETTINGS
+    @given(st.binary(max_size=10), any_ints, any_ints,
+           st.lists(st.one_of(st.tuples(st.one_of(keys, st.binary(min_size=65535, max_size=65537)), values),
+                              st.lists(values, min_size=1, max_size=3)), max_size=4))
+    def test_message_frames(self, prefix, first, timestamp, entries):
+        self.assertEqual(outcome(_speedups.message_frames, prefix, first, timestamp, entries),
+                         outcome(codec.message_frames_py, prefix, first, timestamp, entries))
 
     @SETTINGS
     @given(st.binary(max_size=10), any_ints, any_ints, st.one_of(keys, st.binary(min_size=65530, max_size=65540)),
@@ -105,10 +134,14 @@ class ChoiceTests(SynchronousTestCase):
         if speedups.compiled is None:
             self.assertIs(codec.parse_publish, codec.parse_publish_py)
             self.assertIs(codec.message_frame, codec.message_frame_py)
+            self.assertIs(codec.message_frames, codec.message_frames_py)
+            self.assertIs(codec.parse_publish_batch, codec.parse_publish_batch_py)
             self.assertIs(segment.encode_batch, segment.encode_batch_py)
         else:
             self.assertIs(codec.parse_publish, speedups.compiled.parse_publish)
             self.assertIs(codec.message_frame, speedups.compiled.message_frame)
+            self.assertIs(codec.message_frames, speedups.compiled.message_frames)
+            self.assertIs(codec.parse_publish_batch, speedups.compiled.parse_publish_batch)
             self.assertIs(segment.encode_batch, speedups.compiled.encode_batch)
 
     def test_pure_forced(self):

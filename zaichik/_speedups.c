@@ -59,6 +59,14 @@ static int as_u64(PyObject *o, unsigned long long *out)
     return 0;
 }
 
+static int wrong_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, want, nargs);
+    return 1;
+}
+
 /* -- parse_publish ----------------------------------------------------------- */
 
 /* The topic of the last PUBLISH parsed, raw and decoded: a connection
@@ -69,123 +77,186 @@ static char last_topic_raw[TOPIC_CACHE];
 static Py_ssize_t last_topic_len = -1;
 static PyObject *last_topic;
 
+/* The topic of a PUBLISH or PUBLISH_BATCH as a str (a new reference), None
+ * (borrowed) when it is not UTF-8, NULL on another error. */
+static PyObject *decode_topic(const unsigned char *raw, Py_ssize_t n)
+{
+    PyObject *topic;
+    if (n <= TOPIC_CACHE && n == last_topic_len && memcmp(last_topic_raw, raw, n) == 0) {
+        Py_INCREF(last_topic);
+        return last_topic;
+    }
+    topic = PyUnicode_DecodeUTF8((const char *)raw, n, "strict");
+    if (topic == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            return NULL;
+        PyErr_Clear();
+        return Py_None;
+    }
+    if (n <= TOPIC_CACHE) {
+        memcpy(last_topic_raw, raw, n);
+        last_topic_len = n;
+        Py_INCREF(topic);
+        Py_XSETREF(last_topic, topic);
+    }
+    return topic;
+}
+
+/* The head both publish frames share: opcode, u32 rid, u16 topic length,
+ * topic.  Needs `after` more bytes past it.  1 and the topic (a new
+ * reference) in *topic; 0 for a body not perfectly formed; -1 on error. */
+static int read_head(const unsigned char *b, Py_ssize_t len, Py_ssize_t after, unsigned long *rid,
+                     Py_ssize_t *at, PyObject **topic)
+{
+    if (len < 7)
+        return 0;
+    *rid = (unsigned long)be_read(b + 1, 4);
+    Py_ssize_t n = (Py_ssize_t)be_read(b + 5, 2);
+    *at = 7 + n;
+    if (*at + after > len)
+        return 0;
+    *topic = decode_topic(b + 7, n);
+    if (*topic == NULL)
+        return -1;
+    if (*topic == Py_None) {
+        *topic = NULL;
+        return 0;
+    }
+    return 1;
+}
+
+/* One (key, value) entry at *at: u16 key length, key, u32 value length,
+ * value.  1 with new references (key None when empty); 0 for one that does
+ * not fit; -1 on error. */
+static int read_entry(const unsigned char *b, Py_ssize_t len, Py_ssize_t *at, PyObject **key, PyObject **value)
+{
+    if (*at + 2 > len)
+        return 0;
+    Py_ssize_t key_at = *at + 2, key_len = (Py_ssize_t)be_read(b + *at, 2);
+    Py_ssize_t pos = key_at + key_len;
+    if (pos + 4 > len)
+        return 0;
+    Py_ssize_t n = (Py_ssize_t)be_read(b + pos, 4);
+    pos += 4;
+    if (pos + n > len)
+        return 0;
+    if (key_len) {
+        *key = PyBytes_FromStringAndSize((const char *)b + key_at, key_len);
+        if (*key == NULL)
+            return -1;
+    } else {
+        *key = Py_None;
+        Py_INCREF(*key);
+    }
+    *value = PyBytes_FromStringAndSize((const char *)b + pos, n);
+    if (*value == NULL) {
+        Py_CLEAR(*key);
+        return -1;
+    }
+    *at = pos + n;
+    return 1;
+}
+
 static PyObject *parse_publish(PyObject *self, PyObject *body)
 {
     Py_buffer view;
-    PyObject *topic = NULL, *key = NULL, *value = NULL, *rid_obj = NULL, *result;
+    PyObject *topic = NULL, *key = NULL, *value = NULL, *result = NULL;
+    Py_ssize_t at;
+    unsigned long rid;
+    int ok;
     if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *b = view.buf;
-    Py_ssize_t len = view.len, at, n;
-    unsigned long rid;
-
-    if (len < 7)
-        goto none;
-    rid = (unsigned long)be_read(b + 1, 4);
-    n = (Py_ssize_t)be_read(b + 5, 2);
-    at = 7 + n;
-    if (at + 2 > len)
-        goto none;
-    if (n <= TOPIC_CACHE && n == last_topic_len && memcmp(last_topic_raw, b + 7, n) == 0) {
-        topic = last_topic;
-        Py_INCREF(topic);
-    } else {
-        topic = PyUnicode_DecodeUTF8((const char *)b + 7, n, "strict");
-        if (topic == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
-                goto error;
-            PyErr_Clear();
-            goto none;
-        }
-        if (n <= TOPIC_CACHE) {
-            memcpy(last_topic_raw, b + 7, n);
-            last_topic_len = n;
-            Py_INCREF(topic);
-            Py_XSETREF(last_topic, topic);
-        }
+    ok = read_head(view.buf, view.len, 2, &rid, &at, &topic);
+    if (ok > 0)
+        ok = read_entry(view.buf, view.len, &at, &key, &value);
+    if (ok > 0 && at == view.len) {
+        result = Py_BuildValue("(kNNN)", rid, topic, key, value);
+        topic = key = value = NULL;
+    } else if (ok >= 0) {
+        result = Py_None;
+        Py_INCREF(result);
     }
-    n = (Py_ssize_t)be_read(b + at, 2);
-    Py_ssize_t key_at = at + 2, key_len = n;
-    at += 2 + n;
-    if (at + 4 > len)
-        goto none;
-    n = (Py_ssize_t)be_read(b + at, 4);
-    at += 4;
-    if (at + n != len)
-        goto none;
-    if (key_len) {
-        key = PyBytes_FromStringAndSize((const char *)b + key_at, key_len);
-        if (key == NULL)
-            goto error;
-    } else {
-        key = Py_None;
-        Py_INCREF(key);
-    }
-    value = PyBytes_FromStringAndSize((const char *)b + at, n);
-    if (value == NULL)
-        goto error;
-    rid_obj = PyLong_FromUnsignedLong(rid);
-    if (rid_obj == NULL)
-        goto error;
-    PyBuffer_Release(&view);
-    result = PyTuple_New(4);
-    if (result == NULL) {
-        Py_DECREF(rid_obj);
-        Py_DECREF(topic);
-        Py_DECREF(key);
-        Py_DECREF(value);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(result, 0, rid_obj);
-    PyTuple_SET_ITEM(result, 1, topic);
-    PyTuple_SET_ITEM(result, 2, key);
-    PyTuple_SET_ITEM(result, 3, value);
-    return result;
-
-none:
-    Py_XDECREF(topic);
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
-error:
     Py_XDECREF(topic);
     Py_XDECREF(key);
     Py_XDECREF(value);
     PyBuffer_Release(&view);
-    return NULL;
+    return result;
+}
+
+/* -- parse_publish_batch ------------------------------------------------------- */
+
+static PyObject *parse_publish_batch(PyObject *self, PyObject *body)
+{
+    Py_buffer view;
+    PyObject *topic = NULL, *entries = NULL, *result = NULL;
+    Py_ssize_t at, count, i;
+    unsigned long rid;
+    int ok;
+    if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    ok = read_head(b, view.len, 4, &rid, &at, &topic);
+    if (ok > 0) {
+        count = (Py_ssize_t)be_read(b + at, 4);
+        at += 4;
+        if (!count || count * 6 > view.len - at)
+            ok = 0;
+    }
+    if (ok > 0) {
+        entries = PyList_New(count);
+        if (entries == NULL)
+            ok = -1;
+        for (i = 0; ok > 0 && i < count; i++) {
+            PyObject *key, *value, *pair;
+            ok = read_entry(b, view.len, &at, &key, &value);
+            if (ok <= 0)
+                break;
+            pair = PyTuple_Pack(2, key, value);
+            Py_DECREF(key);
+            Py_DECREF(value);
+            if (pair == NULL)
+                ok = -1;
+            else
+                PyList_SET_ITEM(entries, i, pair);
+        }
+    }
+    if (ok > 0 && at == view.len) {
+        result = Py_BuildValue("(kNN)", rid, topic, entries);
+        topic = entries = NULL;
+    } else if (ok >= 0) {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    Py_XDECREF(topic);
+    Py_XDECREF(entries);
+    PyBuffer_Release(&view);
+    return result;
 }
 
 /* -- message_frame ----------------------------------------------------------- */
 
-static PyObject *message_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* One MESSAGE frame (a new bytes), or NULL with struct.error set, as
+ * message_frame_py raises it. */
+static PyObject *make_frame(const Py_buffer *prefix, unsigned long long offset, unsigned long long timestamp,
+                            PyObject *key_obj, PyObject *value_obj)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "message_frame takes 5 arguments");
-        return NULL;
-    }
-    unsigned long long offset, timestamp;
-    Py_buffer prefix, key, value;
+    Py_buffer key, value;
     PyObject *out = NULL;
     int have_key = 0;
 
-    if (PyObject_GetBuffer(args[0], &prefix, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(value_obj, &value, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[4], &value, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&prefix);
-        return NULL;
-    }
-    if (args[3] != Py_None) {
-        if (PyObject_GetBuffer(args[3], &key, PyBUF_SIMPLE) < 0)
+    if (key_obj != Py_None) {
+        if (PyObject_GetBuffer(key_obj, &key, PyBUF_SIMPLE) < 0)
             goto done;
         have_key = 1;
     }
-    if (as_u64(args[1], &offset) < 0 || as_u64(args[2], &timestamp) < 0)
-        goto done;
     Py_ssize_t key_len = have_key ? key.len : 0;
     if (key_len > 0xFFFF) {
         PyErr_SetString(struct_error, "'H' format requires 0 <= number <= 65535");
         goto done;
     }
-    Py_ssize_t size = prefix.len + 22 + key_len + value.len;
+    Py_ssize_t size = prefix->len + 22 + key_len + value.len;
     if (size > 0xFFFFFFFFLL || value.len > 0xFFFFFFFFLL) {
         PyErr_SetString(struct_error, "'I' format requires 0 <= number <= 4294967295");
         goto done;
@@ -196,8 +267,8 @@ static PyObject *message_frame(PyObject *self, PyObject *const *args, Py_ssize_t
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
     be_write(p, (unsigned long long)size, 4);
     p += 4;
-    memcpy(p, prefix.buf, prefix.len);
-    p += prefix.len;
+    memcpy(p, prefix->buf, prefix->len);
+    p += prefix->len;
     be_write(p, offset, 8);
     be_write(p + 8, timestamp, 8);
     be_write(p + 16, (unsigned long long)key_len, 2);
@@ -212,6 +283,75 @@ done:
     if (have_key)
         PyBuffer_Release(&key);
     PyBuffer_Release(&value);
+    return out;
+}
+
+static PyObject *message_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (wrong_nargs("message_frame", nargs, 5))
+        return NULL;
+    unsigned long long offset, timestamp;
+    Py_buffer prefix;
+    PyObject *out = NULL;
+    if (PyObject_GetBuffer(args[0], &prefix, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (as_u64(args[1], &offset) == 0 && as_u64(args[2], &timestamp) == 0)
+        out = make_frame(&prefix, offset, timestamp, args[3], args[4]);
+    PyBuffer_Release(&prefix);
+    return out;
+}
+
+/* -- message_frames ------------------------------------------------------------ */
+
+static PyObject *message_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (wrong_nargs("message_frames", nargs, 4))
+        return NULL;
+    unsigned long long first, timestamp;
+    Py_buffer prefix;
+    PyObject *entries = args[3], *out = NULL;
+    if (!PyList_Check(entries)) {
+        PyErr_SetString(PyExc_TypeError, "entries must be a list");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &prefix, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(entries), i;
+    out = PyList_New(count);
+    if (out == NULL)
+        goto done;
+    for (i = 0; i < count; i++) {
+        PyObject *entry = PySequence_Fast(PyList_GET_ITEM(entries, i), "entries must be (key, value) pairs"), *frame;
+        if (entry == NULL || PySequence_Fast_GET_SIZE(entry) != 2) {
+            if (entry != NULL)
+                PyErr_SetString(PyExc_ValueError, "entries must be (key, value) pairs");
+            Py_XDECREF(entry);
+            Py_CLEAR(out);
+            goto done;
+        }
+        /* The numbers are checked after the first pair is, as the Python
+         * twin does (which checks none for no entries). */
+        if (i == 0 && (as_u64(args[1], &first) < 0 || as_u64(args[2], &timestamp) < 0)) {
+            Py_DECREF(entry);
+            Py_CLEAR(out);
+            goto done;
+        }
+        if (first + (unsigned long long)i < first) {
+            PyErr_SetString(struct_error, "argument out of range");
+            Py_DECREF(entry);
+            Py_CLEAR(out);
+            goto done;
+        }
+        frame = make_frame(&prefix, first + (unsigned long long)i, timestamp,
+                           PySequence_Fast_GET_ITEM(entry, 0), PySequence_Fast_GET_ITEM(entry, 1));
+        Py_DECREF(entry);
+        if (frame == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, frame);
+    }
+done:
     PyBuffer_Release(&prefix);
     return out;
 }
@@ -224,10 +364,8 @@ done:
 
 static PyObject *encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "encode_batch takes 3 arguments");
+    if (wrong_nargs("encode_batch", nargs, 3))
         return NULL;
-    }
     PyObject *frames = args[1];
     unsigned long long first;
     if (!PyList_Check(frames)) {
@@ -324,6 +462,10 @@ static PyObject *encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyMethodDef methods[] = {
     {"parse_publish", (PyCFunction)parse_publish, METH_O,
      "A PUBLISH body as (rid, topic, key, value), or None: see zaichik.codec.parse_publish."},
+    {"parse_publish_batch", (PyCFunction)parse_publish_batch, METH_O,
+     "A PUBLISH_BATCH body as (rid, topic, entries), or None: see zaichik.codec.parse_publish_batch_py."},
+    {"message_frames", (PyCFunction)(void (*)(void))message_frames, METH_FASTCALL,
+     "MESSAGE frames for (key, value) entries from one offset on: see zaichik.codec.message_frames_py."},
     {"message_frame", (PyCFunction)(void (*)(void))message_frame, METH_FASTCALL,
      "A whole MESSAGE frame: see zaichik.codec.message_frame."},
     {"encode_batch", (PyCFunction)(void (*)(void))encode_batch, METH_FASTCALL,

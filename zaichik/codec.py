@@ -569,8 +569,12 @@ def _publish_fast(body: bytes) -> Optional[Publish]:
     return Publish(rid, topic, value, key)
 
 
-def _publish_batch_fast(body: bytes) -> Optional[PublishBatch]:
-    """PUBLISH_BATCH on the hot path; None for anything not perfectly formed (see L{_publish_fast})."""
+def parse_publish_batch_py(body: bytes) -> Optional[Tuple[int, str, List[Tuple[Optional[bytes], bytes]]]]:
+    """
+    A PUBLISH_BATCH body as C{(rid, topic, entries)} on the hot path; None
+    for anything not perfectly formed (see L{parse_publish_py}).  The
+    specification of L{parse_publish_batch}, compiled where built.
+    """
     unpack16 = _u16.unpack_from
     unpack32 = _u32.unpack_from
     try:
@@ -595,7 +599,14 @@ def _publish_batch_fast(body: bytes) -> Optional[PublishBatch]:
         return None
     if at != len(body):
         return None
-    return PublishBatch(rid, topic, entries)
+    return rid, topic, entries
+
+
+def _publish_batch_fast(body: bytes) -> Optional[PublishBatch]:
+    fields = parse_publish_batch(body)
+    if fields is None:
+        return None
+    return PublishBatch(*fields)
 
 
 def decode_request(body: bytes) -> Request:
@@ -755,13 +766,29 @@ def message_frame_py(prefix: bytes, offset: int, timestamp: int, key: Optional[b
                      _message_head_nokey.pack(offset, timestamp, 0, len(value)), value))
 
 
-# The broker calls these two once per published message: the compiled twins
-# (zaichik/_speedups.c) when built, else the Python functions above.
+def message_frames_py(prefix: bytes, first: int, timestamp: int,
+                      entries: List[Tuple[Optional[bytes], bytes]]) -> List[bytes]:
+    """
+    The MESSAGE frames of C{entries} (C{(key, value)} pairs) with offsets
+    from C{first}, all at C{timestamp}: a batch stored at once.  The
+    specification of L{message_frames}, compiled where built.
+    """
+    return [message_frame_py(prefix, first + i, timestamp, key, value) for i, (key, value) in enumerate(entries)]
+
+
+# The broker calls these once per published message (or batch): the
+# compiled twins (zaichik/_speedups.c) when built, else the Python
+# functions above, which specify them.
 parse_publish: Callable[[bytes], Optional[Tuple[int, str, Optional[bytes], bytes]]] = parse_publish_py
+parse_publish_batch: Callable[[bytes], Optional[Tuple[int, str, List[Tuple[Optional[bytes], bytes]]]]] = \
+    parse_publish_batch_py
 message_frame: Callable[[bytes, int, int, Optional[bytes], bytes], bytes] = message_frame_py
+message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]]], List[bytes]] = message_frames_py
 if speedups.compiled is not None:
     parse_publish = speedups.compiled.parse_publish
+    parse_publish_batch = speedups.compiled.parse_publish_batch
     message_frame = speedups.compiled.message_frame
+    message_frames = speedups.compiled.message_frames
 
 
 def message_body(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:

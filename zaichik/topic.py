@@ -222,8 +222,17 @@ class Topic:
         largest = max(len(value) + (len(key) if key else 0) for key, value in entries) + overhead
         if largest > self.max_frame_size:
             raise self._too_large(largest)
-        store = self._store
-        results = [store(now, key, value) for key, value in entries]
+        if keyed and self.compaction_window:
+            store = self._store
+            results = [store(now, key, value) for key, value in entries]
+        else:
+            # Nothing to look up per message (no compaction, keys checked
+            # above): the frames in one call, which the accelerator makes in
+            # C, and the bookkeeping once for the batch.
+            first = self.next_offset
+            frames = codec.message_frames(self._prefix, first, now, entries)
+            self._stage(now, first, frames)
+            results = [(offset, False) for offset in range(first, first + len(frames))]
         if self._unsent:
             self._stored()
         return results
@@ -275,6 +284,8 @@ class Topic:
         frame = codec.message_frame(self._prefix, offset, now, key, value)
         if len(frame) - 4 > self.max_frame_size:
             raise self._too_large(len(frame) - 4)
+        # Staged here rather than by _stage: this runs once per message
+        # published, where a call costs a tenth of the broker's time.
         self.next_offset = offset + 1
         self._last_timestamp = now
         if not self._unsent:
@@ -286,6 +297,15 @@ class Topic:
             self._key_order.append((now, key))
             self._unsent_keys.append((key, offset))
         return offset, False
+
+    def _stage(self, now: int, first: int, frames: List[bytes]) -> None:
+        """Stage C{frames}, stored at C{now} with offsets from C{first}, in the unit of work."""
+        self.next_offset = first + len(frames)
+        self._last_timestamp = now
+        if not self._unsent:
+            self._unsent_first = first
+            self.pending = Pending()
+        self._unsent.extend(frames)
 
     _dirty = False
 
