@@ -45,6 +45,8 @@ setup(
         # fastapi + httpx: examples/fastapi_app.py, run by the tests over
         # httpx's ASGI transport; uvloop: the asyncio client's suite also
         # runs on uvloop (not on Windows).
+        # benchmarks/bench.py --plot: the scale curves as a PNG.
+        "plot": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6", "fastapi>=0.100", "httpx>=0.24",
                  "uvloop>=0.17; sys_platform != 'win32'"],
     },

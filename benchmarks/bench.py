@@ -5,6 +5,12 @@ table with ratios to the baseline.
 
     python benchmarks/bench.py            # the full run (a few minutes)
     python benchmarks/bench.py --quick    # a short run (under a minute), as CI does
+    python benchmarks/bench.py --curves   # also the scale curves (value size, fan-out,
+                                          # topics, RSS vs retained)
+    python benchmarks/bench.py --plot performance.png   # the curves, drawn (extra "plot")
+
+After the table it prints issue 16's targets, each a ratio measured in this
+run, and whether it is met.
 
 The load generator uses raw sockets and zaichik's codec.  Publishers send
 pre-encoded frames in large writes (pipelined); subscribers count frames by
@@ -27,14 +33,15 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from zaichik import codec  # noqa: E402
+from zaichik import codec, speedups  # noqa: E402
 from zaichik.testing import BrokerProcess, free_port  # noqa: E402
 
 PAYLOAD = 100
@@ -82,22 +89,27 @@ class Server:
 
 class Zaichik(Server):
     name = "zaichik"
-    wire = staticmethod(lambda topic_len: ZaichikWire())
+    wire = staticmethod(lambda topic_len, payload: ZaichikWire())
 
-    def __init__(self) -> None:
-        self.broker = BrokerProcess().start()
+    def __init__(self, options: Sequence[str] = ()) -> None:
+        # "{data}" in the options: a fresh data directory, removed at stop.
+        self.data_dir = tempfile.mkdtemp(prefix="zaichik-bench-") if "{data}" in options else ""
+        self.broker = BrokerProcess(*[o.replace("{data}", self.data_dir) for o in options]).start()
+        assert self.broker.process is not None
         self.pid = self.broker.process.pid
         self.port = self.broker.port
 
     def stop(self) -> None:
         self.broker.cleanup()
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 class Baseline(Server):
     name = "baseline"
-    wire = staticmethod(lambda topic_len: ZaichikWire())
+    wire = staticmethod(lambda topic_len, payload: ZaichikWire())
 
-    def __init__(self) -> None:
+    def __init__(self, options: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), str(self.port)])
         self.pid = self.process.pid
@@ -136,8 +148,8 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return data
 
 
-def _payload(stamp: int = 0) -> bytes:
-    return _q.pack(stamp) + b"x" * (PAYLOAD - 8)
+def _payload(stamp: int = 0, size: int = PAYLOAD) -> bytes:
+    return _q.pack(stamp) + b"x" * (size - 8)
 
 
 # --- peers' wire formats: just enough for pub/sub, with raw sockets ---------------
@@ -167,9 +179,9 @@ class RedisWire:
 
     trailer = 2
 
-    def __init__(self, topic_len: int) -> None:
+    def __init__(self, topic_len: int, payload: int = PAYLOAD) -> None:
         self.size = len(b"*3\r\n$7\r\nmessage\r\n$%d\r\n" % topic_len) + topic_len + 2 + \
-            len(b"$%d\r\n" % PAYLOAD) + PAYLOAD + 2
+            len(b"$%d\r\n" % payload) + payload + 2
 
     def hello(self, s: socket.socket) -> None:
         pass
@@ -193,8 +205,8 @@ class MqttWire:
 
     trailer = 0
 
-    def __init__(self, topic_len: int) -> None:
-        self.size = len(self.publish("x" * topic_len, b"\0" * PAYLOAD))
+    def __init__(self, topic_len: int, payload: int = PAYLOAD) -> None:
+        self.size = len(self.publish("x" * topic_len, b"\0" * payload))
 
     @staticmethod
     def _packet(kind: int, body: bytes) -> bytes:
@@ -228,7 +240,7 @@ class MqttWire:
 class Peer(Server):
     """A real broker found on PATH, on its own loopback port, stopped by its pid."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
@@ -265,7 +277,8 @@ class Mosquitto(Peer):
 PEERS = [Redis, Mosquitto]
 
 
-def subscriber_main(port, topics, subs_per_topic, expected, wire, measure_latency, ready, results, timeout):
+def subscriber_main(port, topics, subs_per_topic, expected, wire, measure_latency, ready, results, timeout,
+                    payload=PAYLOAD):
     """
     Subscribe C{subs_per_topic} connections to each topic, say ready, then
     read until C{expected} messages arrived in all.
@@ -311,7 +324,7 @@ def subscriber_main(port, topics, subs_per_topic, expected, wire, measure_latenc
                     end = pos + size
                     if end > len(buf):
                         break
-                    latencies.append(now - _q.unpack_from(buf, end - wire.trailer - PAYLOAD)[0])
+                    latencies.append(now - _q.unpack_from(buf, end - wire.trailer - payload)[0])
                     total += 1
                     pos = end
                 del buf[:pos]
@@ -325,7 +338,7 @@ def subscriber_main(port, topics, subs_per_topic, expected, wire, measure_latenc
                  "cpu": cpu.user + cpu.system})
 
 
-def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results):
+def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results, payload=PAYLOAD):
     """Publish C{count} messages round-robin over C{topics}."""
     s = _connect(port)
     wire.hello(s)
@@ -341,7 +354,9 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results)
 
         threading.Thread(target=discard, daemon=True).start()
     t0 = time.monotonic_ns()
-    per_write = 1000
+    # About a megabyte a write (and every topic in the pre-built chunk).
+    per_write = max(1, min(1000, (1 << 20) // (payload + 32)))
+    per_write = max(per_write, len(topics))
     if rate:
         # Paced: a small burst every millisecond, each stamped as it is sent.
         interval = 0.001
@@ -360,7 +375,8 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results)
             if delay > 0:
                 time.sleep(delay)
     elif mode == "batch":
-        chunks = {t: codec.frame(codec.PublishBatch(0, t, [(None, _payload())] * batch).encode()) for t in topics}
+        chunks = {t: codec.frame(codec.PublishBatch(0, t, [(None, _payload(0, payload))] * batch).encode())
+                  for t in topics}
         sent = 0
         i = 0
         while sent < count:
@@ -370,7 +386,7 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results)
     elif mode == "acked":
         window = 1000
         reply_size = 18  # PUBLISHED: 4-byte length + 14-byte body
-        frame = codec.frame(codec.Publish(1, topics[0], _payload()).encode())
+        frame = codec.frame(codec.Publish(1, topics[0], _payload(0, payload)).encode())
         s.sendall(frame * window)
         sent = window
         acked = 0
@@ -393,7 +409,7 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results)
         def keyed_frame(topic):
             nonlocal counter
             counter += 1
-            return codec.frame(codec.Publish(0, topic, _payload(), b"%016d" % counter).encode())
+            return codec.frame(codec.Publish(0, topic, _payload(0, payload), b"%016d" % counter).encode())
 
         sent = 0
         if keyed:
@@ -401,9 +417,9 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results)
                 s.sendall(b"".join(keyed_frame(topics[(sent + i) % len(topics)]) for i in range(per_write)))
                 sent += per_write
         else:
-            chunk = b"".join(wire.publish(topics[i % len(topics)], _payload()) for i in range(per_write))
+            chunk = b"".join(wire.publish(topics[i % len(topics)], _payload(0, payload)) for i in range(per_write))
             while sent < count:
-                s.sendall(chunk)
+                s.sendall(chunk if count - sent >= per_write else chunk[: len(chunk) // per_write * (count - sent)])
                 sent += per_write
     cpu = os.times()
     results.put({"start": t0, "cpu": cpu.user + cpu.system})
@@ -427,9 +443,13 @@ class Scenario:
     retention: int = 0
     compaction: int = 0
     keyed: bool = False
-    baseline: Optional[str] = "same"  # "same": the baseline runs this scenario too
+    payload: int = PAYLOAD  # bytes of each value
+    options: Tuple[str, ...] = ()  # the broker's command-line options ("{data}": a fresh data dir)
+    baseline: bool = True  # the forwarder runs it too
     peers: bool = False  # real brokers on PATH run it too
-    ratio_to: Optional[str] = None  # else: the name of the baseline row to compare with
+    # The row the ratio column compares with, (scenario, server); by
+    # default the forwarder's row of the same scenario.
+    ratio_to: Optional[Tuple[str, str]] = None
 
 
 @dataclass
@@ -447,7 +467,13 @@ class Row:
     gen_cpu: float = 0.0
     wall: float = 0.0
     note: str = ""
-    ratio_to: Optional[str] = None
+    ratio_to: Optional[Tuple[str, str]] = None
+    payload: int = PAYLOAD
+
+    @property
+    def mbps(self) -> float:
+        """Values delivered, MB/s."""
+        return self.rate * self.payload / 1e6
 
 
 def _percentile(values: List[int], p: float) -> float:
@@ -457,8 +483,13 @@ def _percentile(values: List[int], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))] / 1e6
 
 
+def topic_names(count: int) -> List[str]:
+    """C{count} topic names, all of one length (subscribers count frames by size)."""
+    return [f"bench{i:05d}" for i in range(count)]
+
+
 def run_scenario(server: Server, sc: Scenario) -> Row:
-    topics = [f"bench{i:03d}" for i in range(sc.topics)]
+    topics = topic_names(sc.topics)
     if isinstance(server, Zaichik) and (sc.retention or sc.compaction):
         s = _connect(server.port)
         for t in topics:
@@ -468,14 +499,14 @@ def run_scenario(server: Server, sc: Scenario) -> Row:
     results = ctx.Queue()
     ready_recv, ready_send = ctx.Pipe(False)
     expected = sc.count * sc.subs
-    wire = server.wire(len(topics[0]))
+    wire = server.wire(len(topics[0]), sc.payload)
     sub = ctx.Process(target=subscriber_main, args=(server.port, topics, sc.subs, expected, wire,
-                                                    bool(sc.rate), ready_send, results, 120))
+                                                    bool(sc.rate), ready_send, results, 120, sc.payload))
     sub.start()
     ready_recv.recv()
     cpu0 = server.cpu_seconds()
     pub = ctx.Process(target=publisher_main, args=(server.port, topics, sc.count, sc.mode, 100, sc.rate,
-                                                   sc.keyed, wire, results))
+                                                   sc.keyed, wire, results, sc.payload))
     wall0 = time.monotonic()
     pub.start()
     got = [results.get(timeout=180), results.get(timeout=180)]
@@ -492,7 +523,7 @@ def run_scenario(server: Server, sc: Scenario) -> Row:
         received=sub_result["received"], expected=expected,
         p50=_percentile(lat, 0.5), p99=_percentile(lat, 0.99), p999=_percentile(lat, 0.999),
         cpu=server.cpu_seconds() - cpu0, rss=server.peak_rss_mb(),
-        gen_cpu=pub_result["cpu"] + sub_result["cpu"], wall=wall,
+        gen_cpu=pub_result["cpu"] + sub_result["cpu"], wall=wall, payload=sc.payload,
     )
 
 
@@ -534,8 +565,7 @@ def run_retained(count: int) -> List[Row]:
         received = (got - 9) // frame_size
         sub.close()
         return [
-            Row("1M retained: RSS (MB)" if count == 1_000_000 else f"{count} retained: RSS (MB)",
-                "zaichik", rss=server.peak_rss_mb(), received=count, expected=count,
+            Row(f"{count:,} retained: RSS (MB)", "zaichik", rss=rss, received=count, expected=count,
                 note=f"RSS {rss:.0f} MB after load ({rss - rss0:.0f} MB for the messages), "
                      f"load {count / load:,.0f} msg/s"),
             Row("subscriber joins retained topic", "zaichik", rate=received / join, received=received,
@@ -546,20 +576,199 @@ def run_retained(count: int) -> List[Row]:
         server.stop()
 
 
+# Options for a broker with many connections from one address.
+MANY_CONNECTIONS = ("--max-connections", "20000", "--max-connections-per-address", "0")
+FSYNC_NEVER = ("--data-dir", "{data}", "--fsync", "never")
+FSYNC_ALWAYS = ("--data-dir", "{data}", "--fsync", "always")
+ONE_TOPIC = ("1->1 PUBLISH", "zaichik")
+FORWARDER = ("1->1 PUBLISH", "baseline")
+SIZES = {1024: "1 KB", 16 * 1024: "16 KB", 256 * 1024: "256 KB"}
+
+
+def _by_bytes(quick: bool, size: int, n: int) -> int:
+    """A message count for values of C{size} bytes: about 40 MB (400 MB in a full run) of values."""
+    return max(2000, min(n, (40 << 20 if quick else 400 << 20) // size // 1000 * 1000))
+
+
 def scenarios(quick: bool) -> List[Scenario]:
     n = 100_000 if quick else 1_000_000
     lat = 2 if quick else 5  # seconds of paced sending
+    many = 1_000 if quick else 10_000  # topics, each with its own subscriber connection
     return [
         Scenario("1->1 PUBLISH", n, peers=True),
-        Scenario("1->1 PUBLISH_BATCH x100", n * 2, mode="batch", baseline=None, ratio_to="1->1 PUBLISH"),
-        Scenario("1->1 acked, 1000 in flight", n // 2, mode="acked", baseline=None, ratio_to="1->1 PUBLISH"),
+        Scenario("1->1 PUBLISH_BATCH x100", n * 2, mode="batch", baseline=False, ratio_to=FORWARDER),
+        Scenario("1->1 acked, 1000 in flight", n // 2, mode="acked", baseline=False, ratio_to=FORWARDER),
         Scenario("1->1 retention 60s + compaction", n, retention=60_000, compaction=10_000, keyed=True,
-                 baseline=None, ratio_to="1->1 PUBLISH"),
+                 baseline=False, ratio_to=FORWARDER),
+        Scenario("1->1 --fsync never", n, options=FSYNC_NEVER, baseline=False, ratio_to=ONE_TOPIC),
+        Scenario("acked 1000, --fsync always", n // 2, mode="acked", options=FSYNC_ALWAYS, baseline=False,
+                 ratio_to=("1->1 acked, 1000 in flight", "zaichik")),
+        *[Scenario(f"1->1 {label} values", _by_bytes(quick, size, n), payload=size, peers=True)
+          for size, label in SIZES.items()],
         Scenario("fan-out 1->10", n // 5, subs=10, peers=True),
         Scenario("100 topics x 10 subscribers", n // 10, topics=100, subs=10),
+        Scenario("100 topics x 1 subscriber", n, topics=100),
+        Scenario(f"{many:,} topics x 1 sub, {many:,} conns", n, topics=many, options=MANY_CONNECTIONS),
         Scenario("latency @ 2,000/s", 2_000 * lat, rate=2_000, peers=True),
         Scenario("latency @ 20,000/s", 20_000 * lat, rate=20_000, peers=True),
     ]
+
+
+def run_rows(scs: List[Scenario], only: Optional[str] = None, with_peers: bool = True) -> List[Row]:
+    """Each scenario against the forwarder (where it runs it), zaichik and the peers on PATH."""
+    rows: List[Row] = []
+    for sc in scs:
+        if only and only not in sc.name:
+            continue
+        peers = [p for p in PEERS if with_peers and sc.peers and shutil.which(p.binary)]
+        classes: List[type] = ([Baseline] if sc.baseline else []) + [Zaichik] + peers
+        for cls in classes:
+            server = cls(sc.options) if cls is Zaichik else cls()
+            try:
+                row = run_scenario(server, sc)
+            finally:
+                server.stop()
+            row.ratio_to = sc.ratio_to
+            rows.append(row)
+            print(f"  {sc.name} / {row.server}: {row.rate:,.0f} msgs/s", file=sys.stderr, flush=True)
+    return rows
+
+
+# --- issue 16's targets --------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """C{what}: the figure C{attr} of row C{of} over the same of row C{to}, C{op} C{goal}."""
+
+    what: str
+    of: Tuple[str, str]
+    to: Tuple[str, str]
+    op: str  # ">=" or "<="
+    goal: float
+    attr: str = "rate"
+    floor: Optional[float] = None  # the lowest run must reach this too
+
+    def ratio(self, rows: List[Row]) -> Optional[float]:
+        index = {(r.scenario, r.server): r for r in rows}
+        a, b = index.get(self.of), index.get(self.to)
+        if a is None or b is None or not getattr(b, self.attr):
+            return None
+        return getattr(a, self.attr) / getattr(b, self.attr)
+
+    def met(self, median: float, lowest: float) -> bool:
+        ok = median >= self.goal if self.op == ">=" else median <= self.goal
+        return ok and (self.floor is None or lowest >= self.floor)
+
+
+def targets(quick: bool) -> List[Target]:
+    many = 1_000 if quick else 10_000
+    return [
+        Target("PUBLISH 1->1 / forwarder", ONE_TOPIC, FORWARDER, ">=", 0.9, floor=0.85),
+        Target("PUBLISH_BATCH x100 / Redis unbatched", ("1->1 PUBLISH_BATCH x100", "zaichik"),
+               ("1->1 PUBLISH", "redis"), ">=", 1.0),
+        Target("keyed, retention + compaction / forwarder", ("1->1 retention 60s + compaction", "zaichik"),
+               FORWARDER, ">=", 0.7),
+        Target("--fsync never / in memory", ("1->1 --fsync never", "zaichik"), ONE_TOPIC, ">=", 0.9),
+        Target("acked 1000: --fsync always / in memory", ("acked 1000, --fsync always", "zaichik"),
+               ("1->1 acked, 1000 in flight", "zaichik"), ">=", 0.6),
+        Target("p99 @ 20,000/s / forwarder", ("latency @ 20,000/s", "zaichik"), ("latency @ 20,000/s", "baseline"),
+               "<=", 1.5, attr="p99"),
+        *[Target(f"MB/s, {label} values / forwarder", (f"1->1 {label} values", "zaichik"),
+                 (f"1->1 {label} values", "baseline"), ">=", 0.9, attr="mbps") for label in SIZES.values()],
+        Target("100 topics x 1 sub / one topic", ("100 topics x 1 subscriber", "zaichik"), ONE_TOPIC, ">=", 0.8),
+        Target(f"{many:,} topics over {many:,} conns / one topic",
+               (f"{many:,} topics x 1 sub, {many:,} conns", "zaichik"), ONE_TOPIC, ">=", 0.4),
+    ]
+
+
+def fmt_targets(runs: List[List[Row]], quick: bool) -> str:
+    out = [f"issue 16's targets: each a ratio within one run; median of {len(runs)} run(s)"]
+    for t in targets(quick):
+        ratios = [r for r in (t.ratio(rows) for rows in runs) if r is not None]
+        if not ratios:
+            out.append(f"  {t.what:44} not measured")
+            continue
+        median = sorted(ratios)[len(ratios) // 2]
+        verdict = "met" if t.met(median, min(ratios)) else "MISSED"
+        floor = f", lowest >= {t.floor}" if t.floor is not None else ""
+        out.append(f"  {t.what:44} {median:6.2f}  target {t.op} {t.goal}{floor}: {verdict:6}  each run: "
+                   + " ".join(f"{r:.2f}" for r in ratios))
+    return "\n".join(out)
+
+
+# --- scale curves ----------------------------------------------------------------------
+
+
+def curves(quick: bool) -> Dict[str, List[Row]]:
+    """
+    Throughput against value size, fan-out and topics (zaichik beside the
+    forwarder and the peers on PATH), and zaichik's RSS against retained
+    messages: rows named by the x value.
+    """
+    n = 100_000 if quick else 1_000_000
+    sizes = [100, 1024, 4096, 16 * 1024, 64 * 1024, 256 * 1024]
+    out: Dict[str, List[Row]] = {}
+    out["value size (bytes)"] = run_rows(
+        [Scenario(str(size), _by_bytes(quick, size, n), payload=size, peers=True) for size in sizes])
+    out["subscribers (fan-out)"] = run_rows(
+        [Scenario(str(subs), max(1000, n // subs // 1000 * 1000), subs=subs, peers=True) for subs in (1, 10, 100)])
+    out["topics, 1 subscriber each"] = run_rows(
+        [Scenario(str(topics), n, topics=topics, options=MANY_CONNECTIONS, peers=True)
+         for topics in (1, 100, 1_000 if quick else 10_000)])
+    rss = []
+    for count in ((10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)):
+        row = run_retained(count)[0]
+        row.scenario = str(count)
+        rss.append(row)
+    out["retained messages"] = rss
+    return out
+
+
+def fmt_curves(data: Dict[str, List[Row]]) -> str:
+    out = []
+    for title, rows in data.items():
+        out.append(f"{title}:")
+        for r in rows:
+            if title == "retained messages":
+                out.append(f"  {r.scenario:>10} {r.server:9} RSS {r.rss:8.1f} MB")
+            else:
+                out.append(f"  {r.scenario:>10} {r.server:9} {r.rate:>11,.0f} msgs/s {r.mbps:>9,.1f} MB/s")
+    return "\n".join(out)
+
+
+def plot(data: Dict[str, List[Row]], path: str) -> None:
+    """The curves as one PNG (matplotlib: pip install 'zaichik[plot]')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for ax, (title, rows) in zip(axes.flat, data.items()):
+        servers = sorted({r.server for r in rows}, key=["zaichik", "baseline", "redis", "mosquitto"].index)
+        for server in servers:
+            mine = [r for r in rows if r.server == server]
+            xs = [int(r.scenario) for r in mine]
+            if title == "retained messages":
+                ys, ylabel = [r.rss for r in mine], "peak RSS (MB)"
+            elif title.startswith("value size"):
+                ys, ylabel = [r.mbps for r in mine], "values delivered (MB/s)"
+            else:
+                ys, ylabel = [r.rate for r in mine], "messages delivered / s"
+            label = {"baseline": "bare Twisted forwarder"}.get(server, server)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"zaichik scale curves ({os.cpu_count()} cores, python {sys.version.split()[0]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+# --- output -------------------------------------------------------------------------
 
 
 def peers_line() -> str:
@@ -569,7 +778,7 @@ def peers_line() -> str:
     missing = [b for b in names if not shutil.which(b)]
     line = ""
     if measured:
-        line += "measured (1->1, fan-out, latency): " + ", ".join(measured)
+        line += "measured (1->1, value sizes, fan-out, latency): " + ", ".join(measured)
     if missing:
         line += ("; " if line else "") + "not on PATH, not measured: " + ", ".join(missing)
     if "nats-server" not in missing:
@@ -578,17 +787,17 @@ def peers_line() -> str:
 
 
 def fmt_table(rows: List[Row]) -> str:
-    base: Dict[str, Row] = {r.scenario: r for r in rows if r.server == "baseline"}
-    header = (f"{'scenario':34} {'server':9} {'msgs/s':>11} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+    index: Dict[Tuple[str, str], Row] = {(r.scenario, r.server): r for r in rows}
+    header = (f"{'scenario':34} {'server':9} {'msgs/s':>11} {'MB/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'p999 ms':>8} {'lat ratio':>9} {'cpu s':>6} {'gen cpu':>7} {'peak MB':>8} {'lost':>5}")
     out = [header, "-" * len(header)]
     for r in rows:
-        ref = base.get(r.ratio_to or r.scenario) if r.server != "baseline" else None
+        ref = index.get(r.ratio_to or (r.scenario, "baseline")) if r.server != "baseline" else None
         ratio = f"{r.rate / ref.rate:.2f}" if ref and ref.rate and r.rate else ""
         lat_ratio = f"{r.p99 / ref.p99:.2f}" if ref and ref.p99 and r.p99 else ""
         lost = r.expected - r.received
         out.append(
-            f"{r.scenario:34} {r.server:9} {r.rate:>11,.0f} {ratio:>6} "
+            f"{r.scenario:34} {r.server:9} {r.rate:>11,.0f} {r.mbps:>7,.1f} {ratio:>6} "
             f"{(f'{r.p50:.2f}' if r.p99 else ''):>7} {(f'{r.p99:.2f}' if r.p99 else ''):>7} "
             f"{(f'{r.p999:.2f}' if r.p99 else ''):>8} {lat_ratio:>9} {r.cpu:>6.2f} {r.gen_cpu:>7.2f} "
             f"{r.rss:>8.1f} {lost:>5}" + (f"  {r.note}" if r.note else "")
@@ -600,37 +809,39 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument("--only", help="run only scenarios whose name contains this")
+    parser.add_argument("--runs", type=int, default=1, help="run the table this many times (targets: median)")
+    parser.add_argument("--curves", action="store_true", help="also the scale curves")
+    parser.add_argument("--plot", metavar="PNG", help="draw the scale curves into this file (implies --curves)")
     args = parser.parse_args(argv)
 
     t0 = time.monotonic()
-    rows: List[Row] = []
-    for sc in scenarios(args.quick):
-        if args.only and args.only not in sc.name:
-            continue
-        sc_rows = []
-        peers = [p for p in PEERS if sc.peers and shutil.which(p.binary)]
-        for cls in ([Baseline] if sc.baseline else []) + [Zaichik] + peers:
-            server = cls()
-            try:
-                row = run_scenario(server, sc)
-            finally:
-                server.stop()
-            row.scenario = sc.name
-            # ratio_to names the baseline row to compare with.
-            row.ratio_to = sc.ratio_to
-            sc_rows.append(row)
-            print(f"  {sc.name} / {row.server}: {row.rate:,.0f} msgs/s", file=sys.stderr, flush=True)
-        rows.extend(sc_rows)
-    if not args.only or "retained" in args.only:
-        rows.extend(run_retained(100_000 if args.quick else 1_000_000))
+    runs: List[List[Row]] = []
+    for _ in range(args.runs):
+        rows = run_rows(scenarios(args.quick), args.only)
+        if not args.only or "retained" in args.only:
+            rows.extend(run_retained(100_000 if args.quick else 1_000_000))
+        runs.append(rows)
+    data = curves(args.quick) if args.curves or args.plot else {}
 
     print()
     print(f"zaichik benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, "
-          f"python {sys.version.split()[0]}; ratio = zaichik / baseline forwarder in this run")
-    print(fmt_table(rows))
+          f"python {sys.version.split()[0]}, accelerator {'on' if speedups.compiled else 'off'}; "
+          f"ratio = zaichik / the forwarder (or the row named in the scenario) in this run")
+    for i, rows in enumerate(runs):
+        if len(runs) > 1:
+            print(f"\nrun {i + 1} of {len(runs)}")
+        print(fmt_table(rows))
+    print()
+    print(fmt_targets(runs, args.quick))
+    if data:
+        print()
+        print(fmt_curves(data))
+    if args.plot:
+        plot(data, args.plot)
+        print(f"plot: {args.plot}")
     print(f"peers: {peers_line()}")
     print(f"total time {time.monotonic() - t0:.0f} s")
-    lost = sum(r.expected - r.received for r in rows)
+    lost = sum(r.expected - r.received for rows in runs + list(data.values()) for r in rows)
     return 1 if lost else 0
 
 
