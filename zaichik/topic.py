@@ -23,6 +23,11 @@ from zaichik.work import Pending, UnitOfWork
 
 _log = Logger()
 
+# A compaction key's offset and timestamp share one int: timestamps (ms since
+# the epoch) take the low 48 bits, which last until the year 10889.
+_TIMESTAMP_BITS = 48
+_TIMESTAMP = (1 << _TIMESTAMP_BITS) - 1
+
 
 class ISubscriber(Interface):
     """Something that receives a topic's messages."""
@@ -106,15 +111,21 @@ class Topic:
         self.messages_out = 0
         self._prefix = codec.topic_prefix(name)
         self._last_timestamp = 0
-        # Compaction: the last stored timestamp and offset of each key still
-        # inside its window, and the keys in the order they were stored so
-        # that the ones whose window has passed can be forgotten cheaply.
-        self._keys: Dict[bytes, Tuple[int, int]] = {}
+        # Compaction: each key still inside its window -> its last stored
+        # offset and timestamp, packed into one int (offset << 48 |
+        # timestamp, see _packed): a tuple of two ints cost ~50 B more a key.
+        self._keys: Dict[bytes, int] = {}
         # A MESSAGE frame's body is at most this (the peer's --max-frame-size).
         self.max_frame_size = max_frame_size
         # The bounds on keys (shared by every topic of a broker).
         self.keys = keys if keys is not None else KeyBudget()
-        self._key_order: Deque[Tuple[int, bytes]] = deque()
+        # The keys in the order they were stored (stale entries too), so that
+        # the ones whose window has passed can be forgotten cheaply, with their
+        # timestamps as runs: _key_times[i] for the next _key_counts[i] keys
+        # (one run a millisecond rather than a (timestamp, key) tuple a key).
+        self._key_order: Deque[bytes] = deque()
+        self._key_times: Deque[int] = deque()
+        self._key_counts: Deque[int] = deque()
 
     # -- backpressure (the "block" slow-consumer policy) ----------------------
 
@@ -156,8 +167,7 @@ class Topic:
         for key, timestamp, offset in keys:
             if key not in self._keys:
                 self.keys.used += 1
-            self._keys[key] = (timestamp, offset)
-            self._key_order.append((timestamp, key))
+            self._remember_key(key, timestamp, offset)
 
     def __repr__(self) -> str:
         return f"<Topic {self.name} next_offset={self.next_offset} retained={len(self._log)}>"
@@ -262,24 +272,26 @@ class Topic:
     def _store(self, now: int, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
         window = self.compaction_window
         if key:
-            if len(key) > self.keys.max_key_size:
+            # (Once per keyed message: one look-up of the key, the budget
+            # read once.)
+            budget = self.keys
+            if len(key) > budget.max_key_size:
                 raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
-                                                    f"{self.keys.max_key_size} (--max-key-size)")
+                                                    f"{budget.max_key_size} (--max-key-size)")
             if window:
                 keys = self._keys
-                seen = keys.get(key)
-                if seen is not None and now - seen[0] < window:
-                    self.duplicates += 1
-                    return seen[1], True
                 if len(self._key_order) > 2 * len(keys) + 64:
                     # Keys stored again after their window leave stale entries
                     # behind; forget those before the deque outgrows the keys.
                     self._forget_keys(now)
-                if key not in keys:
-                    budget = self.keys
+                seen = keys.get(key)
+                if seen is None:
                     if len(keys) >= budget.per_topic or budget.used >= budget.total:
                         self._make_room_for_keys(now, 1)
                     budget.used += 1
+                elif now - (seen & _TIMESTAMP) < window:
+                    self.duplicates += 1
+                    return seen >> _TIMESTAMP_BITS, True
         offset = self.next_offset
         frame = codec.message_frame(self._prefix, offset, now, key, value)
         if len(frame) - 4 > self.max_frame_size:
@@ -293,10 +305,20 @@ class Topic:
             self.pending = Pending()
         self._unsent.append(frame)
         if key and window:
-            self._keys[key] = (now, offset)
-            self._key_order.append((now, key))
+            self._remember_key(key, now, offset)
             self._unsent_keys.append((key, offset))
         return offset, False
+
+    def _remember_key(self, key: bytes, timestamp: int, offset: int) -> None:
+        """C{key} was stored at C{offset} at C{timestamp} (not before the last key's)."""
+        self._keys[key] = offset << _TIMESTAMP_BITS | timestamp
+        self._key_order.append(key)
+        times = self._key_times
+        if times and times[-1] == timestamp:
+            self._key_counts[-1] += 1
+        else:
+            times.append(timestamp)
+            self._key_counts.append(1)
 
     def _stage(self, now: int, first: int, frames: List[bytes]) -> None:
         """Stage C{frames}, stored at C{now} with offsets from C{first}, in the unit of work."""
@@ -369,7 +391,7 @@ class Topic:
         # give its offsets again if nothing was staged after them.
         for key, offset in keys:
             seen = self._keys.get(key)
-            if seen is not None and seen[1] == offset:
+            if seen is not None and seen >> _TIMESTAMP_BITS == offset:
                 del self._keys[key]
                 self.keys.used -= 1
         end = first + len(frames)
@@ -403,15 +425,18 @@ class Topic:
         return expired
 
     def _forget_keys(self, now: int) -> None:
-        order = self._key_order
+        order, times, counts = self._key_order, self._key_times, self._key_counts
         keys = self._keys
         cutoff = now - self.compaction_window
         before = len(keys)
-        while order and order[0][0] <= cutoff:
-            timestamp, key = order.popleft()
-            seen = keys.get(key)
-            if seen is not None and seen[0] == timestamp:
-                del keys[key]
+        while times and times[0] <= cutoff:
+            timestamp = times.popleft()
+            for _ in range(counts.popleft()):
+                key = order.popleft()
+                seen = keys.get(key)
+                # (Unless stored again since, at a later timestamp.)
+                if seen is not None and seen & _TIMESTAMP == timestamp:
+                    del keys[key]
         self.keys.used -= before - len(keys)
 
     def _too_large(self, size: int) -> ZaichikError:
