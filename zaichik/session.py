@@ -114,6 +114,7 @@ class Session:
         self._disconnect = disconnect
         self._requests = 0
         self._hello_seen = False
+        self.generation = 0  # of its client_id's takeover, with a shared engine
         self._commits: Dict[str, int] = {}
         self._last_sent: Dict[str, int] = {}
         self._handlers: Dict[type, Callable[[Any], Optional[Deferred]]] = {
@@ -133,7 +134,7 @@ class Session:
 
     # -- dispatch ----------------------------------------------------------------
 
-    def handle(self, request) -> Optional[Deferred]:
+    def handle(self, request, learnt: bool = False) -> Optional[Deferred]:
         """
         Carry out one request and send its reply.
 
@@ -153,6 +154,12 @@ class Session:
                 waited: Deferred = Deferred()
                 self._when_sent.append(lambda: waited.callback(None))
                 return waited.addCallback(lambda _: self.handle(request))
+        service = self.service
+        if service.engine is not None and not learnt:
+            name = getattr(request, "topic", None)
+            if name is not None and name not in service.topics and codec.is_valid_topic(name):
+                # A topic another broker may have made: learn it first.
+                return service.learn_topic(name).addCallback(lambda _: self.handle(request, True))
         self._requests += 1
         if self.permissions is None and type(request) is not codec.Hello:
             self._refuse(request.rid, "authenticate with HELLO first")
@@ -474,10 +481,11 @@ class Session:
         if self.ended:
             return
         self.permissions = permissions
+        waiting = None
         if request.client_id:
             self.client_id = request.client_id
-            self.service.attach(request.client_id, self)
-        self._reply(codec.Ok(request.rid))
+            waiting = _pending(self.service.attach(request.client_id, self))
+        self._reply(codec.Ok(request.rid), waiting)
 
     def _allow(self, action: str, name: str) -> None:
         """
@@ -504,8 +512,8 @@ class Session:
     def _create_topic(self, request: codec.CreateTopic) -> None:
         _check_topic(request.topic)
         self._allow("create", request.topic)
-        self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
-        self._reply(codec.Ok(request.rid))
+        topic = self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
+        self._reply(codec.Ok(request.rid), topic.waiting())
 
     def _subscribe(self, request: codec.Subscribe) -> None:
         name = request.topic
@@ -523,7 +531,7 @@ class Session:
                                     self._subscriptionStopped)
         topic.subscribe(subscription)
         self.subscriptions[name] = subscription
-        self._reply(codec.Ok(request.rid))
+        self._reply(codec.Ok(request.rid), topic.waiting())
         subscription.drain()
 
     def _subscribe_pattern(self, request: codec.Subscribe) -> None:
@@ -753,6 +761,13 @@ class Session:
         more until it is sent.
         """
         names = list(self.service.topic_names)
+        engine = self.service.engine
+        if engine is not None:
+            # Shared topics: what other brokers did is read from the engine first.
+            return engine.describe(names).addCallback(lambda _: self._list_topics_now(request, names))
+        return self._list_topics_now(request, names)
+
+    def _list_topics_now(self, request: codec.ListTopics, names: list) -> Optional[Deferred]:
         room = self.service.limits.max_frame_size - 9  # opcode, rid, count
         found: list = []
         if len(names) <= self.LIST_CHUNK:
