@@ -24,7 +24,7 @@ from zaichik.service import BrokerService
 from zaichik.storage import StorageError
 from zaichik.subscription import Output, Subscription
 from zaichik.topic import Topic
-from zaichik.work import Pending
+from zaichik.work import Late, Pending
 
 _log = Logger()
 
@@ -114,6 +114,7 @@ class Session:
         self._disconnect = disconnect
         self._requests = 0
         self._hello_seen = False
+        self.generation = 0  # of its client_id's takeover, with a shared engine
         self._commits: Dict[str, int] = {}
         self._last_sent: Dict[str, int] = {}
         self._handlers: Dict[type, Callable[[Any], Optional[Deferred]]] = {
@@ -133,7 +134,7 @@ class Session:
 
     # -- dispatch ----------------------------------------------------------------
 
-    def handle(self, request) -> Optional[Deferred]:
+    def handle(self, request, learnt: bool = False) -> Optional[Deferred]:
         """
         Carry out one request and send its reply.
 
@@ -153,6 +154,12 @@ class Session:
                 waited: Deferred = Deferred()
                 self._when_sent.append(lambda: waited.callback(None))
                 return waited.addCallback(lambda _: self.handle(request))
+        service = self.service
+        if service.engine is not None and not learnt:
+            name = getattr(request, "topic", None)
+            if name is not None and name not in service.topics and codec.is_valid_topic(name):
+                # A topic another broker may have made: learn it first.
+                return service.learn_topic(name).addCallback(lambda _: self.handle(request, True))
         self._requests += 1
         if self.permissions is None and type(request) is not codec.Hello:
             self._refuse(request.rid, "authenticate with HELLO first")
@@ -194,16 +201,16 @@ class Session:
             work.now = 0
         work.depth += 1  # (the unit of work, entered without the with statement's cost)
         try:
-            offset, duplicate = topic.publish(key, value)
+            reply = topic.published(rid, key, value)
             pending = topic.pending
             if pending is not None and pending.done:
                 pending = None  # (a duplicate of a message stored earlier)
             if rid:
-                self._reply(codec.Published(rid, offset, duplicate), pending)
+                self._reply(reply, pending)
             elif pending is not self._watched:
                 # A fire-and-forget publish: only its failure is told, once.
                 self._watched = pending
-                self._reply(codec.Published(0, offset, duplicate), pending)
+                self._reply(reply, pending)
         except ZaichikError as e:
             self.fail(rid, e)
         except Exception:
@@ -234,8 +241,11 @@ class Session:
         """
         Send C{reply}, after whatever waits before it; with C{pending} (a
         L{Pending}), once that append is stored (or as an ERROR if it failed).
-        A reply with rid 0 is not sent, but its failure is.
+        A reply with rid 0 is not sent, but its failure is.  A L{Late} reply
+        (an engine that assigns offsets) is made once C{pending} settles.
         """
+        if type(reply) is Late and (pending is None or pending.done):
+            reply = reply.make()
         if pending is not None and (not pending.done or pending.error is not None):
             if self._queue is None:
                 self._queue = deque()
@@ -276,8 +286,11 @@ class Session:
                         self._told = pending.error
                     self.service.stats.error(int(pending.error.code))
                     self._send_reply(codec.Error(item.rid, int(pending.error.code), pending.error.message[:1000]))
-            elif item.rid or type(item) not in _SILENT_AT_RID_0:
-                self._send_reply(item)
+            else:
+                if type(item) is Late:
+                    item = item.make()
+                if item.rid or type(item) not in _SILENT_AT_RID_0:
+                    self._send_reply(item)
         if queue:
             return
         if self._close_when_sent and not self.ended:
@@ -468,10 +481,11 @@ class Session:
         if self.ended:
             return
         self.permissions = permissions
+        waiting = None
         if request.client_id:
             self.client_id = request.client_id
-            self.service.attach(request.client_id, self)
-        self._reply(codec.Ok(request.rid))
+            waiting = _pending(self.service.attach(request.client_id, self))
+        self._reply(codec.Ok(request.rid), waiting)
 
     def _allow(self, action: str, name: str) -> None:
         """
@@ -498,8 +512,8 @@ class Session:
     def _create_topic(self, request: codec.CreateTopic) -> None:
         _check_topic(request.topic)
         self._allow("create", request.topic)
-        self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
-        self._reply(codec.Ok(request.rid))
+        topic = self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
+        self._reply(codec.Ok(request.rid), topic.waiting())
 
     def _subscribe(self, request: codec.Subscribe) -> None:
         name = request.topic
@@ -517,7 +531,7 @@ class Session:
                                     self._subscriptionStopped)
         topic.subscribe(subscription)
         self.subscriptions[name] = subscription
-        self._reply(codec.Ok(request.rid))
+        self._reply(codec.Ok(request.rid), topic.waiting())
         subscription.drain()
 
     def _subscribe_pattern(self, request: codec.Subscribe) -> None:
@@ -650,8 +664,7 @@ class Session:
 
     def _publish(self, request: codec.Publish) -> Optional[Deferred]:
         topic = self._topic(request.topic)
-        offset, duplicate = topic.publish(request.key, request.value)
-        self._reply(codec.Published(request.rid, offset, duplicate), topic.waiting())
+        self._reply(topic.published(request.rid, request.key, request.value), topic.waiting())
         if topic.blocked:
             # Backpressure: read nothing more from this publisher until the
             # topic's slow subscribers have drained.
@@ -660,8 +673,7 @@ class Session:
 
     def _publish_batch(self, request: codec.PublishBatch) -> Optional[Deferred]:
         topic = self._topic(request.topic)
-        results = topic.publish_many(request.entries)
-        self._reply(codec.PublishedBatch(request.rid, results), topic.waiting())
+        self._reply(topic.published_batch(request.rid, request.entries), topic.waiting())
         return topic.when_unblocked() if topic.blocked else None
 
     def _commit(self, request: codec.Commit) -> None:
@@ -749,6 +761,13 @@ class Session:
         more until it is sent.
         """
         names = list(self.service.topic_names)
+        engine = self.service.engine
+        if engine is not None:
+            # Shared topics: what other brokers did is read from the engine first.
+            return engine.describe(names).addCallback(lambda _: self._list_topics_now(request, names))
+        return self._list_topics_now(request, names)
+
+    def _list_topics_now(self, request: codec.ListTopics, names: list) -> Optional[Deferred]:
         room = self.service.limits.max_frame_size - 9  # opcode, rid, count
         found: list = []
         if len(names) <= self.LIST_CHUNK:

@@ -35,6 +35,7 @@ from zaichik import codec, logs, units
 from zaichik.clock import MonotonicTimers
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
+from zaichik.storage import IStorage
 
 _log = Logger()
 
@@ -136,6 +137,9 @@ class Options(usage.Options):
          "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
         ["data-dir", None, None,
          "Keep topics, messages, commits and compaction state in this directory (default: memory only)."],
+        ["engine", None, None,
+         "Share topics with other brokers through Redis: redis://HOST:PORT[/DB] (one primary) or "
+         "redis+cluster://HOST:PORT,HOST:PORT,... (a Redis Cluster's seed nodes). See docs/scale-out.rst."],
         ["cache-size", None, 32 * 1024 * 1024,
          "With --data-dir: bytes of the newest messages kept in memory, for all topics "
          "(older ones are read from disk). Default 32 MiB.", _non_negative_int],
@@ -229,6 +233,8 @@ class Options(usage.Options):
         self["port"] = [self._endpoint("--port", port, local) for port in self["port"] or [str(DEFAULT_PORT)]]
         if self["metrics-port"]:
             self["metrics-port"] = self._endpoint("--metrics-port", self["metrics-port"], local)
+        if self["engine"]:
+            self._check_engine()
         if self["data-dir"]:
             from zaichik.storage.disk import DataDirLocked, check_not_locked
 
@@ -245,6 +251,23 @@ class Options(usage.Options):
                 self.parent["logger"] = logs.JSON_OBSERVER
             logs.configure(self.parent.get("logfile"), bool(self.parent.get("nodaemon")),
                            bool(self.parent.get("syslog")), self.parent.get("logger"))
+
+    def _check_engine(self) -> None:
+        from zaichik.storage.resp import parse_url
+
+        try:
+            parse_url(self["engine"])
+        except ValueError as e:
+            raise usage.UsageError(f"--engine: {e}") from None
+        if self["data-dir"]:
+            raise usage.UsageError("--engine and --data-dir: messages live in the engine (Redis); choose one")
+        if self["max-retained-bytes"]:
+            raise usage.UsageError("--max-retained-bytes is not offered with --engine (use Redis' maxmemory "
+                                   "and retention_ttl)")
+        try:
+            import hiredis  # noqa: F401
+        except ImportError:
+            raise usage.UsageError("--engine needs hiredis: pip install 'zaichik[redis]'") from None
 
     @staticmethod
     def _endpoint(option: str, port: str, local: bool) -> str:
@@ -301,11 +324,15 @@ def makeService(config: Options) -> MultiService:
         from zaichik.auth import PortalAuthenticator
 
         authenticator = PortalAuthenticator.from_file(config["auth"])
-    storage = None
+    storage: Optional[IStorage] = None
     if config["data-dir"]:
         from zaichik.storage.disk import DiskStorage
 
         storage = DiskStorage(config["data-dir"], fsync=config["fsync"], cache_size=config["cache-size"])
+    elif config["engine"]:
+        from zaichik.storage.redis import RedisStorage
+
+        storage = RedisStorage(config["engine"], durable_ttl=config["durable-ttl"])
     broker = BrokerService(
         storage=storage,
         authenticator=authenticator,

@@ -113,7 +113,7 @@ class Topic:
         self._last_timestamp = 0
         # Compaction: each key still inside its window -> its last stored
         # offset and timestamp, packed into one int (offset << 48 |
-        # timestamp, see _packed): a tuple of two ints cost ~50 B more a key.
+        # timestamp, see _remember_key): a tuple of two ints cost ~50 B more a key.
         self._keys: Dict[bytes, int] = {}
         # A MESSAGE frame's body is at most this (the peer's --max-frame-size).
         self.max_frame_size = max_frame_size
@@ -215,6 +215,15 @@ class Topic:
             self._stored()
         return offset, duplicate
 
+    def published(self, rid: int, key: Optional[bytes], value: bytes):
+        """L{publish}, answered: the PUBLISHED reply for request C{rid}."""
+        offset, duplicate = self.publish(key, value)
+        return codec.Published(rid, offset, duplicate)
+
+    def published_batch(self, rid: int, entries: Iterable[Tuple[Optional[bytes], bytes]]):
+        """L{publish_many}, answered: the PUBLISHED_BATCH reply for request C{rid}."""
+        return codec.PublishedBatch(rid, self.publish_many(entries))
+
     def publish_many(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> List[Tuple[int, bool]]:
         """
         Store several messages as if published one after the other, and
@@ -241,7 +250,7 @@ class Topic:
             # C, and the bookkeeping once for the batch.
             first = self.next_offset
             frames = codec.message_frames(self._prefix, first, now, entries)
-            self._stage(now, first, frames)
+            self._stage_frames(now, first, frames)
             results = [(offset, False) for offset in range(first, first + len(frames))]
         if self._unsent:
             self._stored()
@@ -296,7 +305,7 @@ class Topic:
         frame = codec.message_frame(self._prefix, offset, now, key, value)
         if len(frame) - 4 > self.max_frame_size:
             raise self._too_large(len(frame) - 4)
-        # Staged here rather than by _stage: this runs once per message
+        # Staged here rather than by _stage_frames: this runs once per message
         # published, where a call costs a tenth of the broker's time.
         self.next_offset = offset + 1
         self._last_timestamp = now
@@ -320,7 +329,7 @@ class Topic:
             times.append(timestamp)
             self._key_counts.append(1)
 
-    def _stage(self, now: int, first: int, frames: List[bytes]) -> None:
+    def _stage_frames(self, now: int, first: int, frames: List[bytes]) -> None:
         """Stage C{frames}, stored at C{now} with offsets from C{first}, in the unit of work."""
         self.next_offset = first + len(frames)
         self._last_timestamp = now
