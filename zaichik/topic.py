@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from zaichik import codec
@@ -367,9 +368,20 @@ class Topic:
         first = self._unsent_first
         keys, self._unsent_keys = self._unsent_keys, []
         pending = self.pending
+        assert pending is not None  # (staged with the first frame)
         self._appending += 1
-        self._log.append(first, frames).addCallbacks(
-            self._appended, self._appendFailed, (first, frames, pending), {}, (first, frames, pending, keys))
+        d = self._log.append(first, frames)
+        if d.called and d.result is None:
+            # Stored already (in memory, or on disk without --fsync always):
+            # straight on, without the callback machinery, which costs as
+            # much as the delivery when each read publishes to many topics.
+            try:
+                self._appended(None, first, frames, pending)
+            except Exception:  # (as the Deferred would have: the unit of work goes on)
+                _log.failure("Delivering on {topic} failed", topic=self.name)
+        else:
+            d.addCallbacks(self._appended, self._appendFailed, (first, frames, pending), {},
+                           (first, frames, pending, keys))
 
     def _appended(self, _, first: int, frames: List[bytes], pending: Pending) -> None:
         self._appending -= 1
@@ -377,14 +389,30 @@ class Topic:
         # Deliver, then settle: a connection whose reply waits on this
         # append queues its MESSAGE frames behind that reply (see Session),
         # and a CLOSE answered on settling still gets what it is owed.
-        for subscriber in list(self.subscribers):
-            maybeDeferred(subscriber.deliver, first, frames).addErrback(self._deliveryFailed, subscriber)
+        self._deliver(first, frames)
         pending.settle()
         # Trim after the fan-out: a subscriber present at publish gets the
         # message even when it is too big to be retained.
         log = self._log
         if self.max_retained_bytes and log.nbytes > self.max_retained_bytes:
             self.expired += log.trim(self.max_retained_bytes)
+
+    def _deliver(self, first: int, frames: List[bytes]) -> None:
+        """
+        Hand C{frames} to every subscriber.  A subscriber that raises, or
+        returns a Deferred that fails, is dropped.  Called directly rather
+        than through maybeDeferred: with many topics this runs once per
+        topic per read, and a Deferred for each delivery (almost none of
+        which answers later) cost more than the delivery itself.
+        """
+        for subscriber in list(self.subscribers):
+            try:
+                result = subscriber.deliver(first, frames)
+            except Exception:
+                self._deliveryFailed(Failure(), subscriber)
+            else:
+                if isinstance(result, Deferred):
+                    result.addErrback(self._deliveryFailed, subscriber)
 
     def _appendFailed(self, failure, first: int, frames: List[bytes], pending: Pending, keys) -> None:
         self._appending -= 1
