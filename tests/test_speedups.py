@@ -152,3 +152,24 @@ class ChoiceTests(SynchronousTestCase):
                 "segment.encode_batch is segment.encode_batch_py)")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         self.assertEqual(out.stdout.split(), ["True", "True", "True"])
+
+
+class TuneMallocTests(SynchronousTestCase):
+    """L{speedups.tune_malloc}, in a new interpreter each time (it sets the process's malloc)."""
+
+    def tuned(self, **env: str) -> str:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        code = "from zaichik import speedups; print(speedups.tune_malloc())"
+        out = subprocess.run([sys.executable, "-c", code], env=dict(clean, **env), capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip()
+
+    def test_sets_thresholds_on_glibc(self):
+        if not (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")):
+            raise self.skipTest("glibc only")
+        self.assertEqual(self.tuned(), "True")
+
+    def test_operator_wins(self):
+        """A threshold set in the environment is left as the operator set it."""
+        self.assertEqual(self.tuned(MALLOC_MMAP_THRESHOLD_="131072"), "False")
+        self.assertEqual(self.tuned(MALLOC_TRIM_THRESHOLD_="131072"), "False")

@@ -31,7 +31,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 import zaichik
-from zaichik import codec, logs, units
+from zaichik import codec, logs, speedups, units
 from zaichik.clock import MonotonicTimers
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
@@ -300,6 +300,7 @@ Options.opt_port.__doc__ = " ".join((Options.opt_port.__doc__ or "").split())
 
 
 def makeService(config: Options) -> MultiService:
+    speedups.tune_malloc()  # large messages' buffers reused, not mapped afresh (see there)
     limits = Limits(
         max_connections=config["max-connections"],
         max_topics=config["max-topics"],
