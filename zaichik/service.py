@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from zaichik.auth import AllowAll, IAuthenticator
 from zaichik.clock import wall_clock
+from zaichik import codec
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
 from zaichik.groups import Group
@@ -380,20 +381,41 @@ class BrokerService(Service):
 
     def topic_appeared(self, state) -> None:
         if state.name not in self.topics and self.running:
-            self._open(state.name, state.retention_ttl, state.compaction_window, state.next_offset)
+            # (Wildcard subscriptions follow a young topic from offset 0.)
+            topic = self._open(state.name, state.retention_ttl, state.compaction_window,
+                               0 if state.young else state.next_offset)
+            topic.next_offset = max(topic.next_offset, state.next_offset)
 
     def learn_topic(self, name: str) -> Deferred:
         """
         Before a request names a topic this broker does not know: look for it
         in the shared engine (another broker may have made it), so that it
         is used with its settings and offsets rather than made again.
+        Before a SUBSCRIBE to a known one: read its next offset, so that
+        LATEST is after everything published anywhere before it.
         """
         assert self.engine is not None
+        if codec.is_pattern(name):
+            # A wildcard SUBSCRIBE: the next offsets of every topic it matches.
+            from zaichik.patterns import matches
+
+            names = [n for n in self.topic_names if matches(name, n)]
+            return self.engine.describe(names).addCallback(lambda _: self._heard(names))
+        if name in self.topics:
+            # Known: only its next offset, which other brokers move.
+            return self.engine.refresh(name).addCallback(lambda _: self._heard([name]))
+
         def found(state) -> None:
             if state is not None:
                 self.topic_appeared(state)
 
         return self.engine.lookup(name).addCallback(found)
+
+    def _heard(self, names: List[str]) -> None:
+        for name in names:
+            topic = self.topics.get(name)
+            if topic is not None:
+                topic.heard()
 
     def client_claimed(self, client_id: str, generation: int) -> None:
         """A broker (this one too) took C{client_id} over: a session here that held it before closes."""

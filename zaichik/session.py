@@ -157,7 +157,8 @@ class Session:
         service = self.service
         if service.engine is not None and not learnt:
             name = getattr(request, "topic", None)
-            if name is not None and name not in service.topics and codec.is_valid_topic(name):
+            if name is not None and (type(request) is codec.Subscribe or name not in service.topics and
+                                     codec.is_valid_topic(name)):
                 # A topic another broker may have made: learn it first.
                 return service.learn_topic(name).addCallback(lambda _: self.handle(request, True))
         self._requests += 1

@@ -110,6 +110,9 @@ class TopicState:
         self.next_offset = next_offset
         self.last_timestamp = last_timestamp
         self.keys = keys or []
+        # A topic another broker has just made (shared engines): wildcard
+        # subscriptions here follow it from its first message.
+        self.young = False
 
     def __repr__(self) -> str:
         return (f"<TopicState {self.name} next_offset={self.next_offset} "
@@ -228,6 +231,9 @@ class ISharedStorage(IStorage):
         A topic this broker does not know yet: fires with its L{TopicState}
         if another broker made it (its log is opened), else None.
         """
+
+    def refresh(name: str) -> "Deferred":
+        """Bring what the log of known topic C{name} knows of its next offset (C{stored}) up to date."""
 
     def describe(names: List[str]) -> "Deferred":
         """
