@@ -223,6 +223,9 @@ class IEngineEvents(Interface):
 class ISharedStorage(IStorage):
     """Storage that several brokers share (the Redis engine)."""
 
+    offset_resets = Attribute("Topics found lost or gone back in the engine (a count, for metrics).")
+    resyncs = Attribute("Times the engine's notifications came back after a loss (a count, for metrics).")
+
     def sweep() -> "Deferred":
         """Housekeeping each sweep: retention in the engine, and a check that nothing was missed."""
 

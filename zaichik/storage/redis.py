@@ -568,14 +568,21 @@ class RedisStorage:
 
     # -- life ------------------------------------------------------------------
 
+    # Seconds to reach Redis at start before giving up (one line, exit 1).
+    OPEN_TIMEOUT = 10.0
+
     @defer.inlineCallbacks
     def open(self):
         try:
-            yield self.router.start()
-            yield self.pubsub.start()
+            yield self.router.start().addTimeout(self.OPEN_TIMEOUT, self.clock)
+            yield self.pubsub.start().addTimeout(self.OPEN_TIMEOUT, self.clock)
             names = yield self.router.execute(TOPICS, b"SMEMBERS", TOPICS)
+        except defer.TimeoutError:
+            yield self.close()
+            raise StorageError(f"Redis does not answer (waited {self.OPEN_TIMEOUT:g} s)") from None
         except RedisError as e:
-            raise StorageError(f"cannot reach Redis at {self.url}: {e}") from None
+            yield self.close()
+            raise StorageError(f"Redis refused: {e}") from None
         states = []
         names = sorted(n.decode() for n in names)
         for start in range(0, len(names), 1000):
