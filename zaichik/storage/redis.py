@@ -150,6 +150,16 @@ if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return g
 """
 
+LEASE = r"""
+-- KEYS: a group's lease, the topic's group positions.  ARGV: node, ms, group.
+-- The broker that serves a consumer group (all its members are there):
+-- taken if free or ours (and renewed), else who holds it.
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return {holder, false} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {ARGV[1], redis.call('HGET', KEYS[2], ARGV[3])}
+"""
+
 TRIM = r"""
 -- KEYS: meta, stream.  ARGV: entries looked at, at most.  Drops the batches
 -- retention no longer keeps; returns next, count, bytes, oldest offset, dropped.
@@ -209,7 +219,8 @@ _create = _Script(CREATE)
 _raise = _Script(RAISE)
 _claim = _Script(CLAIM)
 _trim = _Script(TRIM)
-_SCRIPTS = (_publish, _create, _raise, _claim, _trim)
+_lease = _Script(LEASE)
+_SCRIPTS = (_publish, _create, _raise, _claim, _trim, _lease)
 
 TOPICS = b"zaichik:topics"  # the set of every topic's name
 NEW_TOPICS = b"zaichik:new-topics"  # channel: a topic was made
@@ -731,6 +742,11 @@ class RedisStorage:
 
     LEARN_FROM_START = 10_000
 
+    def names(self) -> Deferred:
+        """The names of every topic any broker made."""
+        d = self.router.execute(TOPICS, b"SMEMBERS", TOPICS).addErrback(RedisLog._failed)
+        return d.addCallback(lambda names: sorted(n.decode() for n in names))
+
     def refresh(self, name: str) -> Deferred:
         """Read topic C{name}'s next offset from Redis into its log's C{stored}."""
         log = self.logs[name]
@@ -856,6 +872,40 @@ class RedisStorage:
 
     def group_positions(self) -> Dict[str, Dict[str, int]]:
         return self._groups
+
+    # A consumer group is served by one broker at a time (all its members
+    # connect there); its lease lapses this long after that broker stops
+    # renewing it (it died, or the group has no members left there).
+    GROUP_LEASE = 10_000
+
+    @defer.inlineCallbacks
+    def lease_group(self, topic: str, group: str):
+        """
+        Serve C{group} of C{topic} here: fires with True (its recorded
+        position loaded into L{group_positions}) or False if another broker
+        serves it.
+        """
+        keys = topic_keys(topic)
+        lease = keys["groups"] + b":lease:" + group.encode()
+        holder, position = yield _lease(self.router, [lease, keys["groups"]],
+                                        [self.node, self.GROUP_LEASE, group]).addErrback(RedisLog._failed)
+        if holder != self.node:
+            return False
+        if position:
+            self._groups.setdefault(topic, {})[group] = int(position)
+        return True
+
+    def renew_groups(self, groups: List[Tuple[str, str]]) -> None:
+        """Renew the leases of the groups served here (each sweep)."""
+        for topic, group in groups:
+            self.lease_group(topic, group).addCallback(self._renewed, topic, group).addErrback(lambda f: None)
+
+    @staticmethod
+    def _renewed(held: bool, topic: str, group: str) -> None:
+        if not held:
+            _log.error("Group {group} of {topic} is now served by another broker (this one stopped renewing "
+                       "its lease in time): members here and there may both receive messages",
+                       group=group, topic=topic)
 
     def record_group_position(self, topic: str, group: str, offset: int) -> Deferred:
         self._groups.setdefault(topic, {})[group] = offset
