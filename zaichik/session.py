@@ -156,8 +156,13 @@ class Session:
                 return waited.addCallback(lambda _: self.handle(request))
         service = self.service
         if service.engine is not None and not learnt:
+            if type(request) is codec.SubscribeGroup and codec.is_valid_topic(request.topic):
+                # Served by one broker at a time: take it here (or refuse).
+                return service.hold_group(request.topic, request.group).addCallbacks(
+                    lambda _: self.handle(request, True), self._asyncFailed, errbackArgs=(request.rid,))
             name = getattr(request, "topic", None)
-            if name is not None and name not in service.topics and codec.is_valid_topic(name):
+            if name is not None and (type(request) is codec.Subscribe or name not in service.topics and
+                                     codec.is_valid_topic(name)):
                 # A topic another broker may have made: learn it first.
                 return service.learn_topic(name).addCallback(lambda _: self.handle(request, True))
         self._requests += 1

@@ -160,10 +160,14 @@ class SharedTopic(Topic):
         self._log.count_subscribers(len(self.subscribers) + self.extra_subscribers).addCallbacks(
             lambda _: pending.settle(), lambda f: pending.settle(f.value if f.check(ZaichikError) else None))
 
+    def heard(self) -> None:
+        """The engine was read (describe, refresh): its next offset holds here too."""
+        if self._log.stored > self.next_offset:
+            self.next_offset = self._log.stored
+
     def info(self) -> codec.TopicInfo:
+        self.heard()
         log = self._log
-        if log.stored > self.next_offset:
-            self.next_offset = log.stored
         return codec.TopicInfo(self.name, self.retention_ttl, self.compaction_window, self.next_offset,
                                len(log), len(self.subscribers) + self.extra_subscribers + log.elsewhere)
 

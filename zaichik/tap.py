@@ -342,7 +342,8 @@ def makeService(config: Options) -> MultiService:
         sweep_interval=config["sweep-interval"] / 1000.0,
         limits=limits,
     )
-    top = BrokerRoot(broker, twistd=config.parent, data_dir=config["data-dir"], fsync=config["fsync"])
+    top = BrokerRoot(broker, twistd=config.parent, data_dir=config["data-dir"], fsync=config["fsync"],
+                     engine=config["engine"])
     MonotonicTimers().setServiceParent(top)  # first: timers keep their period when the wall clock steps
     broker.setServiceParent(top)
     factory = BrokerFactory(broker, config["max-frame-size"])
@@ -480,10 +481,11 @@ class BrokerRoot(MultiService):
     """
 
     def __init__(self, broker: BrokerService, twistd: Optional[Dict[str, Any]] = None,
-                 data_dir: Optional[str] = None, fsync: str = "interval") -> None:
+                 data_dir: Optional[str] = None, fsync: str = "interval", engine: Optional[str] = None) -> None:
         super().__init__()
         self.broker = broker
         self.twistd = twistd
+        self.engine = engine
         self.data_dir = data_dir
         self.fsync = fsync
         self._failed: Optional[str] = None
@@ -511,7 +513,10 @@ class BrokerRoot(MultiService):
             return
         self._said_start = True
         fields: Dict[str, Any] = {"version": zaichik.__version__}
-        if self.data_dir:
+        if self.engine:
+            fields.update(storage="engine", engine=self.engine)
+            mode = "on the engine {engine}, shared with every broker that uses it"
+        elif self.data_dir:
             fields.update(storage="data-dir", data_dir=self.data_dir, fsync=self.fsync)
             mode = "data dir {data_dir}, --fsync {fsync}"
         else:
@@ -542,6 +547,8 @@ class BrokerRoot(MultiService):
         return None
 
     def _storage_error(self, error: BaseException) -> str:
+        if self.engine:
+            return f"cannot use --engine {self.engine}: {getattr(error, 'message', None) or describe(error)}"
         if not self.data_dir:
             return f"cannot open storage: {describe(error)}"
         where = self.data_dir

@@ -569,6 +569,9 @@ class Topic:
             pass
         self.unblock(subscriber)
 
+    def heard(self) -> None:
+        """What other brokers did was read from a shared engine (nothing to do for a topic of one broker)."""
+
     def info(self) -> codec.TopicInfo:
         self.expire()
         return codec.TopicInfo(self.name, self.retention_ttl, self.compaction_window,

@@ -110,6 +110,9 @@ class TopicState:
         self.next_offset = next_offset
         self.last_timestamp = last_timestamp
         self.keys = keys or []
+        # A topic another broker has just made (shared engines): wildcard
+        # subscriptions here follow it from its first message.
+        self.young = False
 
     def __repr__(self) -> str:
         return (f"<TopicState {self.name} next_offset={self.next_offset} "
@@ -220,14 +223,33 @@ class IEngineEvents(Interface):
 class ISharedStorage(IStorage):
     """Storage that several brokers share (the Redis engine)."""
 
+    offset_resets = Attribute("Topics found lost or gone back in the engine (a count, for metrics).")
+    resyncs = Attribute("Times the engine's notifications came back after a loss (a count, for metrics).")
+
     def sweep() -> "Deferred":
         """Housekeeping each sweep: retention in the engine, and a check that nothing was missed."""
+
+    def lease_group(topic: str, group: str) -> "Deferred":
+        """
+        Serve consumer group C{group} of C{topic} on this broker: fires with
+        True (its recorded position is then in L{IStorage.group_positions}),
+        or False if another broker serves it.
+        """
+
+    def renew_groups(groups: List[Tuple[str, str]]) -> None:
+        """Keep serving these C{(topic, group)}s (each sweep)."""
+
+    def names() -> "Deferred":
+        """Fires with the names of every topic, made by any broker."""
 
     def lookup(name: str) -> "Deferred":
         """
         A topic this broker does not know yet: fires with its L{TopicState}
         if another broker made it (its log is opened), else None.
         """
+
+    def refresh(name: str) -> "Deferred":
+        """Bring what the log of known topic C{name} knows of its next offset (C{stored}) up to date."""
 
     def describe(names: List[str]) -> "Deferred":
         """

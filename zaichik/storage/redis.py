@@ -68,8 +68,9 @@ local meta, stream = KEYS[1], KEYS[2]
 local m = redis.call('HMGET', meta, 'epoch', 'next', 'ttl', 'window', 'ts')
 local epoch, nxt, ttl, window, last = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[4]), tonumber(m[5])
 local known_next = tonumber(ARGV[4])
-local lost = 0
+local lost, made = 0, 0
 if not epoch then
+  made = 1
   epoch, ttl, window, last, nxt = ARGV[7], tonumber(ARGV[5]), tonumber(ARGV[6]), 0, 0
   if known_next > 0 then nxt = known_next + 1000000; lost = 1 end
   redis.call('HSET', meta, 'epoch', epoch, 'next', string.format('%.0f', nxt), 'ttl', ttl,
@@ -117,7 +118,7 @@ if count > 0 then
   end
   redis.call('SPUBLISH', ARGV[2], f .. ' ' .. now .. ' ' .. count .. '\n' .. blob)
 end
-return {epoch, first, now, lost, ttl, window, count, results}
+return {epoch, first, now, lost, ttl, window, count, made, results}
 """
 
 CREATE = r"""
@@ -147,6 +148,16 @@ CLAIM = r"""
 local g = redis.call('HINCRBY', KEYS[1], '', 1)
 if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return g
+"""
+
+LEASE = r"""
+-- KEYS: a group's lease, the topic's group positions.  ARGV: node, ms, group.
+-- The broker that serves a consumer group (all its members are there):
+-- taken if free or ours (and renewed), else who holds it.
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return {holder, false} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {ARGV[1], redis.call('HGET', KEYS[2], ARGV[3])}
 """
 
 TRIM = r"""
@@ -208,6 +219,8 @@ _create = _Script(CREATE)
 _raise = _Script(RAISE)
 _claim = _Script(CLAIM)
 _trim = _Script(TRIM)
+_lease = _Script(LEASE)
+_SCRIPTS = (_publish, _create, _raise, _claim, _trim, _lease)
 
 TOPICS = b"zaichik:topics"  # the set of every topic's name
 NEW_TOPICS = b"zaichik:new-topics"  # channel: a topic was made
@@ -402,8 +415,10 @@ class RedisLog:
         return d.addCallbacks(self._published, self._failed, (len(entries),))
 
     def _published(self, reply, n: int):
-        epoch, first, now, lost, ttl, window, count, results = reply
+        epoch, first, now, lost, ttl, window, count, made, results = reply
         self._learn(epoch, lost, ttl, window)
+        if made:
+            self.storage.announce(self.name)
         if results:
             answered = [(r, False) if r >= 0 else (-1 - r, True) for r in results]
         else:
@@ -532,7 +547,7 @@ class RedisStorage:
         self.wall = wall_clock(clock)  # timestamps, compared with those Redis gives messages
         self.url = url
         self.durable_ttl = durable_ttl
-        self.router = Router(clock, url)
+        self.router = Router(clock, url, on_connect=self._load_scripts)
         self.pubsub = Router(clock, url, on_connect=self._pubsub_up, on_push=self._pushed)
         self.logs: Dict[str, RedisLog] = {}
         self._by_channel: Dict[bytes, RedisLog] = {}
@@ -547,6 +562,15 @@ class RedisStorage:
         self.opened = False
         self.node = os.urandom(6).hex().encode()  # this broker, while it runs
 
+    @staticmethod
+    def _load_scripts(connection) -> Deferred:
+        """
+        On every (re)connect, before anything else: so that EVALSHA never
+        meets NOSCRIPT and has to be sent again, out of order with what was
+        sent after it.
+        """
+        return defer.gatherResults([connection.execute(b"SCRIPT", b"LOAD", script.source) for script in _SCRIPTS])
+
     def new_epoch(self) -> bytes:
         return os.urandom(8).hex().encode()
 
@@ -555,14 +579,21 @@ class RedisStorage:
 
     # -- life ------------------------------------------------------------------
 
+    # Seconds to reach Redis at start before giving up (one line, exit 1).
+    OPEN_TIMEOUT = 10.0
+
     @defer.inlineCallbacks
     def open(self):
         try:
-            yield self.router.start()
-            yield self.pubsub.start()
+            yield self.router.start().addTimeout(self.OPEN_TIMEOUT, self.clock)
+            yield self.pubsub.start().addTimeout(self.OPEN_TIMEOUT, self.clock)
             names = yield self.router.execute(TOPICS, b"SMEMBERS", TOPICS)
+        except defer.TimeoutError:
+            yield self.close()
+            raise StorageError(f"Redis does not answer (waited {self.OPEN_TIMEOUT:g} s)") from None
         except RedisError as e:
-            raise StorageError(f"cannot reach Redis at {self.url}: {e}") from None
+            yield self.close()
+            raise StorageError(f"Redis refused: {e}") from None
         states = []
         names = sorted(n.decode() for n in names)
         for start in range(0, len(names), 1000):
@@ -618,18 +649,26 @@ class RedisStorage:
     def create_topic(self, name: str, retention_ttl: int, compaction_window: int) -> Deferred:
         log = self.open_log(name, retention_ttl, compaction_window)
         keys = log.keys
-        d = self.router.execute(TOPICS, b"SADD", TOPICS, name)
-        d.addCallback(lambda _: _create(self.router, [keys["meta"]],
-                                        [retention_ttl, compaction_window, self.new_epoch(), log.end]))
+        # Listed first (a name in the set whose hash is missing is skipped),
+        # and sent at once: a PUBLISH script sent after it on the same
+        # connection finds the topic made with these settings.
+        listed = self.router.execute(TOPICS, b"SADD", TOPICS, name)
+        d = _create(self.router, [keys["meta"]], [retention_ttl, compaction_window, self.new_epoch(), log.end])
 
         def made(reply):
             epoch, next_offset, ttl, window, made, lost = reply
             log._learn(epoch, lost, ttl, window)
             if made:
-                self.router.execute(NEW_TOPICS, b"PUBLISH", NEW_TOPICS, name).addErrback(lambda f: None)
+                self.announce(name)
             return int(ttl), int(window), bool(made)
 
-        return d.addCallbacks(made, RedisLog._failed)
+        return defer.gatherResults([listed, d.addCallback(made)]).addCallbacks(
+            lambda results: results[1], lambda f: RedisLog._failed(f.value.subFailure))
+
+    def announce(self, name: str) -> None:
+        """Topic C{name} was made: list it and tell the other brokers."""
+        self.router.execute(TOPICS, b"SADD", TOPICS, name).addErrback(lambda f: None)
+        self.router.execute(NEW_TOPICS, b"PUBLISH", NEW_TOPICS, name).addErrback(lambda f: None)
 
     # -- pub/sub ---------------------------------------------------------------
 
@@ -691,8 +730,33 @@ class RedisStorage:
             return None
         meta = dict(zip(flat[::2], flat[1::2]))
         state = self._state(name, meta)
-        self.open_log(name, state.retention_ttl, state.compaction_window).learn_state(meta)
+        log = self.open_log(name, state.retention_ttl, state.compaction_window)
+        log.learn_state(meta)
+        if log.end <= self.LEARN_FROM_START:
+            # A young topic (made just now on another broker): followed from
+            # its first message, so that a wildcard subscription here gets
+            # it even if it was published before this broker heard.
+            log.end = 0
+            state.young = True
         return state
+
+    LEARN_FROM_START = 10_000
+
+    def names(self) -> Deferred:
+        """The names of every topic any broker made."""
+        d = self.router.execute(TOPICS, b"SMEMBERS", TOPICS).addErrback(RedisLog._failed)
+        return d.addCallback(lambda names: sorted(n.decode() for n in names))
+
+    def refresh(self, name: str) -> Deferred:
+        """Read topic C{name}'s next offset from Redis into its log's C{stored}."""
+        log = self.logs[name]
+        meta = log.keys["meta"]
+
+        def read(next_offset) -> None:
+            if next_offset is not None:
+                log.stored = max(log.stored, int(next_offset))
+
+        return self.router.execute(meta, b"HGET", meta, b"next").addCallbacks(read, RedisLog._failed)
 
     def _ping(self) -> None:
         """Every pub/sub connection must answer a PING within three intervals, or it is dropped."""
@@ -808,6 +872,40 @@ class RedisStorage:
 
     def group_positions(self) -> Dict[str, Dict[str, int]]:
         return self._groups
+
+    # A consumer group is served by one broker at a time (all its members
+    # connect there); its lease lapses this long after that broker stops
+    # renewing it (it died, or the group has no members left there).
+    GROUP_LEASE = 10_000
+
+    @defer.inlineCallbacks
+    def lease_group(self, topic: str, group: str):
+        """
+        Serve C{group} of C{topic} here: fires with True (its recorded
+        position loaded into L{group_positions}) or False if another broker
+        serves it.
+        """
+        keys = topic_keys(topic)
+        lease = keys["groups"] + b":lease:" + group.encode()
+        holder, position = yield _lease(self.router, [lease, keys["groups"]],
+                                        [self.node, self.GROUP_LEASE, group]).addErrback(RedisLog._failed)
+        if holder != self.node:
+            return False
+        if position:
+            self._groups.setdefault(topic, {})[group] = int(position)
+        return True
+
+    def renew_groups(self, groups: List[Tuple[str, str]]) -> None:
+        """Renew the leases of the groups served here (each sweep)."""
+        for topic, group in groups:
+            self.lease_group(topic, group).addCallback(self._renewed, topic, group).addErrback(lambda f: None)
+
+    @staticmethod
+    def _renewed(held: bool, topic: str, group: str) -> None:
+        if not held:
+            _log.error("Group {group} of {topic} is now served by another broker (this one stopped renewing "
+                       "its lease in time): members here and there may both receive messages",
+                       group=group, topic=topic)
 
     def record_group_position(self, topic: str, group: str, offset: int) -> Deferred:
         self._groups.setdefault(topic, {})[group] = offset

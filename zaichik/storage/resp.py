@@ -91,7 +91,10 @@ class _RESP(Protocol):
         self.waiting: Deque[Deferred] = deque()
 
     def connectionMade(self) -> None:
-        self.out: Any = self.transport
+        out: Any = self.transport  # (an ITCPTransport: a Connection uses TCP only)
+        # Small pipelined writes must not wait for Nagle (40 ms with delayed ACKs).
+        out.setTcpNoDelay(True)
+        self.out = out
         self.owner._connected(self)
 
     def dataReceived(self, data: bytes) -> None:
