@@ -258,7 +258,7 @@ class Redis(Peer):
     wire = staticmethod(RedisWire)
 
     def argv(self, port: int) -> List[str]:
-        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--maxclients", "20000",
                 "--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0"]
 
 
@@ -628,6 +628,8 @@ def run_rows(scs: List[Scenario], only: Optional[str] = None, with_peers: bool =
             server = cls(sc.options) if cls is Zaichik else cls()
             try:
                 row = run_scenario(server, sc)
+            except Exception as e:  # one scenario's failure is a row, not the end of the run
+                row = Row(sc.name, server.name, expected=sc.count * sc.subs, note=f"failed: {e!r}")
             finally:
                 server.stop()
             row.ratio_to = sc.ratio_to
@@ -818,21 +820,18 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     runs: List[List[Row]] = []
-    for _ in range(args.runs):
+    print(f"zaichik benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, "
+          f"python {sys.version.split()[0]}, accelerator {'on' if speedups.compiled else 'off'}; "
+          f"ratio = zaichik / the forwarder (or the row named in the scenario) in this run")
+    for i in range(args.runs):
         rows = run_rows(scenarios(args.quick), args.only)
         if not args.only or "retained" in args.only:
             rows.extend(run_retained(100_000 if args.quick else 1_000_000))
         runs.append(rows)
+        # Each run's table as soon as it is done.
+        print(f"\nrun {i + 1} of {args.runs}" if args.runs > 1 else "")
+        print(fmt_table(rows), flush=True)
     data = curves(args.quick) if args.curves or args.plot else {}
-
-    print()
-    print(f"zaichik benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, "
-          f"python {sys.version.split()[0]}, accelerator {'on' if speedups.compiled else 'off'}; "
-          f"ratio = zaichik / the forwarder (or the row named in the scenario) in this run")
-    for i, rows in enumerate(runs):
-        if len(runs) > 1:
-            print(f"\nrun {i + 1} of {len(runs)}")
-        print(fmt_table(rows))
     print()
     print(fmt_targets(runs, args.quick))
     if data:
