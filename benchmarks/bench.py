@@ -792,7 +792,7 @@ def peers_line() -> str:
 
 def fmt_table(rows: List[Row]) -> str:
     index: Dict[Tuple[str, str], Row] = {(r.scenario, r.server): r for r in rows}
-    header = (f"{'scenario':34} {'server':9} {'msgs/s':>11} {'MB/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+    header = (f"{'scenario':36} {'server':9} {'msgs/s':>11} {'MB/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'p999 ms':>8} {'lat ratio':>9} {'cpu s':>6} {'gen cpu':>7} {'peak MB':>8} {'lost':>5}")
     out = [header, "-" * len(header)]
     for r in rows:
@@ -801,7 +801,7 @@ def fmt_table(rows: List[Row]) -> str:
         lat_ratio = f"{r.p99 / ref.p99:.2f}" if ref and ref.p99 and r.p99 else ""
         lost = r.expected - r.received
         out.append(
-            f"{r.scenario:34} {r.server:9} {r.rate:>11,.0f} {r.mbps:>7,.1f} {ratio:>6} "
+            f"{r.scenario:36} {r.server:9} {r.rate:>11,.0f} {r.mbps:>7,.1f} {ratio:>6} "
             f"{(f'{r.p50:.2f}' if r.p99 else ''):>7} {(f'{r.p99:.2f}' if r.p99 else ''):>7} "
             f"{(f'{r.p999:.2f}' if r.p99 else ''):>8} {lat_ratio:>9} {r.cpu:>6.2f} {r.gen_cpu:>7.2f} "
             f"{r.rss:>8.1f} {lost:>5}" + (f"  {r.note}" if r.note else "")
