@@ -212,7 +212,7 @@ class Topic:
         if self.reject_over_bytes:
             self._check_room(now, [(key, value)])
         offset, duplicate = self._store(now, key, value)
-        if not duplicate:
+        if not duplicate and not self._dirty:  # (the flag read here: a call a message saved)
             self._stored()
         return offset, duplicate
 
