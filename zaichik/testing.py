@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from zaichik import codec
 
@@ -54,8 +54,9 @@ class BrokerProcess:
     is found in C{twisted/plugins/} beside it, in a checkout or an install).
     """
 
-    def __init__(self, *options: str) -> None:
+    def __init__(self, *options: str, twistd_options: Sequence[str] = ()) -> None:
         self.options = list(options)
+        self.twistd_options = list(twistd_options)  # before "zaichik": e.g. ["-r", "asyncio"]
         self.port = 0
         self.process: Optional[subprocess.Popen] = None
         self.log_path = ""
@@ -69,7 +70,7 @@ class BrokerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
-        argv: List[str] = TWISTD + ["-n", "--pidfile=", "zaichik",
+        argv: List[str] = TWISTD + self.twistd_options + ["-n", "--pidfile=", "zaichik",
                                    "--port", f"tcp:{self.port}:interface=127.0.0.1"] + self.options
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
         os.close(fd)
@@ -155,7 +156,9 @@ class RedisServer:
     restart loses everything (what the engine must detect).
     """
 
-    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0) -> None:
+    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0,
+                 options: Sequence[str] = ()) -> None:
+        self.options = list(options)  # more redis-server options
         self.persistent = persistent
         self.cluster = cluster
         self.port = port
@@ -175,6 +178,7 @@ class RedisServer:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             argv += ["--appendonly", "no"]
+        argv += self.options
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "2000"]

@@ -609,6 +609,7 @@ class RedisStorage:
                 states.append(state)
         self.opened = True
         yield defer.gatherResults([self._listen(log) for log in self.logs.values()])
+        yield self._check_settings()
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
         self._pinger.start(self._ping_interval, now=False)
@@ -617,6 +618,29 @@ class RedisStorage:
     @staticmethod
     def _state(name: str, meta: Dict[bytes, bytes]) -> TopicState:
         return TopicState(name, int(meta.get(b"ttl", 0)), int(meta.get(b"window", 0)), int(meta.get(b"next", 0)))
+
+    @defer.inlineCallbacks
+    def _check_settings(self):
+        """Warn about Redis settings that cost messages or availability (docs/scale-out.rst)."""
+        for connection in self.router.primaries():
+            try:
+                limits = yield connection.execute(b"CONFIG", b"GET", b"client-output-buffer-limit")
+                policy = yield connection.execute(b"CONFIG", b"GET", b"maxmemory-policy")
+            except RedisError:
+                return  # (CONFIG renamed or refused: nothing to say)
+            words = limits[1].split() if len(limits) > 1 else []
+            if b"pubsub" in words:
+                at = words.index(b"pubsub")
+                hard = int(words[at + 1])
+                if 0 < hard < 256 * 1024 * 1024:
+                    _log.warn("Redis at {host}:{port} drops a pub/sub client over {hard} bytes behind: a broker "
+                              "that falls behind reconnects and catches up, but a topic with retention_ttl 0 "
+                              "keeps only its last ~1,000 batches (client-output-buffer-limit pubsub "
+                              "256mb 64mb 60 or more)", host=connection.host, port=connection.port, hard=hard)
+            if len(policy) > 1 and policy[1] != b"noeviction":
+                _log.warn("Redis at {host}:{port} has maxmemory-policy {policy}: evicting keys loses messages "
+                          "and compaction keys silently (set noeviction)", host=connection.host,
+                          port=connection.port, policy=policy[1].decode())
 
     def close(self) -> Deferred:
         if self._pinger is not None and self._pinger.running:
