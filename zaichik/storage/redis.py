@@ -451,8 +451,8 @@ class RedisLog:
             return
         end = self.end
         if first > end:
+            self._early.append((first, ts, count, blob))  # (before: catching up may end at once)
             self.catch_up()
-            self._early.append((first, ts, count, blob))
             return
         if first + count <= end:
             return  # heard already (after catching up)
@@ -480,8 +480,10 @@ class RedisLog:
     def catch_up(self, upto: Optional[int] = None) -> Deferred:
         """Read what was stored after C{end} (missed on the channel) and deliver it."""
         if self._catching_up is None:
-            self._catching_up = self._catch_up()
-            self._catching_up.addBoth(self._caught_up)
+            running = self._catching_up = self._catch_up()
+            running.addBoth(self._caught_up)  # (at once if the reads were answered at once)
+        if self._catching_up is None:
+            return defer.succeed(None)
         d: Deferred = Deferred()
 
         def done(result):
@@ -514,6 +516,13 @@ class RedisLog:
         if isinstance(result, defer.Failure):
             _log.warn("Catching up on {topic} failed: {why}", topic=self.name, why=result.getErrorMessage())
         early, self._early = self._early, []
+        early.sort()
+        if early and early[0][0] > self.end and result is None:
+            # Read all the stream had, and still short of what was heard:
+            # those offsets are gone (expired, or lost by Redis).
+            _log.warn("Topic {topic}: offsets {start}-{stop} are not in Redis (expired or lost); going on",
+                      topic=self.name, start=self.end, stop=early[0][0] - 1)
+            self.end = early[0][0]
         for told in early:
             self.told(*told)
         return None
