@@ -171,7 +171,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         if not self.port:
-            self.port = free_port()
+            self.port = _free_cluster_port() if self.cluster else free_port()
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--protected-mode", "no", "--logfile", "redis.log"]
         if self.persistent:
@@ -227,6 +227,22 @@ class RedisServer:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    import random
+
+    for _ in range(100):
+        port = random.randrange(20000, 50000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a Redis cluster node")
 
 
 class RedisCluster:
