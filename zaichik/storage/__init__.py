@@ -204,8 +204,9 @@ class ISharedLog(IMessageLog):
 
     def publish(entries: List[Tuple[Optional[bytes], bytes]]) -> "Deferred":
         """
-        Store C{entries} in order; fires with C{(first, timestamp, results)},
-        C{results} a C{(offset, duplicate)} per entry, or fails with
+        Store C{entries} in order; fires with C{(first, timestamp, results,
+        count)}, C{results} a C{(offset, duplicate)} per entry and C{count}
+        the number stored (consecutive from C{first}), or fails with
         L{StorageError}.
         """
 

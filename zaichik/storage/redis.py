@@ -292,6 +292,7 @@ class RedisLog:
         self.epoch = b""
         self.end = 0  # one past the newest message this broker was told of
         self.stored = 0  # one past the newest message Redis had, as last read
+        self.suspect = 0  # ... as of the last sweep: not heard of by the next one, it is caught up
         self.count = 0
         self.nbytes = 0
         self.oldest: Optional[int] = None
@@ -397,8 +398,9 @@ class RedisLog:
 
     def publish(self, entries: List[Tuple[Optional[bytes], bytes]]) -> Deferred:
         """
-        Store C{entries} in order; fires with C{(first, timestamp, results)},
-        C{results} a C{(offset, duplicate)} per entry.
+        Store C{entries} in order; fires with C{(first, timestamp, results,
+        count)}: C{results} a C{(offset, duplicate)} per entry, C{count}
+        how many were stored (from C{first} on, consecutive).
         """
         keys = self.keys
         known = self.end
@@ -423,7 +425,7 @@ class RedisLog:
             answered = [(r, False) if r >= 0 else (-1 - r, True) for r in results]
         else:
             answered = [(first + i, False) for i in range(n)]
-        return first, now, answered
+        return first, now, answered, count
 
     @staticmethod
     def _failed(failure):
@@ -871,8 +873,11 @@ class RedisStorage:
         log.count, log.nbytes = count, nbytes
         log.oldest = oldest if oldest >= 0 else None
         log.stored = max(log.stored, next_offset)
-        if next_offset > log.end and log._catching_up is None:
+        # Stored a sweep ago and still not heard of: a notification was
+        # missed (a newer lag is what is in flight, and is left alone).
+        if log.end < log.suspect and log._catching_up is None:
             log.catch_up()
+        log.suspect = next_offset
 
     # -- durable clients --------------------------------------------------------
 
