@@ -458,12 +458,15 @@ class BrokerService(Service):
 
     def client_claimed(self, client_id: str, generation: int) -> None:
         """A broker (this one too) took C{client_id} over: a session here that held it before closes."""
+        session = self._durable_sessions.get(client_id)
+        if session is None:
+            return  # (not here: nothing to remember, whatever the number of clients elsewhere)
         if generation > self._generations.get(client_id, 0):
             self._generations[client_id] = generation
-        session = self._durable_sessions.get(client_id)
-        if session is not None and 0 < session.generation < generation:
+        if 0 < session.generation < generation:
             _log.info("Client {client_id} taken over on another broker", client_id=client_id)
             self._durable_sessions.pop(client_id, None)
+            self._generations.pop(client_id, None)
             session.taken_over()
 
     def topic(self, name: str) -> Topic:
@@ -528,6 +531,7 @@ class BrokerService(Service):
     def detach(self, client_id: str, session) -> None:
         if self._durable_sessions.get(client_id) is session:
             del self._durable_sessions[client_id]
+            self._generations.pop(client_id, None)
             self._last_seen[client_id] = round(self.wall.seconds() * 1000)
 
     def durable_positions(self) -> Dict[str, Dict[str, int]]:
