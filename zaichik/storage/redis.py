@@ -39,7 +39,7 @@ import hashlib
 import os
 import struct
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -559,7 +559,9 @@ class RedisStorage:
         self.url = url
         self.durable_ttl = durable_ttl
         self.router = Router(clock, url, on_connect=self._load_scripts)
-        self.pubsub = Router(clock, url, on_connect=self._pubsub_up, on_push=self._pushed)
+        self.pubsub = Router(clock, url, on_connect=self._pubsub_up, on_push=self._pushed,
+                             on_down=self._pubsub_down, slots_from=self.router)
+        self._listening: Dict[object, Set[bytes]] = {}  # pub/sub connection -> channels it listens to
         self.logs: Dict[str, RedisLog] = {}
         self._by_channel: Dict[bytes, RedisLog] = {}
         self._commits: Dict[str, Dict[str, int]] = {}
@@ -674,12 +676,37 @@ class RedisStorage:
         return log
 
     def _listen(self, log: RedisLog) -> Deferred:
+        """Listen to C{log}'s channel on the node that owns it, then catch up on what came before."""
         channel = log.keys["channel"]
-        d = self.pubsub.execute(channel, b"SSUBSCRIBE", channel)
+        connection = self.pubsub.for_key(channel)
+        if not connection.up:
+            return defer.succeed(None)  # (it listens, and catches up, once connected: _pubsub_up)
+        self._listening.setdefault(connection, set()).add(channel)
+        d = connection.execute(b"SSUBSCRIBE", channel)
         d.addErrback(lambda f: _log.warn("Could not listen to {topic}: {why}", topic=log.name,
                                          why=f.getErrorMessage()))
         # What was stored before we listened: the sweep compares too.
         return d.addCallback(lambda _: log.catch_up())
+
+    def _pubsub_down(self, connection) -> None:
+        self._listening.pop(connection, None)
+
+    def _remap(self) -> Deferred:
+        """
+        In a cluster: read the slot map again (a failover or a resharding
+        moves channels between primaries) and listen to every topic's
+        channel where it now lives.
+        """
+        def listen(_) -> None:
+            for channel, log in self._by_channel.items():
+                connection = self.pubsub.for_key(channel)
+                if connection.up and channel not in self._listening.get(connection, ()):
+                    _log.info("Listening to {topic} on {host}:{port} (its slot moved)", topic=log.name,
+                              host=connection.host, port=connection.port)
+                    self._listen(log)
+
+        return self.pubsub.refresh().addCallback(listen).addErrback(
+            lambda f: _log.warn("Reading the cluster's slots failed: {why}", why=f.getErrorMessage()))
 
     def create_topic(self, name: str, retention_ttl: int, compaction_window: int) -> Deferred:
         log = self.open_log(name, retention_ttl, compaction_window)
@@ -717,6 +744,7 @@ class RedisStorage:
             if self.pubsub.for_key(channel) is connection:
                 commands.append((b"SSUBSCRIBE", channel))
                 mine.append(log)
+        self._listening[connection] = {log.keys["channel"] for log in mine}
         self._unanswered.pop(connection, None)
         if not commands:
             return defer.succeed(None)
@@ -732,6 +760,11 @@ class RedisStorage:
 
     def _pushed(self, connection, message: list) -> None:
         kind = message[0]
+        if kind == b"sunsubscribe":
+            # The channel's slot moved to another primary: listen there.
+            self._listening.get(connection, set()).discard(message[1])
+            self._remap()
+            return
         if kind == b"smessage":
             log = self._by_channel.get(message[1])
             if log is None:
@@ -817,6 +850,8 @@ class RedisStorage:
         """
         logs = list(self.logs.values())
         ds = []
+        if self.router.cluster:
+            ds.append(self._remap())
         for log in logs:
             if log.subscribers:
                 self.tell_subscribers(log).addErrback(lambda f: None)
