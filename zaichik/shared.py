@@ -54,6 +54,20 @@ class SharedTopic(Topic):
         # Follow messages' contents only while someone here reads them.
         self._log.wanted = False
 
+    # What this broker knows to be taken: given to its publishes, or told by
+    # the engine (which follows a topic nobody here reads by offsets only,
+    # without calling _arrived).
+    _next = 0
+
+    @property  # type: ignore[override]
+    def next_offset(self) -> int:
+        end = self._log.end
+        return end if end > self._next else self._next
+
+    @next_offset.setter
+    def next_offset(self, value: int) -> None:
+        self._next = value
+
     # -- publishing ---------------------------------------------------------------
 
     def _stage(self, entries: List[Tuple[Optional[bytes], bytes]]) -> Tuple[_Staged, int]:
@@ -174,6 +188,8 @@ class SharedTopic(Topic):
         before = len(self.subscribers)
         super().unsubscribe(subscriber)
         self._log.wanted = bool(self.subscribers)
+        if not self.subscribers:
+            self._log.forget_cache()
         if len(self.subscribers) != before:
             self._count_subscribers()
 

@@ -197,7 +197,11 @@ class ISharedLog(IMessageLog):
     follower = Attribute("Called with (first, frames) for stored messages, in offset order.")
     wanted = Attribute("Whether the follower needs the messages' contents (it has subscribers).")
     stored = Attribute("One past the newest offset the engine had, as last read (describe).")
+    end = Attribute("One past the newest offset this broker was told of, in order.")
     elsewhere = Attribute("Subscribers on other brokers, as last read (describe).")
+
+    def forget_cache() -> None:
+        """No subscriber on this broker reads the topic any more: drop what is cached for them."""
 
     def count_subscribers(count: int) -> "Deferred":
         """This broker now has C{count} subscribers: tell the others; fires once they can see it."""

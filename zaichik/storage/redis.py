@@ -298,7 +298,7 @@ class RedisLog:
         self.oldest: Optional[int] = None
         self.follower: Optional[Callable[[int, List[bytes]], None]] = None
         self.wanted = False  # a follower needs the messages (not only their offsets)
-        self._cache: Deque[Tuple[int, int, List[bytes]]] = deque()  # (first, ts, frames)
+        self._cache: Deque[Tuple[int, int, List[bytes], int]] = deque()  # (first, ts, frames, bytes)
         self._cached = 0
         self.subscribers = 0  # here
         self.elsewhere = 0  # on other brokers, as of the last describe()
@@ -323,10 +323,34 @@ class RedisLog:
     def append(self, first: int, frames: List[bytes]) -> Deferred:
         raise NotImplementedError("a shared log assigns offsets itself: use publish()")
 
+    def _remember(self, first: int, ts: int, frames: List[bytes]) -> None:
+        """
+        Cache the newest messages for subscribers here that are just behind:
+        at most CACHE messages a topic, and the storage's cache budget (the
+        oldest of this topic go first).
+        """
+        cache = self._cache
+        size = sum(map(len, frames))
+        cache.append((first, ts, frames, size))
+        self._cached += len(frames)
+        self.storage.cache_bytes += size
+        while len(cache) > 1 and (self._cached > self.CACHE or self.storage.cache_bytes > self.storage.cache_size):
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _, _, frames, size = self._cache.popleft()
+        self._cached -= len(frames)
+        self.storage.cache_bytes -= size
+
+    def forget_cache(self) -> None:
+        """No subscriber here any more: the cache is of no use."""
+        while self._cache:
+            self._forget_oldest()
+
     def expire(self, cutoff: int) -> int:
         cache = self._cache
         while cache and cache[0][1] <= cutoff:
-            self._cached -= len(cache.popleft()[2])
+            self._forget_oldest()
         return 0  # Redis drops them (the sweep's TRIM script), and counts
 
     def trim(self, max_bytes: int) -> int:
@@ -338,7 +362,7 @@ class RedisLog:
         first = None
         cache = self._cache
         if cache and offset >= cache[0][0]:
-            for batch_first, ts, batch in cache:
+            for batch_first, ts, batch, _ in cache:
                 if ts <= cutoff or batch_first + len(batch) <= offset:
                     continue
                 skip = max(0, offset - batch_first)
@@ -458,8 +482,11 @@ class RedisLog:
             return
         if first + count <= end:
             return  # heard already (after catching up)
-        if not (self.wanted or self.retention_ttl):
+        if not self.wanted:
+            # Nobody here reads the topic: only its offsets are followed.
             self.end = first + count
+            if self.retention_ttl:
+                self.count += count  # (and the sweep reads the true count)
             return
         frames = decode_records(self.prefix, first, ts, blob)
         if first < end:
@@ -471,11 +498,8 @@ class RedisLog:
         self.end = first + len(frames)
         if self.retention_ttl:
             self.count += len(frames)  # (and the sweep reads the true count)
-            cache = self._cache
-            cache.append((first, ts, frames))
-            self._cached += len(frames)
-            while self._cached > self.CACHE and len(cache) > 1:
-                self._cached -= len(cache.popleft()[2])
+            if self.wanted:
+                self._remember(first, ts, frames)
         if self.follower is not None:
             self.follower(first, frames)
 
@@ -546,12 +570,13 @@ class RedisLog:
 class RedisStorage:
     """L{ISharedStorage} on Redis (one primary, or a cluster)."""
 
-    cache_bytes = 0
     damaged = 0
     torn = 0
 
     def __init__(self, url: str, clock=None, durable_ttl: int = 7 * 24 * 3600 * 1000,
-                 ping_interval: float = 1.0) -> None:
+                 ping_interval: float = 1.0, cache_size: int = 32 * 1024 * 1024) -> None:
+        self.cache_size = cache_size  # bytes of newest messages kept for subscribers here (--cache-size)
+        self.cache_bytes = 0
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock  # timers
