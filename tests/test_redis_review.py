@@ -1,8 +1,9 @@
 """
-Review of the Redis engine (issue 11): each test shows one bug and fails on
-the code as reviewed (its docstring says why).  Deterministic fakes where
-possible; a real redis-server and twistd brokers where the bug is in what
-Redis itself does.
+Review of the Redis engine (issue 11): each test shows one bug that the
+review found, and failed on the code as reviewed (its docstring says why;
+file:line references are to commit 8fdf3be); the fixes followed.
+Deterministic fakes where possible; a real redis-server and twistd brokers
+where the bug is in what Redis itself does.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class CatchUpWhileDisconnectedTests(SynchronousTestCase):
         _caught_up tells the early batch again, which starts another
         catch-up, and so on: unbounded recursion (thousands of XRANGE
         attempts in one call, then RecursionError, swallowed in Deferreds),
-        instead of waiting for the connection (or the sweep).  Fails now:
+        instead of waiting for the connection (or the sweep).  Failed before its fix:
         far more than a handful of XRANGEs are attempted for one
         notification.
         """
@@ -104,7 +105,7 @@ class ClusterRetryOrderTests(SynchronousTestCase):
         connection to one topic (m1 then m2, both keyed K in a compaction
         window) thus run m2 first: m2 gets the lower offset and m1 is
         answered "duplicate" of m2 (first-wins and publish order broken),
-        although the replies go out in request order.  Fails now: the
+        although the replies go out in request order.  Failed before its fix: the
         scripts reach Redis as [m2, m1].
         """
         from twisted.internet.testing import MemoryReactorClock
@@ -114,12 +115,20 @@ class ClusterRetryOrderTests(SynchronousTestCase):
         node = _Node()
         router.nodes[("127.0.0.1", 7000)] = node  # type: ignore[assignment]
         router._slots = [("127.0.0.1", 7000)] * 16384
-        router.execute(b"zaichik:{t:x}:m", b"EVALSHA", b"m1")
+        router._refreshing = Deferred()  # (a slot map read under way: nothing else to connect to here)
+        first = router.execute(b"zaichik:{t:x}:m", b"EVALSHA", b"m1")
+        failed: list = []
+        first.addErrback(failed.append)
         reactor.advance(0.05)
         node.up = True  # reconnected
         router.execute(b"zaichik:{t:x}:m", b"EVALSHA", b"m2")
         reactor.advance(0.2)
-        self.assertEqual([args[1] for args in node.sent], [b"m1", b"m2"])
+        sent = [args[1] for args in node.sent]
+        # Fixed by failing m1 (the client is told; nothing is sent late):
+        # m1 never runs after m2.
+        self.assertIn(sent, ([b"m1", b"m2"], [b"m2"]))
+        if sent == [b"m2"]:
+            self.assertEqual(len(failed), 1)
 
 
 def _topic(prefix: str = "rv") -> str:
@@ -201,7 +210,7 @@ class NoReplyTests(RealRedisTestCase):
         Redis is unreachable the StorageError has no errback, the request
         gets no reply at all (the protocol promises exactly one; the
         connection's hold is released by addBoth, which swallows it) and
-        "Unhandled error in Deferred" is logged.  Fails now: the client's
+        "Unhandled error in Deferred" is logged.  Failed before its fix: the client's
         SUBSCRIBE times out instead of getting ERROR.
         """
         a = self.broker()
@@ -216,6 +225,64 @@ class NoReplyTests(RealRedisTestCase):
             self.fail("SUBSCRIBE was never answered while Redis was down")
 
 
+class TakeoverTests(RealRedisTestCase):
+
+    def test_takeover_announced_while_pubsub_reconnects(self) -> None:
+        """
+        redis.py:710-727 / 899.  A takeover is told to the other brokers
+        only by one PUBLISH on zaichik:takeover; a broker whose pub/sub
+        connection is being made again at that moment (a Redis blip, the
+        liveness check, an output-buffer drop) never hears it, and nothing
+        compares generations when it is back: the old connection keeps the
+        client_id for good (two live sessions, both committing, both
+        consuming).  Here the pub/sub connections are dropped and cannot
+        come back (requirepass set: existing command connections keep
+        working) while node B takes the client over; then they come back.
+        Failed before its fix: the client on node A is never closed.
+        """
+        a, b = self.broker(), self.broker()
+        client_id = "c-" + uuid.uuid4().hex
+        first = self.client(f"tcp:{a.address}", client_id=client_id)
+        self.redis.command("CONFIG", "SET", "requirepass", "s3cret")
+        self.redis.command("-a", "s3cret", "--no-auth-warning", "CLIENT", "KILL", "TYPE", "pubsub")
+        self.client(f"tcp:{b.address}", client_id=client_id)
+        self.redis.command("-a", "s3cret", "--no-auth-warning", "CONFIG", "SET", "requirepass", "")
+        self.assertTrue(first.wait_closed(timeout=5), "the old connection still holds the client_id")
+
+
+class NewTopicTests(RealRedisTestCase):
+
+    def test_topic_made_while_pubsub_reconnects_reaches_a_pattern(self) -> None:
+        """
+        redis.py:703-706 / 710-727.  Other brokers learn of a new topic
+        only from one PUBLISH on zaichik:new-topics; a broker whose pub/sub
+        connection is being made again then never hears of it (nothing
+        reads zaichik:topics again on reconnect or in the sweep), so a
+        wildcard subscription there never gets any message of that topic
+        (until something on that broker names it).  The pub/sub
+        connections are dropped and kept out (requirepass) while node A
+        makes the topic.  Failed before its fix: the pattern subscriber on B gets
+        nothing.
+        """
+        a, b = self.broker(), self.broker()
+        prefix = "rvw" + uuid.uuid4().hex[:8]
+        subscriber = self.client(f"tcp:{b.address}")
+        pattern = subscriber.subscribe(prefix + ".*", start=Start.LATEST)
+        publisher = self.client(f"tcp:{a.address}")
+        self.redis.command("CONFIG", "SET", "requirepass", "s3cret")
+        self.redis.command("-a", "s3cret", "--no-auth-warning", "CLIENT", "KILL", "TYPE", "pubsub")
+        publisher.create_topic(prefix + ".x", retention_ttl=600_000)
+        self.redis.command("-a", "s3cret", "--no-auth-warning", "CONFIG", "SET", "requirepass", "")
+        time.sleep(1.5)  # reconnected
+        for i in range(3):
+            publisher.publish(prefix + ".x", b"m%d" % i)
+        try:
+            got = [pattern.get(timeout=5).value for _ in range(3)]
+        except TimeoutError:
+            self.fail("the pattern subscriber never got the new topic's messages")
+        self.assertEqual(got, [b"m0", b"m1", b"m2"])
+
+
 class RetentionTests(RealRedisTestCase):
 
     def test_trim_keeps_up_with_more_than_1000_batches_a_second(self) -> None:
@@ -227,7 +294,7 @@ class RetentionTests(RealRedisTestCase):
         publishers (5,000 msgs/s from 50 clients, say) grows in Redis
         without bound until Redis refuses writes (OOM), whatever its
         retention_ttl.  Here 5,000 expired batches (as a burst leaves them)
-        are still 3,000 after two sweeps.  Fails now: XLEN is about 3,000,
+        are still 3,000 after two sweeps.  Failed before its fix: XLEN is about 3,000,
         not 0.
         """
         import subprocess
@@ -266,7 +333,7 @@ class CommandLivenessTests(SynchronousTestCase):
         of that client connection) until the kernel gives up (about 15 min
         with tcp_retries2=15), a cluster failover is not noticed, and a
         catch-up waiting on it keeps its topic deaf, piling every
-        notification up in RedisLog._early.  Fails now: the silent
+        notification up in RedisLog._early.  Failed before its fix: the silent
         command connection is not dropped.
         """
         from zaichik.storage.redis import RedisStorage
@@ -283,6 +350,7 @@ class CommandLivenessTests(SynchronousTestCase):
 
             def drop(self):
                 dropped.append(self)
+                self.up = False  # (as a real Connection: down until made again)
 
         storage.router.nodes[("127.0.0.1", 1)] = Silent()  # type: ignore[assignment]
         storage.router.nodes[("127.0.0.1", 1)].execute(b"EVALSHA", b"...")  # a publish, never answered

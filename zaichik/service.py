@@ -419,11 +419,7 @@ class BrokerService(Service):
 
         engine = self.engine
         assert engine is not None
-        for name in (yield engine.names()):
-            if name not in self.topics and matches(pattern, name):
-                state = yield engine.lookup(name)
-                if state is not None:
-                    self.topic_appeared(state)
+        yield self._learn_new_topics(pattern)
         names = [n for n in self.topic_names if matches(pattern, n)]
         yield engine.describe(names)
         self._heard(names)
@@ -449,6 +445,35 @@ class BrokerService(Service):
 
         d = self.learn_topic(topic) if topic not in self.topics else defer.succeed(None)
         return d.addCallback(lambda _: engine.lease_group(topic, group)).addCallback(held)
+
+    def resynced(self) -> None:
+        """
+        The engine's notifications were lost for a while: takeovers of our
+        durable clients and topics made elsewhere may have gone unheard.
+        """
+        engine = self.engine
+        assert engine is not None
+        for client_id in list(self._durable_sessions):
+            engine.generation(client_id).addCallback(self._claimed_elsewhere, client_id).addErrback(
+                lambda f: _log.warn("Reading a takeover generation failed: {why}", why=f.getErrorMessage()))
+        self._learn_new_topics().addErrback(
+            lambda f: _log.warn("Reading the engine's topics failed: {why}", why=f.getErrorMessage()))
+
+    def _claimed_elsewhere(self, generation: int, client_id: str) -> None:
+        self.client_claimed(client_id, generation)
+
+    @defer.inlineCallbacks
+    def _learn_new_topics(self, pattern: Optional[str] = None):
+        """Open the topics other brokers made that this one has not heard of (matching C{pattern})."""
+        from zaichik.patterns import matches
+
+        engine = self.engine
+        assert engine is not None
+        for name in (yield engine.names()):
+            if name not in self.topics and (pattern is None or matches(pattern, name)):
+                state = yield engine.lookup(name)
+                if state is not None:
+                    self.topic_appeared(state)
 
     def _heard(self, names: List[str]) -> None:
         for name in names:

@@ -224,6 +224,12 @@ class IEngineEvents(Interface):
     def client_claimed(client_id: str, generation: int) -> None:
         """A broker took durable C{client_id} over with C{generation}: close older sessions."""
 
+    def resynced() -> None:
+        """
+        The engine's notifications came back after a loss: what was said
+        meanwhile (takeovers, new topics) must be read again.
+        """
+
 
 class ISharedStorage(IStorage):
     """Storage that several brokers share (the Redis engine)."""
@@ -243,6 +249,9 @@ class ISharedStorage(IStorage):
 
     def renew_groups(groups: List[Tuple[str, str]]) -> None:
         """Keep serving these C{(topic, group)}s (each sweep)."""
+
+    def generation(client_id: str) -> "Deferred":
+        """Fires with the newest takeover generation of C{client_id} (0 if none)."""
 
     def names() -> "Deferred":
         """Fires with the names of every topic, made by any broker."""

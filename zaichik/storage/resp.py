@@ -498,10 +498,10 @@ class Router:
             asking.addErrback(lambda f: None)
             return d
         if message.startswith(("TRYAGAIN", "CLUSTERDOWN")) or isinstance(failure.value, NotSent):
+            # Not sent again later: a command sent after this one would run
+            # first (offsets out of order, a duplicate answered before its
+            # original).  The caller fails; the map is read again for the next.
             self.refresh()
-            pause: Deferred = Deferred()
-            self.reactor.callLater(0.1, pause.callback, None)
-            return pause.addCallback(lambda _: self.execute(key, *args, _tries=tries - 1))
         return failure
 
     def close(self) -> Deferred:
