@@ -883,6 +883,7 @@ class RedisStorage:
         state = self._state(name, meta)
         log = self.open_log(name, state.retention_ttl, state.compaction_window)
         log.learn_state(meta)
+        log.stored = max(log.stored, log.end)  # (what Redis had: never less, even once followed from 0)
         if log.end <= self.LEARN_FROM_START:
             # A young topic (made just now on another broker): followed from
             # its first message, so that a wildcard subscription here gets
