@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from zaichik import codec
 
@@ -54,8 +54,9 @@ class BrokerProcess:
     is found in C{twisted/plugins/} beside it, in a checkout or an install).
     """
 
-    def __init__(self, *options: str) -> None:
+    def __init__(self, *options: str, twistd_options: Sequence[str] = ()) -> None:
         self.options = list(options)
+        self.twistd_options = list(twistd_options)  # before "zaichik": e.g. ["-r", "asyncio"]
         self.port = 0
         self.process: Optional[subprocess.Popen] = None
         self.log_path = ""
@@ -69,7 +70,7 @@ class BrokerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
-        argv: List[str] = TWISTD + ["-n", "--pidfile=", "zaichik",
+        argv: List[str] = TWISTD + self.twistd_options + ["-n", "--pidfile=", "zaichik",
                                    "--port", f"tcp:{self.port}:interface=127.0.0.1"] + self.options
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
         os.close(fd)
@@ -155,7 +156,9 @@ class RedisServer:
     restart loses everything (what the engine must detect).
     """
 
-    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0) -> None:
+    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0,
+                 options: Sequence[str] = ()) -> None:
+        self.options = list(options)  # more redis-server options
         self.persistent = persistent
         self.cluster = cluster
         self.port = port
@@ -168,16 +171,17 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         if not self.port:
-            self.port = free_port()
+            self.port = _free_cluster_port() if self.cluster else free_port()
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--protected-mode", "no", "--logfile", "redis.log"]
         if self.persistent:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             argv += ["--appendonly", "no"]
+        argv += self.options
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-node-timeout", "2000"]
+                     "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -225,11 +229,28 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    import random
+
+    for _ in range(100):
+        port = random.randrange(20000, 50000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a Redis cluster node")
+
+
 class RedisCluster:
     """A Redis Cluster of C{size} primaries (no replicas) on loopback, made with C{redis-cli --cluster create}."""
 
-    def __init__(self, size: int = 3) -> None:
-        self.nodes = [RedisServer(cluster=True) for _ in range(size)]
+    def __init__(self, size: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [RedisServer(cluster=True) for _ in range(size * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -239,14 +260,36 @@ class RedisCluster:
         for node in self.nodes:
             node.start()
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-                        "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, check=True,
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"], capture_output=True, check=True,
                        timeout=timeout)
         deadline = time.monotonic() + timeout
+        replicas = len(self.nodes) - len(self.nodes) // (1 + self.replicas)
         while time.monotonic() < deadline:
-            if all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+            if all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes) and all(
+                    n.command("CLUSTER", "NODES").count("slave") == replicas for n in self.nodes) and all(
+                    "master_link_status:up" in n.command("INFO", "replication") for n in self.nodes
+                    if "role:slave" in n.command("INFO", "replication")):
                 return self
             time.sleep(0.1)
         raise RuntimeError("the Redis cluster did not become ready")
+
+    def owner(self, key: bytes) -> RedisServer:
+        """The primary that now serves C{key}."""
+        from zaichik.storage.resp import key_slot
+
+        slot = key_slot(key)
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            answer = node.command("CLUSTER", "NODES")
+            for row in answer.splitlines():
+                fields = row.split()
+                if "myself" in fields[2] and "master" in fields[2]:
+                    for part in fields[8:]:
+                        start, _, end = part.partition("-")
+                        if start.isdigit() and int(start) <= slot <= int(end or start):
+                            return node
+        raise RuntimeError(f"no primary serves slot {slot}")
 
     def cleanup(self) -> None:
         for node in self.nodes:
