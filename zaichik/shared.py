@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Tuple
 
-from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
 from zaichik import codec
@@ -168,8 +167,7 @@ class SharedTopic(Topic):
             self.next_offset = end
         self._stored_end = end
         self._last_timestamp = max(self._last_timestamp, self._log_timestamp(frames))
-        for subscriber in list(self.subscribers):
-            maybeDeferred(subscriber.deliver, first, frames).addErrback(self._deliveryFailed, subscriber)
+        self._deliver(first, frames)
 
     _ts_at = None
 

@@ -267,19 +267,17 @@ def encode_records(entries: List[Tuple[Optional[bytes], bytes]]) -> bytes:
 
 def decode_records(prefix: bytes, first: int, timestamp: int, blob: bytes) -> List[bytes]:
     """The MESSAGE frames (length prefix included) of a stream entry's records."""
-    frames = []
+    entries = []
     unpack = _record_head.unpack_from
-    message = codec.message_frame
-    at, end, offset = 0, len(blob), first
+    at, end = 0, len(blob)
     while at < end:
         klen, vlen = unpack(blob, at)
         at += 8
         key = blob[at:at + klen] if klen else None
         at += klen
-        frames.append(message(prefix, offset, timestamp, key, blob[at:at + vlen]))
+        entries.append((key, blob[at:at + vlen]))
         at += vlen
-        offset += 1
-    return frames
+    return codec.message_frames(prefix, first, timestamp, entries)  # (one call: compiled where built)
 
 
 @implementer(ISharedLog)
