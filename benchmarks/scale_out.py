@@ -168,8 +168,6 @@ def main(argv=None) -> int:
         peer.stop()
 
     for row in rows:
-        row.ratio_to = row.scenario
-    for row in rows:
         if row.server == "one node":
             row.server = "baseline"  # (fmt_table's reference row for ratios)
     print()
