@@ -33,7 +33,7 @@ from zope.interface import implementer
 import zaichik
 from zaichik import codec, logs, units
 from zaichik.clock import MonotonicTimers
-from zaichik.protocol import BrokerFactory
+from zaichik.edge.tcp import BrokerFactory
 from zaichik.service import BrokerService, Limits
 
 _log = Logger()

@@ -1,18 +1,25 @@
 """
-The network edge of the broker: one L{BrokerProtocol} per connection turns
-frames into requests for its L{Session} and replies back into frames.
+The transport-neutral part of the broker's edge: one L{BrokerConnection}
+per client connection owns its policy (the connection limits, the idle
+timer, the frame timeout and the broker's bound on incomplete frames, read
+holds, the unit of work, errors and close, the output producer and the
+close grace) and hands whole frame bodies to its L{Session}.
+
+A transport is a thin framer on top (L{zaichik.edge.tcp}: length-prefixed
+frames; L{zaichik.edge.websocket}: one frame body per binary message): it
+splits what it reads into frame bodies for L{BrokerConnection.frameReceived}
+and says how a frame goes out (L{BrokerConnection.writeFrames}).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
 from zaichik import codec
@@ -39,7 +46,7 @@ class _OutputProducer:
     rather than buffer without bound.
     """
 
-    def __init__(self, protocol: "BrokerProtocol") -> None:
+    def __init__(self, protocol: "BrokerConnection") -> None:
         self.protocol = protocol
 
     def pauseProducing(self) -> None:
@@ -57,7 +64,7 @@ class _OutputProducer:
         self.protocol.session.end()
 
 
-class _Transport(Protocol):
+class _Transport(TypingProtocol):
     """What the broker uses of a connection's transport (TCP, TLS or unix)."""
 
     def write(self, data: bytes) -> None: ...
@@ -70,24 +77,51 @@ class _Transport(Protocol):
     def getPeer(self) -> object: ...
 
 
-class BrokerProtocol(Int32StringReceiver):
+class BrokerConnection(Protocol):
     """
-    Frames in, frames out.  Requests are handled one at a time, in order.
-    Reading stops (L{hold}) while a request's answer is still to come
-    (HELLO with asynchronous authentication, a publish to a topic that a
-    slow subscriber blocks) and while the connection's output buffer is
+    Frame bodies in, frames out.  Requests are handled one at a time, in
+    order.  Reading stops (L{hold}) while a request's answer is still to
+    come (HELLO with asynchronous authentication, a publish to a topic that
+    a slow subscriber blocks) and while the connection's output buffer is
     full; it goes on when every hold is released.
+
+    A framer subclass implements L{dataReceived} (feeding
+    L{frameReceived} inside C{with self.service.work:}, stopping while
+    C{self.paused}), L{writeFrames} and L{sendFrame}, and may override
+    L{readHeld} (to read what arrived before a hold was released).
+
+    @ivar MAX_LENGTH: the largest frame body accepted (--max-frame-size).
     """
 
     session: Session
     transport: _Transport  # type: ignore[assignment]  # (set by makeConnection, never None after it)
     _closing = False
+    paused = False
 
     def __init__(self, service: BrokerService, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
         self.service = service
         self.MAX_LENGTH = max_frame_size
 
+    # -- what a framer provides ------------------------------------------------
+
+    def writeFrames(self, data: bytes) -> None:
+        """Send C{data}, one or more encoded frames (each with its 4-byte length)."""
+        raise NotImplementedError
+
+    def sendFrame(self, body: bytes) -> None:
+        """Send one frame body (without its length)."""
+        raise NotImplementedError
+
+    def readHeld(self) -> None:
+        """Every hold is released: go on with what was read meanwhile."""
+
+    # -- the connection's life -------------------------------------------------
+
     def connectionMade(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """The connection is ready for frames: apply the limits and start the session."""
         peer = peer_key(self.transport)
         self._holds: set = set()
         self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer)
@@ -99,6 +133,7 @@ class BrokerProtocol(Int32StringReceiver):
         service = self.service
         service.connections += 1
         self._peer = peer
+        self._counted = True
         per_peer = service.connections_by_peer
         per_peer[peer] = per_peer.get(peer, 0) + 1
         if service.connections > limits.max_connections:
@@ -121,8 +156,15 @@ class BrokerProtocol(Int32StringReceiver):
         self.release("ready")
         return result
 
+    _counted = False
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
+        for call in (self._idle, self._abort, self._frame_timer):
+            if call is not None and call.active():
+                call.cancel()
+        if not self._counted:
+            return  # (never started: a WebSocket handshake that did not finish)
         service = self.service
         service.connections -= 1
         left = service.connections_by_peer.get(self._peer, 1) - 1
@@ -132,14 +174,17 @@ class BrokerProtocol(Int32StringReceiver):
             service.connections_by_peer.pop(self._peer, None)
         service.stats.pending_input -= self._pending_input
         self._pending_input = 0
-        for call in (self._idle, self._abort, self._frame_timer):
-            if call is not None and call.active():
-                call.cancel()
         self.session.end()
 
     _peer = ""
     _frame_timer = None
     _pending_input = 0  # bytes of an incomplete frame held for this connection
+
+    def received(self, data: bytes) -> None:
+        """C{data} was read: counted, and the connection is not idle."""
+        self.service.stats.bytes_in += len(data)
+        if self._idle is not None and data:
+            self._idle.reset(self.service.limits.idle_timeout)
 
     def _partial(self, pending: int, new_frame: bool) -> None:
         """
@@ -176,10 +221,6 @@ class BrokerProtocol(Int32StringReceiver):
 
     _idle = None
     _abort = None
-    # A large frame arriving in pieces (see dataReceived).
-    _waiting_for = 0
-    _pieces: list = []
-    _pieces_bytes = 0
 
     def _idleTimeout(self) -> None:
         timeout = self.service.limits.idle_timeout
@@ -192,7 +233,7 @@ class BrokerProtocol(Int32StringReceiver):
     def hold(self, reason: str) -> None:
         """Stop reading requests until L{release}d (for every reason held)."""
         if not self._holds:
-            self.paused = True  # the frame loop in dataReceived stops here
+            self.paused = True  # the framer's frame loop stops here
             self.transport.pauseProducing()
         self._holds.add(reason)
 
@@ -203,67 +244,12 @@ class BrokerProtocol(Int32StringReceiver):
         if not self._holds and not self._closing:
             self.paused = False
             self.transport.resumeProducing()
-            self.dataReceived(b"")  # frames that arrived before the hold
+            self.readHeld()  # frames that arrived before the hold
 
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Split the stream into frames (as C{Int32StringReceiver} does, with
-        less work per frame: this is the broker's innermost loop).  Messages
-        published in one read reach each subscriber in one delivery per topic
-        when the read is done.
-        """
-        if self._closing:
-            return
-        self.service.stats.bytes_in += len(data)
-        if self._idle is not None and data:
-            self._idle.reset(self.service.limits.idle_timeout)
-        if self._waiting_for:
-            # The rest of a large frame, arriving in pieces: collect them and
-            # join once, rather than copying the growing buffer every read.
-            self._pieces.append(data)
-            self._pieces_bytes += len(data)
-            if self._pieces_bytes < self._waiting_for:
-                self._partial(self._pieces_bytes, False)
-                return
-            data = b"".join(self._pieces)
-            self._pieces, self._pieces_bytes, self._waiting_for = [], 0, 0
-        elif self._unprocessed:
-            data = self._unprocessed + data
-        had_partial = self._pending_input > 0
-        end = len(data)
-        at = 0
-        limit = self.MAX_LENGTH
-        unpack = _length.unpack_from
-        handle = self.stringReceived
-        with self.service.work:
-            while end - at >= 4 and not self.paused:
-                (length,) = unpack(data, at)
-                if length > limit:
-                    self._unprocessed = b""
-                    self.lengthLimitExceeded(length)
-                    return
-                start = at + 4
-                at = start + length
-                if at > end:
-                    at = start - 4
-                    break
-                handle(data[start:at])
-            # Before the batch ends: its delivery may release a hold, whose
-            # dataReceived must find only the frames not yet handled.
-            rest = data[at:] if at else data
-            if len(rest) >= 4 and not self.paused:
-                needed = 4 + unpack(rest, 0)[0]
-                if needed - len(rest) > 65536:
-                    # A large frame is on its way: collect its pieces.
-                    self._unprocessed = b""
-                    self._pieces, self._pieces_bytes, self._waiting_for = [rest], len(rest), needed
-                    self._partial(len(rest), at > 0 or not had_partial)
-                    return
-            self._unprocessed = rest
-            if rest or self._pending_input:
-                self._partial(len(rest), at > 0 or not had_partial)
+    # -- frames in -------------------------------------------------------------
 
-    def stringReceived(self, body: bytes) -> None:
+    def frameReceived(self, body: bytes) -> None:
+        """One whole frame body, handled inside the framer's unit of work."""
         if body and body[0] == PUBLISH and self.session.publish_frame(body):
             return  # the common case, handled without the general machinery
         try:
@@ -272,14 +258,15 @@ class BrokerProtocol(Int32StringReceiver):
             self.session.fail(e.rid, ZaichikError(e.code, e.message))
             return
         waiting = self.session.handle(request)
-        # Pause only for an answer still to come: resuming calls
-        # dataReceived, which must not happen inside this frame loop (the
-        # frames of the current read would be handled twice).
+        # Pause only for an answer still to come: resuming reads what was
+        # held back, which must not happen inside the framer's frame loop
+        # (the frames of the current read would be handled twice).
         if waiting is not None and not waiting.called and not self._closing:
             self.hold("answer")
             waiting.addBoth(lambda _: self.release("answer"))
 
-    def lengthLimitExceeded(self, length: int) -> None:
+    def frameTooLarge(self, length: int) -> None:
+        """A frame of C{length} bytes is over --max-frame-size: FRAME_TOO_LARGE, and close."""
         self.session.fail(
             0,
             ZaichikError(
@@ -288,41 +275,32 @@ class BrokerProtocol(Int32StringReceiver):
             ),
         )
 
+    # -- frames out ------------------------------------------------------------
+
     def _write(self, data: bytes) -> None:
         self.service.stats.bytes_out += len(data)
-        self.transport.write(data)
+        self.writeFrames(data)
 
     def _sendReply(self, reply) -> None:
         if not self._closing:
             body = reply.encode()
-            self._write(_length.pack(len(body)) + body)
+            self.service.stats.bytes_out += len(body) + 4
+            self.sendFrame(body)
+
+    def loseTransport(self) -> None:
+        """Close once what is buffered is written (a framer may say goodbye first)."""
+        self.transport.loseConnection()
 
     def _disconnect(self) -> None:
         """End the session, stop reading requests; close once what is buffered is written."""
         self.session.end()
         if not self._closing:
             self._closing = True
-            self.paused = True  # the frame loop in dataReceived stops here
+            self.paused = True  # the framer's frame loop stops here
             # With a producer registered the transport would wait for it
             # instead of closing once its buffer is written.
             self.transport.unregisterProducer()
-            self.transport.loseConnection()
+            self.loseTransport()
             # A peer that does not read would keep the connection (and its
             # buffer) forever: give it a few seconds to take what is written.
             self._abort = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
-
-
-class BrokerFactory(Factory):
-    """Builds a L{BrokerProtocol} for each connection to one L{BrokerService}."""
-
-    noisy = False
-
-    def __init__(self, service: BrokerService, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
-        self.service = service
-        self.max_frame_size = max_frame_size
-        self.clock = service.clock
-
-    def buildProtocol(self, addr) -> BrokerProtocol:
-        protocol = BrokerProtocol(self.service, self.max_frame_size)
-        protocol.factory = self
-        return protocol
