@@ -87,8 +87,9 @@ class BrokerConnection(Protocol):
 
     A framer subclass implements L{dataReceived} (feeding
     L{frameReceived} inside C{with self.service.work:}, stopping while
-    C{self.paused}), L{writeFrames} and L{sendFrame}, and may override
-    L{readHeld} (to read what arrived before a hold was released).
+    C{self.paused}), L{writeFrames} and L{sendFrame}; when the last hold is released,
+    L{dataReceived} is called with no data, to go on with what the framer
+    kept.
 
     @ivar MAX_LENGTH: the largest frame body accepted (--max-frame-size).
     """
@@ -113,7 +114,8 @@ class BrokerConnection(Protocol):
         raise NotImplementedError
 
     def readHeld(self) -> None:
-        """Every hold is released: go on with what was read meanwhile."""
+        """Every hold is released: go on with what was read meanwhile (kept by the framer)."""
+        self.dataReceived(b"")
 
     # -- the connection's life -------------------------------------------------
 

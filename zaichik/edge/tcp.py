@@ -28,9 +28,6 @@ class BrokerProtocol(BrokerConnection):
     _pieces: list = []
     _pieces_bytes = 0
 
-    def readHeld(self) -> None:
-        self.dataReceived(b"")
-
     def dataReceived(self, data: bytes) -> None:
         """
         Split the stream into frames.  Messages published in one read reach
