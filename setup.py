@@ -20,7 +20,9 @@ setup(
     # packages: twistd finds plugins by scanning sys.path for
     # twisted/plugins/ directories, and would miss this one behind a hook.
     package_dir={"": "."},
-    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed"]},
+    # zaichik/web: zaichik.js, its types and the console, served by the
+    # broker's HTTP side (zaichik/edge/http.py).
+    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed", "web/*"]},
     entry_points={"console_scripts": ["zaichik = zaichik.cli:main"]},
     # prometheus_client: the metrics endpoint's exposition format and its
     # Twisted resource, rather than writing the text format by hand.

@@ -169,13 +169,16 @@ class WebSocketClient:
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1", origin: Optional[str] = None,
-                 timeout: float = 10.0) -> None:
-        from zaichik.edge.websocket import SUBPROTOCOL, accept_key
+                 timeout: float = 10.0, path: str = "/", protocol: Optional[str] = "zaichik.v1") -> None:
+        from zaichik.edge.websocket import accept_key
 
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16)).decode("ascii")
-        lines = ["GET / HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
-                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", f"Sec-WebSocket-Protocol: {SUBPROTOCOL}"]
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if protocol is not None:
+            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
         if origin is not None:
             lines.append(f"Origin: {origin}")
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
@@ -191,31 +194,36 @@ class WebSocketClient:
             raise ConnectionError(f"handshake refused: {head.decode('latin-1')}")
         self.mask = os.urandom(4)
 
-    def encode(self, *requests) -> bytes:
-        """C{requests} (codec objects or frame bodies) as masked binary messages."""
-        from zaichik.edge.websocket import BINARY, encode_frame
+    def encode(self, *requests, opcode: int = 2) -> bytes:
+        """C{requests} (codec objects or frame bodies) as masked messages (binary unless told)."""
+        from zaichik.edge.websocket import encode_frame
 
-        return b"".join(encode_frame(BINARY, r if isinstance(r, bytes) else r.encode(), self.mask)
+        return b"".join(encode_frame(opcode, r if isinstance(r, bytes) else r.encode(), self.mask)
                         for r in requests)
 
     def send(self, *requests) -> None:
         self.sock.sendall(self.encode(*requests))
 
-    def receive(self, count: int = 1) -> list:
-        """The next C{count} messages' frames, decoded (waiting for them)."""
+    def messages(self) -> list:
+        """C{(opcode, payload)} of the whole messages that have arrived (waiting for at least one)."""
         from zaichik.edge.websocket import parse_messages
 
-        out: list = []
         while True:
             messages, used = parse_messages(self.buffer)
-            self.buffer = self.buffer[used:]
-            out += [codec.decode_reply(payload) for opcode, payload in messages if opcode == 2]
-            if len(out) >= count:
-                return out
+            if messages:
+                self.buffer = self.buffer[used:]
+                return messages
             chunk = self.sock.recv(1 << 16)
             if not chunk:
                 raise ConnectionError("closed")
             self.buffer += chunk
+
+    def receive(self, count: int = 1) -> list:
+        """The next C{count} or more of the broker's frames, decoded (waiting for them)."""
+        out: list = []
+        while len(out) < count:
+            out += [codec.decode_reply(payload) for opcode, payload in self.messages() if opcode == 2]
+        return out
 
     def close(self) -> None:
         self.sock.close()

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Sequence
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from twisted.web.static import File
 
 from zaichik.metrics import DEFAULT_MAX_TOPICS, metrics_site
 from zaichik.service import BrokerService
@@ -101,18 +100,29 @@ class _Console(Resource):
         return b""
 
 
-def _static(name: str, content_type: str) -> File:
-    resource = File(os.path.join(WEB, name), defaultType=content_type)
-    resource.type = content_type
-    return resource
+class Static(Resource):
+    """
+    One file of the package's web directory, read once when the site is
+    made (a few kilobytes: serving it never touches the disk, so never
+    blocks the reactor).  C{public}: any page may load it (a library file
+    with no secret in it), for pages served elsewhere that import zaichik.js.
+    """
 
+    isLeaf = True
 
-class _ScriptFile(File):
-    """A script any page may import (a library file, with no secret in it)."""
+    def __init__(self, name: str, content_type: str, public: bool = False) -> None:
+        super().__init__()
+        with open(os.path.join(WEB, name), "rb") as f:
+            self.body = f.read()
+        self.content_type = content_type.encode("ascii")
+        self.public = public
 
-    def render_GET(self, request):
-        request.setHeader(b"access-control-allow-origin", b"*")
-        return super().render_GET(request)
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        if self.public:
+            request.setHeader(b"access-control-allow-origin", b"*")
+        return self.body
 
 
 def http_site(service: BrokerService, max_topics: int = DEFAULT_MAX_TOPICS,
@@ -120,14 +130,12 @@ def http_site(service: BrokerService, max_topics: int = DEFAULT_MAX_TOPICS,
     """The HTTP side: /metrics, /healthz, /zaichik.js, /zaichik.d.ts and /console/."""
     site = metrics_site(service, max_topics)
     root = site.resource
-    for name, content_type in (("zaichik.js", "text/javascript"), ("zaichik.d.ts", "application/typescript")):
-        script = _ScriptFile(os.path.join(WEB, name), defaultType=content_type)
-        script.type = content_type
-        root.putChild(name.encode("ascii"), script)
+    root.putChild(b"zaichik.js", Static("zaichik.js", "text/javascript; charset=utf-8", public=True))
+    root.putChild(b"zaichik.d.ts", Static("zaichik.d.ts", "application/typescript; charset=utf-8", public=True))
     console = _Console()
-    console.putChild(b"", _static("console.html", "text/html; charset=utf-8"))
-    console.putChild(b"console.js", _static("console.js", "text/javascript"))
-    console.putChild(b"console.css", _static("console.css", "text/css"))
+    console.putChild(b"", Static("console.html", "text/html; charset=utf-8"))
+    console.putChild(b"console.js", Static("console.js", "text/javascript; charset=utf-8"))
+    console.putChild(b"console.css", Static("console.css", "text/css; charset=utf-8"))
     console.putChild(b"config.json", ConsoleConfig(service, websockets))
     console.putChild(b"state.json", ConsoleState(service))
     root.putChild(b"console", console)
