@@ -24,7 +24,7 @@ from zaichik.service import BrokerService
 from zaichik.storage import StorageError
 from zaichik.subscription import Output, Subscription
 from zaichik.topic import Topic
-from zaichik.work import Pending
+from zaichik.work import Late, Pending
 
 _log = Logger()
 
@@ -194,16 +194,16 @@ class Session:
             work.now = 0
         work.depth += 1  # (the unit of work, entered without the with statement's cost)
         try:
-            offset, duplicate = topic.publish(key, value)
+            reply = topic.published(rid, key, value)
             pending = topic.pending
             if pending is not None and pending.done:
                 pending = None  # (a duplicate of a message stored earlier)
             if rid:
-                self._reply(codec.Published(rid, offset, duplicate), pending)
+                self._reply(reply, pending)
             elif pending is not self._watched:
                 # A fire-and-forget publish: only its failure is told, once.
                 self._watched = pending
-                self._reply(codec.Published(0, offset, duplicate), pending)
+                self._reply(reply, pending)
         except ZaichikError as e:
             self.fail(rid, e)
         except Exception:
@@ -234,8 +234,11 @@ class Session:
         """
         Send C{reply}, after whatever waits before it; with C{pending} (a
         L{Pending}), once that append is stored (or as an ERROR if it failed).
-        A reply with rid 0 is not sent, but its failure is.
+        A reply with rid 0 is not sent, but its failure is.  A L{Late} reply
+        (an engine that assigns offsets) is made once C{pending} settles.
         """
+        if type(reply) is Late and (pending is None or pending.done):
+            reply = reply.make()
         if pending is not None and (not pending.done or pending.error is not None):
             if self._queue is None:
                 self._queue = deque()
@@ -276,8 +279,11 @@ class Session:
                         self._told = pending.error
                     self.service.stats.error(int(pending.error.code))
                     self._send_reply(codec.Error(item.rid, int(pending.error.code), pending.error.message[:1000]))
-            elif item.rid or type(item) not in _SILENT_AT_RID_0:
-                self._send_reply(item)
+            else:
+                if type(item) is Late:
+                    item = item.make()
+                if item.rid or type(item) not in _SILENT_AT_RID_0:
+                    self._send_reply(item)
         if queue:
             return
         if self._close_when_sent and not self.ended:
@@ -650,8 +656,7 @@ class Session:
 
     def _publish(self, request: codec.Publish) -> Optional[Deferred]:
         topic = self._topic(request.topic)
-        offset, duplicate = topic.publish(request.key, request.value)
-        self._reply(codec.Published(request.rid, offset, duplicate), topic.waiting())
+        self._reply(topic.published(request.rid, request.key, request.value), topic.waiting())
         if topic.blocked:
             # Backpressure: read nothing more from this publisher until the
             # topic's slow subscribers have drained.
@@ -660,8 +665,7 @@ class Session:
 
     def _publish_batch(self, request: codec.PublishBatch) -> Optional[Deferred]:
         topic = self._topic(request.topic)
-        results = topic.publish_many(request.entries)
-        self._reply(codec.PublishedBatch(request.rid, results), topic.waiting())
+        self._reply(topic.published_batch(request.rid, request.entries), topic.waiting())
         return topic.when_unblocked() if topic.blocked else None
 
     def _commit(self, request: codec.Commit) -> None:

@@ -205,6 +205,15 @@ class Topic:
             self._stored()
         return offset, duplicate
 
+    def published(self, rid: int, key: Optional[bytes], value: bytes):
+        """L{publish}, answered: the PUBLISHED reply for request C{rid}."""
+        offset, duplicate = self.publish(key, value)
+        return codec.Published(rid, offset, duplicate)
+
+    def published_batch(self, rid: int, entries: Iterable[Tuple[Optional[bytes], bytes]]):
+        """L{publish_many}, answered: the PUBLISHED_BATCH reply for request C{rid}."""
+        return codec.PublishedBatch(rid, self.publish_many(entries))
+
     def publish_many(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> List[Tuple[int, bool]]:
         """
         Store several messages as if published one after the other, and

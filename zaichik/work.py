@@ -55,6 +55,23 @@ class Pending:
         return f"<Pending {state}>"
 
 
+class Late:
+    """
+    A reply that names what only the append's outcome tells (the offsets an
+    engine shared by several brokers assigns): made by C{make()} once the
+    L{Pending} it waits on has settled without error.
+    """
+
+    __slots__ = ("rid", "make")
+
+    def __init__(self, rid: int, make: Callable[[], object]) -> None:
+        self.rid = rid
+        self.make = make
+
+    def __repr__(self) -> str:
+        return f"<Late reply rid={self.rid}>"
+
+
 class UnitOfWork:
     """
     Owned by the service; re-entrant: nested uses end when the outermost
