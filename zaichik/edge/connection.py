@@ -252,14 +252,16 @@ class BrokerConnection(Protocol):
 
     def frameReceived(self, body: bytes) -> None:
         """One whole frame body, handled inside the framer's unit of work."""
-        if body and body[0] == PUBLISH and self.session.publish_frame(body):
-            return  # the common case, handled without the general machinery
-        try:
-            request = codec.decode_request(body)
-        except codec.DecodeError as e:
-            self.session.fail(e.rid, ZaichikError(e.code, e.message))
-            return
-        waiting = self.session.handle(request)
+        waiting = self.session.publish_frame(body) if body and body[0] == PUBLISH else False
+        if waiting is None:
+            return  # the common case: the one PUBLISH path, from the frame's bytes
+        if waiting is False:
+            try:
+                request = codec.decode_request(body)
+            except codec.DecodeError as e:
+                self.session.fail(e.rid, ZaichikError(e.code, e.message))
+                return
+            waiting = self.session.handle(request)
         # Pause only for an answer still to come: resuming reads what was
         # held back, which must not happen inside the framer's frame loop
         # (the frames of the current read would be handled twice).
