@@ -279,6 +279,11 @@ class MessageTests(WebSocketTestCase):
         self.assertTrue(conn.closing)
         self.assertEqual(self.service.topics.get("t"), None)
 
+    def test_too_large_closes_with_1009(self):
+        conn = self.connect()
+        conn.feed(message(b"\x05" * 2000)[:4])
+        self.assertEqual(conn.messages()[-1], (CLOSE, (1009).to_bytes(2, "big")))
+
     def test_fragments_over_the_limit(self):
         conn = self.connect()
         piece = b"x" * 600
@@ -340,15 +345,48 @@ class MessageTests(WebSocketTestCase):
         self.assertEqual(delivered.value, b"from tcp")
 
 
+class LargeMessageTests(WebSocketTestCase):
+    max_frame_size = 1 << 20
+
+    def test_a_large_message_in_many_reads(self):
+        """Collected in pieces (not copied at every read), counted as pending input, then handled."""
+        conn = self.connect()
+        data = message(codec.Publish(1, "big", b"v" * 600_000)) + message(codec.Ping(2))
+        for i in range(0, len(data) - 20_000, 10_000):
+            conn.feed(data[i:i + 10_000])
+            self.assertEqual(self.service.stats.pending_input, i + 10_000)
+        self.assertEqual(conn.received(), [])
+        self.assertEqual(conn.protocol._waiting_for, len(data) - len(message(codec.Ping(2))))
+        conn.feed(data[i + 10_000:])
+        self.assertEqual(conn.received(), [codec.Published(1, 0, False), codec.Ok(2)])
+        self.assertEqual(self.service.stats.pending_input, 0)
+
+
 class LimitTests(WebSocketTestCase):
     limits = Limits(max_connections=1, idle_timeout=30, frame_timeout=5)
 
     def test_connection_limit_counts_websockets(self):
         first = self.connect()
-        second = self.connect()
-        self.assertEqual(ErrorCode(second.received()[0].code), ErrorCode.LIMIT)
+        second = self.connect()  # turned away before its handshake is read
+        self.assertTrue(second.head.startswith(b"HTTP/1.1 503 "), second.head)
         self.assertTrue(second.closing)
         self.assertOpen(first)
+
+    def test_connection_limit_after_handshakes_in_flight(self):
+        """Two handshakes under way at the limit: the one finished second gets LIMIT, as over TCP."""
+        transports, protocols = [], []
+        for _ in range(2):
+            transport, protocol = StringTransport(), self.factory.buildProtocol(None)
+            protocol.makeConnection(transport)
+            transports.append(transport)
+            protocols.append(protocol)
+        for protocol in protocols:
+            protocol.dataReceived(handshake())
+        _, _, rest = transports[1].value().partition(b"\r\n\r\n")
+        out, _ = parse_messages(rest)
+        self.assertEqual(ErrorCode(codec.decode_reply(out[0][1]).code), ErrorCode.LIMIT)
+        self.assertTrue(transports[1].disconnecting)
+        self.assertFalse(transports[0].disconnecting)
 
     def test_idle_timeout(self):
         conn = self.connect()

@@ -14,6 +14,7 @@ and says how a frame goes out (L{BrokerConnection.writeFrames}).
 from __future__ import annotations
 
 import struct
+from typing import Optional
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -182,11 +183,51 @@ class BrokerConnection(Protocol):
     _frame_timer = None
     _pending_input = 0  # bytes of an incomplete frame held for this connection
 
-    def received(self, data: bytes) -> None:
-        """C{data} was read: counted, and the connection is not idle."""
+    # What the framer read and has not handled yet: the tail of the last
+    # read, or the pieces of a large frame still arriving (see L{keep}).
+    _unprocessed = b""
+    _waiting_for = 0
+    _pieces: list = []
+    _pieces_bytes = 0
+
+    def buffered(self, data: bytes) -> Optional[bytes]:
+        """
+        C{data} was read (counted; the connection is not idle): it and what
+        was kept before it, or None while a large frame is still arriving.
+        """
         self.service.stats.bytes_in += len(data)
         if self._idle is not None and data:
             self._idle.reset(self.service.limits.idle_timeout)
+        if self._waiting_for:
+            # The rest of a large frame, arriving in pieces: collect them and
+            # join once, rather than copying the growing buffer every read.
+            self._pieces.append(data)
+            self._pieces_bytes += len(data)
+            if self._pieces_bytes < self._waiting_for:
+                self._partial(self._pieces_bytes, False)
+                return None
+            data = b"".join(self._pieces)
+            self._pieces, self._pieces_bytes, self._waiting_for = [], 0, 0
+        elif self._unprocessed:
+            data = self._unprocessed + data
+        return data
+
+    def keep(self, rest: bytes, needed: int, new_frame: bool, held: int = 0) -> None:
+        """
+        After the framer's frame loop: keep C{rest}, the start of a frame of
+        C{needed} bytes in all (0: not known yet), for the next read.
+        C{new_frame}: it began in this read; C{held}: bytes of an incomplete
+        message the framer holds besides.
+        """
+        if needed - len(rest) > 65536 and not self.paused:
+            # A large frame is on its way: collect its pieces.
+            self._unprocessed = b""
+            self._pieces, self._pieces_bytes, self._waiting_for = [rest], len(rest), needed
+            self._partial(len(rest) + held, new_frame)
+            return
+        self._unprocessed = rest
+        if rest or held or self._pending_input:
+            self._partial(len(rest) + held, new_frame)
 
     def _partial(self, pending: int, new_frame: bool) -> None:
         """

@@ -22,12 +22,6 @@ _length = struct.Struct(">I")
 class BrokerProtocol(BrokerConnection):
     """Length-prefixed frames over a stream (see L{BrokerConnection} for the policy)."""
 
-    _unprocessed = b""
-    # A large frame arriving in pieces (see dataReceived).
-    _waiting_for = 0
-    _pieces: list = []
-    _pieces_bytes = 0
-
     def dataReceived(self, data: bytes) -> None:
         """
         Split the stream into frames.  Messages published in one read reach
@@ -35,19 +29,10 @@ class BrokerProtocol(BrokerConnection):
         """
         if self._closing:
             return
-        self.received(data)
-        if self._waiting_for:
-            # The rest of a large frame, arriving in pieces: collect them and
-            # join once, rather than copying the growing buffer every read.
-            self._pieces.append(data)
-            self._pieces_bytes += len(data)
-            if self._pieces_bytes < self._waiting_for:
-                self._partial(self._pieces_bytes, False)
-                return
-            data = b"".join(self._pieces)
-            self._pieces, self._pieces_bytes, self._waiting_for = [], 0, 0
-        elif self._unprocessed:
-            data = self._unprocessed + data
+        joined = self.buffered(data)
+        if joined is None:
+            return
+        data = joined
         had_partial = self._pending_input > 0
         end = len(data)
         at = 0
@@ -70,17 +55,8 @@ class BrokerProtocol(BrokerConnection):
             # Before the batch ends: its delivery may release a hold, whose
             # dataReceived must find only the frames not yet handled.
             rest = data[at:] if at else data
-            if len(rest) >= 4 and not self.paused:
-                needed = 4 + unpack(rest, 0)[0]
-                if needed - len(rest) > 65536:
-                    # A large frame is on its way: collect its pieces.
-                    self._unprocessed = b""
-                    self._pieces, self._pieces_bytes, self._waiting_for = [rest], len(rest), needed
-                    self._partial(len(rest), at > 0 or not had_partial)
-                    return
-            self._unprocessed = rest
-            if rest or self._pending_input:
-                self._partial(len(rest), at > 0 or not had_partial)
+            needed = 4 + unpack(rest, 0)[0] if len(rest) >= 4 and not self.paused else 0
+            self.keep(rest, needed, at > 0 or not had_partial)
 
     def writeFrames(self, data: bytes) -> None:
         self.transport.write(data)

@@ -193,7 +193,6 @@ class WebSocketProtocol(BrokerConnection):
 
     _handshaken = False
     _head = b""
-    _unprocessed = b""
     _message: Optional[List[bytes]] = None  # the pieces of a fragmented message
     _message_bytes = 0
     _message_text = False
@@ -202,7 +201,12 @@ class WebSocketProtocol(BrokerConnection):
 
     def connectionMade(self) -> None:
         # The broker's policy starts with the handshake done (L{start});
-        # until then only the handshake's own bounds apply.
+        # until then only the handshake's own bounds apply, and a broker at
+        # its connection limit turns the handshake away at once.
+        limit = self.service.limits.max_connections
+        if self.service.connections >= limit:
+            self._refuse(_HandshakeRefused("503 Service Unavailable", f"connection limit of {limit} reached"))
+            return
         self._handshake_timer = self.factory.clock.callLater(HANDSHAKE_TIMEOUT, self.transport.abortConnection)
 
     def connectionLost(self, reason=None) -> None:
@@ -274,14 +278,16 @@ class WebSocketProtocol(BrokerConnection):
             data = self._handshake(data)
             if not self._handshaken or self._closing:
                 return
-        self.received(data)
-        if self._unprocessed:
-            data = self._unprocessed + data
+        joined = self.buffered(data)
+        if joined is None:
+            return
+        data = joined
         had_partial = self._pending_input > 0
         end = len(data)
         at = 0
         limit = self.MAX_LENGTH
         handle = self.frameReceived
+        needed = 0
         with self.service.work:
             while end - at >= 2 and not self.paused:
                 first, second = data[at], data[at + 1]
@@ -309,6 +315,7 @@ class WebSocketProtocol(BrokerConnection):
                     self._unprocessed = b""
                     return self.frameTooLarge(self._message_bytes + n)
                 if start + n > end:
+                    needed = start + n - at
                     break
                 payload = unmask(data[start:start + n], data[start - 4:start])
                 at = start + n
@@ -321,11 +328,7 @@ class WebSocketProtocol(BrokerConnection):
                     self._control(opcode, payload)
                 else:
                     self._fragment(first, opcode, payload)
-            rest = data[at:] if at else data
-            self._unprocessed = rest
-            pending = len(rest) + self._message_bytes
-            if pending or self._pending_input:
-                self._partial(pending, at > 0 or not had_partial)
+            self.keep(data[at:] if at else data, needed, at > 0 or not had_partial, self._message_bytes)
 
     def _fragment(self, first: int, opcode: int, payload: bytes) -> None:
         """A frame of a fragmented message, or a text message."""
@@ -363,6 +366,10 @@ class WebSocketProtocol(BrokerConnection):
             self._disconnect()
         elif opcode != PONG:
             self._protocolError(f"unknown opcode {opcode}")
+
+    def frameTooLarge(self, length: int) -> None:
+        self._close_payload = _u16.pack(1009)  # message too big
+        super().frameTooLarge(length)
 
     def _protocolError(self, why: str) -> None:
         self._close_payload = _u16.pack(1002)
