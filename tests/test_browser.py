@@ -91,7 +91,7 @@ class ClientInBrowserTests(BrowserTestCase):
         self.browser.wait_for("document.title === 'ready'")
         self.browser.evaluate("phase1()")
         self.assertSteps("connect", "create_topic", "subscribe", "publish", "publish_batch", "messages", "commit",
-                         "async_iteration", "group_ack", "list_topics", "error_code")
+                         "async_iteration", "group_ack", "pattern", "list_topics", "error_code")
         self.assertIn("BAD_OFFSET", self.results()["commit"])
 
         self.browser.evaluate(f"badToken('ws://127.0.0.1:{guarded.websocket_port}/')")

@@ -108,6 +108,7 @@ export declare class Client {
   createTopic(topic: string, options?: { retentionTtl?: number; compactionWindow?: number }): Promise<void>;
   publish(topic: string, value: Bytes, key?: Bytes | null): Promise<PublishResult>;
   publishBatch(topic: string, messages: Array<Bytes | { key?: Bytes | null; value: Bytes }>): Promise<PublishResult[]>;
+  /** `topic` may be a pattern (`sensors.*.temp`, `sensors.>`; protocol 1.1). */
   subscribe(topic: string, options?: SubscribeOptions): Promise<Subscription>;
   subscribeGroup(topic: string, group: string, options?: GroupOptions): Promise<Subscription>;
   unsubscribe(topic: string): Promise<void>;
@@ -117,6 +118,11 @@ export declare class Client {
   ping(): Promise<void>;
   close(): Promise<void>;
 }
+
+/** Is `topic` a pattern (a `*` segment, or a last `>` segment)? */
+export declare function isPattern(topic: string): boolean;
+/** Does `pattern` match the topic `name`? */
+export declare function patternMatches(pattern: string, name: string): boolean;
 
 /** Connect to ws://host:port/ (or wss://), or to the first of several URLs that answers. */
 export declare function connect(url: string | string[], options?: ConnectOptions): Promise<Client>;

@@ -147,7 +147,27 @@ function decodeReply(data) {
 
 // --- subscriptions -------------------------------------------------------------------
 
-const PLAIN = "plain", GROUP = "group";
+const PLAIN = "plain", GROUP = "group", PATTERN = "pattern";
+
+/** A subscription's topic is a pattern (protocol 1.1): a `*` segment, or a last `>` segment. */
+export function isPattern(topic) {
+  const segments = topic.split(".");
+  return segments.includes("*") || segments[segments.length - 1] === ">";
+}
+
+/** Does `pattern` match the topic `name`?  (As the broker's index decides.) */
+export function patternMatches(pattern, name) {
+  let want = pattern.split(".");
+  let got = name.split(".");
+  if (want[want.length - 1] === ">") {
+    if (got.length < want.length) return false;
+    want = want.slice(0, -1);
+    got = got.slice(0, want.length);
+  } else if (got.length !== want.length) {
+    return false;
+  }
+  return want.every((w, i) => w === "*" || w === got[i]);
+}
 
 /**
  * One subscription: messages go to its callback, or wait for async iteration
@@ -171,6 +191,8 @@ export class Subscription {
     this.firstReceived = null;
     this.lastReceived = null;
     this.committed = null;
+    this.lastByTopic = new Map();  // a pattern's last offset handed out, per topic
+    this.committedByTopic = new Map();
     this._queue = [];
     this._waiters = [];
   }
@@ -185,9 +207,10 @@ export class Subscription {
 
   _deliver(message) {
     if (this.kind === PLAIN) {
-      if (this.lastReceived !== null && message.offset <= this.lastReceived) return; // seen before a reconnect
       if (this.firstReceived === null) this.firstReceived = message.offset;
       this.lastReceived = message.offset;
+    } else if (this.kind === PATTERN) {
+      this.lastByTopic.set(message.topic, message.offset);
     }
     if (this.callback) {
       try { this.callback(message, this); } catch (e) { setTimeout(() => { throw e; }); }
@@ -221,6 +244,10 @@ export class Subscription {
 
   _resumePosition(clientId) {
     if (this.kind === GROUP) return [this.start, this.offset];
+    if (this.kind === PATTERN) {
+      if (clientId && (this.committedByTopic.size || this.start === Start.DEFAULT)) return [Start.DEFAULT, 0];
+      return [this.start, this.offset];
+    }
     if (clientId && (this.committed !== null || this.start === Start.DEFAULT)) return [Start.DEFAULT, 0];
     if (this.committed !== null) return [Start.OFFSET, this.committed + 1];
     if (this.firstReceived !== null) return [Start.OFFSET, this.firstReceived];
@@ -357,7 +384,10 @@ export class Client {
     for (const item of this._backlog.splice(0)) item.reject(reason || new ConnectionLostError("client closed"));
     for (const sub of this.subscriptions.values()) sub._end(reason);
     this.subscriptions.clear();
-    if (this._connectWaiter) { this._connectWaiter.reject(reason); this._connectWaiter = null; }
+    if (this._connectWaiter) {
+      this._connectWaiter.reject(reason || new ConnectionLostError("client closed"));
+      this._connectWaiter = null;
+    }
     for (const resolve of this._closedWaiters.splice(0)) resolve();
   }
 
@@ -377,8 +407,8 @@ export class Client {
       return;
     }
     if (reply.op === OP.MESSAGE) {
-      const sub = this.subscriptions.get(reply.message.topic);
-      if (sub && !sub.ended) sub._deliver(reply.message);
+      const sub = this._route(reply.message);
+      if (sub) sub._deliver(reply.message);
       return;
     }
     const pending = this._waiting.get(reply.rid);
@@ -398,6 +428,36 @@ export class Client {
     this._waiting.delete(reply.rid);
     clearTimeout(pending.timer);
     pending.resolve(reply.result);
+  }
+
+  /**
+   * Which subscription a MESSAGE is for, as zaichik/client/core.py decides
+   * (_attribute): the broker sends one copy per subscription that follows
+   * the topic (its own, patterns, a group membership), but the frame does
+   * not say whose.  Each follows the topic's consecutive offsets from where
+   * it began, so: the one whose last message of the topic was offset - 1;
+   * else the oldest that had nothing of it yet; else the group membership;
+   * else the one that got furthest without reaching it.  None: every one had
+   * it already (sent again after a reconnect).
+   */
+  _route(message) {
+    const { topic, offset } = message;
+    let fresh = null, group = null, best = null, bestLast = -1;
+    for (const sub of this.subscriptions.values()) {
+      if (!sub.active || sub.ended) continue;
+      if (sub.topic !== topic && !(sub.kind === PATTERN && patternMatches(sub.topic, topic))) continue;
+      if (sub.kind === GROUP) { group = sub; continue; }
+      const last = sub.kind === PATTERN ? sub.lastByTopic.get(topic) : sub.lastReceived;
+      if (last === undefined || last === null) {
+        if (sub.kind === PLAIN && sub.start === Start.OFFSET && offset < sub.offset) continue;
+        if (!fresh) fresh = sub;
+      } else if (last === offset - 1) {
+        return sub;
+      } else if (last < offset && (!best || last > bestLast)) {
+        best = sub; bestLast = last;
+      }
+    }
+    return fresh || group || best;
   }
 
   // One request: encoded with its rid when sent (now, or after a reconnect).
@@ -478,10 +538,12 @@ export class Client {
 
   /**
    * SUBSCRIBE: options {start, offset, maxInflight, callback}.  Resolves
-   * with the Subscription once the broker said OK.
+   * with the Subscription once the broker said OK.  `topic` may be a
+   * pattern (`sensors.*.temp`, `sensors.>`): messages then carry their own
+   * topic, and COMMIT names it.
    */
   subscribe(topic, options = {}) {
-    return this._subscribe(new Subscription(this, topic, options, PLAIN));
+    return this._subscribe(new Subscription(this, topic, options, isPattern(topic) ? PATTERN : PLAIN));
   }
 
   /** SUBSCRIBE_GROUP: options {start, offset, maxInflight, ackTimeout, callback}; ACK each message. */
@@ -500,8 +562,13 @@ export class Client {
   commit(topic, offset) {
     return this._request((rid) => new Writer().int(OP.COMMIT, 1).int(rid, 4).string(topic).int(offset, 8))
       .then(() => {
-        const sub = this.subscriptions.get(topic);
-        if (sub && (sub.committed === null || offset > sub.committed)) sub.committed = offset;
+        for (const sub of this.subscriptions.values()) {
+          if (sub.topic === topic && sub.kind === PLAIN) {
+            if (sub.committed === null || offset > sub.committed) sub.committed = offset;
+          } else if (sub.kind === PATTERN && patternMatches(sub.topic, topic)) {
+            if (!(offset <= sub.committedByTopic.get(topic))) sub.committedByTopic.set(topic, offset);
+          }
+        }
       });
   }
 
