@@ -34,11 +34,14 @@ setup(
         # mypy-zope plugin, which checks @implementer classes against their
         # interfaces (setup.cfg [mypy]).  Pinned: a new release of either
         # may add checks, which should be a change of its own.
+        # hiredis: the Redis engine's RESP parser (C), under our own small
+        # Twisted client (zaichik/storage/resp.py says why).
+        "redis": ["hiredis>=2"],
         "lint": ["ruff==0.17.6", "mypy==2.4.1", "mypy-zope==1.0.17"],
         # fastapi + httpx: examples/fastapi_app.py, run by the tests over
         # httpx's ASGI transport; uvloop: the asyncio client's suite also
         # runs on uvloop (not on Windows).
-        "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6", "fastapi>=0.100", "httpx>=0.24",
+        "test": ["hiredis>=2", "pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6", "fastapi>=0.100", "httpx>=0.24",
                  "uvloop>=0.17; sys_platform != 'win32'"],
     },
     classifiers=[

@@ -87,6 +87,15 @@ class BrokerCollector:
                                   value=storage.torn)
         yield GaugeMetricFamily("zaichik_storage_cache_bytes",
                                 "Bytes of recent messages cached in memory by storage.", value=storage.cache_bytes)
+        engine = service.engine
+        if engine is not None:
+            yield CounterMetricFamily("zaichik_engine_offset_resets",
+                                      "Topics found lost or behind in the shared engine (Redis restarted empty, "
+                                      "failover): continued past every offset this broker saw.",
+                                      value=engine.offset_resets)
+            yield CounterMetricFamily("zaichik_engine_resyncs",
+                                      "Times the engine's pub/sub connection came back and every topic caught up.",
+                                      value=engine.resyncs)
         store_errors = CounterMetricFamily("zaichik_store_errors",
                                            "Appends storage refused (a full disk, an I/O error), by topic.",
                                            labels=["topic"])

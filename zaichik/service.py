@@ -13,14 +13,16 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from zaichik.auth import AllowAll, IAuthenticator
 from zaichik.clock import wall_clock
+from zaichik import codec
 from zaichik.codec import ErrorCode, TopicInfo
 from zaichik.errors import ZaichikError
 from zaichik.groups import Group
 from zaichik.patterns import PatternIndex
-from zaichik.storage import IStorage
+from zaichik.storage import IEngineEvents, ISharedStorage, IStorage
 from zaichik.storage.memory import MemoryStorage
 from zaichik.topic import KeyBudget, Topic
 from zaichik.work import UnitOfWork
@@ -107,6 +109,7 @@ class Stats:
         self.errors[code] = self.errors.get(code, 0) + 1
 
 
+@implementer(IEngineEvents)
 class BrokerService(Service):
     """
     @ivar topics: the topics by name.
@@ -164,6 +167,14 @@ class BrokerService(Service):
         self._durable_queue: List[str] = []
         self._sweeper: Optional[LoopingCall] = None
         self.ready: Deferred = Deferred()
+        # Several brokers share this storage (the Redis engine): its topics
+        # take offsets from it, and it tells of other brokers' doings.
+        self.engine: Optional[ISharedStorage] = (
+            ISharedStorage(self.storage) if ISharedStorage.providedBy(self.storage) else None)
+        self.shared = self.engine is not None
+        if self.engine is not None:
+            self.engine.watch(self)
+        self._generations: Dict[str, int] = {}  # client_id -> newest takeover heard of
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -235,6 +246,8 @@ class BrokerService(Service):
         LoopingCall that runs this keeps running.
         """
         expired = 0
+        if self.engine is not None:
+            self.engine.sweep()
         for topic in list(self.topics.values()):
             try:
                 expired += topic.expire()
@@ -284,7 +297,12 @@ class BrokerService(Service):
     def _open(self, name: str, retention: int, window: int, next_offset: int = 0) -> Topic:
         log = self.storage.open_log(name, retention, window)
         limits = self.limits
-        topic = Topic(name, log, self.wall, retention, window, limits.max_retained_bytes, next_offset,
+        kind = Topic
+        if self.shared:
+            from zaichik.shared import SharedTopic
+
+            kind = SharedTopic
+        topic = kind(name, log, self.wall, retention, window, limits.max_retained_bytes, next_offset,
                       self.work, reject_over_bytes=limits.retained_bytes_policy == "reject", keys=self.keys,
                       max_frame_size=limits.max_frame_size)
         self.topics[name] = topic
@@ -317,7 +335,10 @@ class BrokerService(Service):
                 raise ZaichikError(ErrorCode.LIMIT, f"topic limit of {self.limits.max_topics} reached")
             _log.info("Created topic {topic} (retention {retention} ms, compaction window {window} ms)",
                       topic=name, retention=retention_ttl, window=compaction_window)
-            return self._open(name, retention_ttl, compaction_window)
+            topic = self._open(name, retention_ttl, compaction_window)
+            if self.shared:
+                self._record_topic(topic, retention_ttl, compaction_window)
+            return topic
         if (topic.retention_ttl, topic.compaction_window) != (retention_ttl, compaction_window):
             raise ZaichikError(
                 ErrorCode.TOPIC_EXISTS,
@@ -325,6 +346,86 @@ class BrokerService(Service):
                 f"compaction_window={topic.compaction_window}",
             )
         return topic
+
+    def _record_topic(self, topic: Topic, retention_ttl: int, compaction_window: int) -> None:
+        """
+        Make a new topic in the shared engine; until it answers, replies
+        about the topic wait (C{topic.pending}).  Another broker may have
+        made it first, with other settings: then those hold here too, and
+        the request that made it here is answered TOPIC_EXISTS.
+        """
+        from zaichik.work import Pending
+
+        pending = topic.pending = Pending()
+
+        def made(recorded) -> None:
+            ttl, window, _ = recorded
+            if (ttl, window) != (topic.retention_ttl, topic.compaction_window):
+                topic.retention_ttl, topic.compaction_window = ttl, window
+                if (ttl, window) != (retention_ttl, compaction_window):
+                    pending.settle(ZaichikError(
+                        ErrorCode.TOPIC_EXISTS,
+                        f"topic {topic.name} exists with retention_ttl={ttl} compaction_window={window}"))
+                    return
+            pending.settle()
+
+        def failed(failure) -> None:
+            error = failure.value if failure.check(ZaichikError) else ZaichikError(ErrorCode.INTERNAL,
+                                                                                   "engine failed")
+            pending.settle(error)
+
+        assert self.engine is not None
+        self.engine.create_topic(topic.name, retention_ttl, compaction_window).addCallbacks(made, failed)
+
+    # -- what other brokers do (the shared engine's IEngineEvents) ---------------
+
+    def topic_appeared(self, state) -> None:
+        if state.name not in self.topics and self.running:
+            # (Wildcard subscriptions follow a young topic from offset 0.)
+            topic = self._open(state.name, state.retention_ttl, state.compaction_window,
+                               0 if state.young else state.next_offset)
+            topic.next_offset = max(topic.next_offset, state.next_offset)
+
+    def learn_topic(self, name: str) -> Deferred:
+        """
+        Before a request names a topic this broker does not know: look for it
+        in the shared engine (another broker may have made it), so that it
+        is used with its settings and offsets rather than made again.
+        Before a SUBSCRIBE to a known one: read its next offset, so that
+        LATEST is after everything published anywhere before it.
+        """
+        assert self.engine is not None
+        if codec.is_pattern(name):
+            # A wildcard SUBSCRIBE: the next offsets of every topic it matches.
+            from zaichik.patterns import matches
+
+            names = [n for n in self.topic_names if matches(name, n)]
+            return self.engine.describe(names).addCallback(lambda _: self._heard(names))
+        if name in self.topics:
+            # Known: only its next offset, which other brokers move.
+            return self.engine.refresh(name).addCallback(lambda _: self._heard([name]))
+
+        def found(state) -> None:
+            if state is not None:
+                self.topic_appeared(state)
+
+        return self.engine.lookup(name).addCallback(found)
+
+    def _heard(self, names: List[str]) -> None:
+        for name in names:
+            topic = self.topics.get(name)
+            if topic is not None:
+                topic.heard()
+
+    def client_claimed(self, client_id: str, generation: int) -> None:
+        """A broker (this one too) took C{client_id} over: a session here that held it before closes."""
+        if generation > self._generations.get(client_id, 0):
+            self._generations[client_id] = generation
+        session = self._durable_sessions.get(client_id)
+        if session is not None and 0 < session.generation < generation:
+            _log.info("Client {client_id} taken over on another broker", client_id=client_id)
+            self._durable_sessions.pop(client_id, None)
+            session.taken_over()
 
     def topic(self, name: str) -> Topic:
         """The topic C{name}, created with the broker's defaults if it is new."""
@@ -362,16 +463,28 @@ class BrokerService(Service):
 
     # -- durable clients ---------------------------------------------------------
 
-    def attach(self, client_id: str, session) -> None:
+    def attach(self, client_id: str, session) -> Optional[Deferred]:
         """
         Bind durable C{client_id} to C{session}; a session that held it
-        before is taken over (closed).
+        before is taken over (closed).  With a shared engine, a Deferred
+        that fires once the engine has it (and the client's positions).
         """
         previous = self._durable_sessions.get(client_id)
         self._durable_sessions[client_id] = session
         if previous is not None and previous is not session:
             _log.info("Client {client_id} taken over by a new connection", client_id=client_id)
             previous.taken_over()
+        if self.engine is None:
+            return None
+        # Everywhere else too, and its committed offsets loaded from the engine.
+        session.generation = 0
+
+        def claimed(generation: int) -> None:
+            session.generation = generation
+            if self._generations.get(client_id, 0) > generation and self._durable_sessions.get(client_id) is session:
+                self.client_claimed(client_id, self._generations[client_id])
+
+        return self.engine.claim_client(client_id).addCallback(claimed)
 
     def detach(self, client_id: str, session) -> None:
         if self._durable_sessions.get(client_id) is session:

@@ -114,6 +114,7 @@ class Session:
         self._disconnect = disconnect
         self._requests = 0
         self._hello_seen = False
+        self.generation = 0  # of its client_id's takeover, with a shared engine
         self._commits: Dict[str, int] = {}
         self._last_sent: Dict[str, int] = {}
         self._handlers: Dict[type, Callable[[Any], Optional[Deferred]]] = {
@@ -132,7 +133,7 @@ class Session:
 
     # -- dispatch ----------------------------------------------------------------
 
-    def handle(self, request) -> Optional[Deferred]:
+    def handle(self, request, learnt: bool = False) -> Optional[Deferred]:
         """
         Carry out one request and send its reply.
 
@@ -156,6 +157,13 @@ class Session:
                 waited: Deferred = Deferred()
                 self._when_sent.append(lambda: waited.callback(None))
                 return waited.addCallback(lambda _: self.handle(request))
+        service = self.service
+        if service.engine is not None and not learnt:
+            name = getattr(request, "topic", None)
+            if name is not None and (type(request) is codec.Subscribe or name not in service.topics and
+                                     codec.is_valid_topic(name)):
+                # A topic another broker may have made: learn it first.
+                return service.learn_topic(name).addCallback(lambda _: self.handle(request, True))
         self._requests += 1
         if self.permissions is None and type(request) is not codec.Hello:
             self._refuse(request.rid, "authenticate with HELLO first")
@@ -174,7 +182,7 @@ class Session:
             return result.addErrback(self._asyncFailed, request.rid)
         return None
 
-    def publish_frame(self, body: bytes) -> Union[None, Literal[False], Deferred]:
+    def publish_frame(self, body: bytes, learnt: bool = False) -> Union[None, Literal[False], Deferred]:
         """
         PUBLISH, from its frame body: the one PUBLISH path.  Every edge hands
         PUBLISH bodies here (no request object is made: this is the
@@ -189,20 +197,33 @@ class Session:
         rid, name, key, value = fields
         if self.ended:
             return None
-        self._requests += 1
+        service = self.service
         permissions = self.permissions
+        topic = service.topics.get(name)
+        if topic is None and service.engine is not None and not learnt and permissions is not None \
+                and codec.is_valid_topic(name):
+            # A topic another broker may have made: learn it first (as
+            # L{handle} does), reading nothing more meanwhile.
+            return service.learn_topic(name).addCallback(lambda _: self.publish_frame(body, True) or None)
+        self._requests += 1
         if permissions is None:
             self._refuse(rid, "authenticate with HELLO first")
             return None
-        work = self.service.work
+        work = service.work
         if not work.depth:
             work.now = 0
         work.depth += 1  # (the unit of work, entered without the with statement's cost)
         try:
-            topic = self.service.topics.get(name)
             if topic is None or permissions is not ALLOW_ALL:
                 topic = self._topic(name)  # (created, or permissions asked)
-            reply = topic.published(rid, key, value)
+            if rid or topic.answers_late:
+                reply = topic.published(rid, key, value)
+            else:
+                # rid 0 on a local topic: no reply is made unless it is
+                # needed below (a reply object per message cost the hot
+                # path a tenth of its rate).
+                reply = None
+                offset, duplicate = topic.publish(key, value)
             pending = topic.pending
             if pending is not None and pending.done:
                 pending = None  # (stored already: topic.waiting(), inline)
@@ -212,7 +233,7 @@ class Session:
                 # A fire-and-forget publish: only its failure is told, once
                 # per append (the publishes of one read share one).
                 self._watched = pending
-                self._reply(reply, pending)
+                self._reply(reply or codec.Published(0, offset, duplicate), pending)
             if topic.blocked:
                 # Backpressure: read nothing more from this publisher until
                 # the topic's slow subscribers have drained.
@@ -487,10 +508,11 @@ class Session:
         if self.ended:
             return
         self.permissions = permissions
+        waiting = None
         if request.client_id:
             self.client_id = request.client_id
-            self.service.attach(request.client_id, self)
-        self._reply(codec.Ok(request.rid))
+            waiting = _pending(self.service.attach(request.client_id, self))
+        self._reply(codec.Ok(request.rid), waiting)
 
     def _allow(self, action: str, name: str) -> None:
         """
@@ -517,8 +539,8 @@ class Session:
     def _create_topic(self, request: codec.CreateTopic) -> None:
         _check_topic(request.topic)
         self._allow("create", request.topic)
-        self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
-        self._reply(codec.Ok(request.rid))
+        topic = self.service.create_topic(request.topic, request.retention_ttl, request.compaction_window)
+        self._reply(codec.Ok(request.rid), topic.waiting())
 
     def _subscribe(self, request: codec.Subscribe) -> None:
         name = request.topic
@@ -536,7 +558,7 @@ class Session:
                                     self._subscriptionStopped)
         topic.subscribe(subscription)
         self.subscriptions[name] = subscription
-        self._reply(codec.Ok(request.rid))
+        self._reply(codec.Ok(request.rid), topic.waiting())
         subscription.drain()
 
     def _subscribe_pattern(self, request: codec.Subscribe) -> None:
@@ -757,6 +779,13 @@ class Session:
         more until it is sent.
         """
         names = list(self.service.topic_names)
+        engine = self.service.engine
+        if engine is not None:
+            # Shared topics: what other brokers did is read from the engine first.
+            return engine.describe(names).addCallback(lambda _: self._list_topics_now(request, names))
+        return self._list_topics_now(request, names)
+
+    def _list_topics_now(self, request: codec.ListTopics, names: list) -> Optional[Deferred]:
         room = self.service.limits.max_frame_size - 9  # opcode, rid, count
         found: list = []
         if len(names) <= self.LIST_CHUNK:

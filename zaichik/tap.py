@@ -35,6 +35,7 @@ from zaichik import codec, logs, units
 from zaichik.clock import MonotonicTimers
 from zaichik.edge.tcp import BrokerFactory
 from zaichik.service import BrokerService, Limits
+from zaichik.storage import IStorage
 
 _log = Logger()
 
@@ -136,6 +137,9 @@ class Options(usage.Options):
          "disconnect (ERROR LIMIT and close) or block (stop reading the topic's publishers)."],
         ["data-dir", None, None,
          "Keep topics, messages, commits and compaction state in this directory (default: memory only)."],
+        ["engine", None, None,
+         "Share topics with other brokers through Redis: redis://HOST:PORT[/DB] (one primary) or "
+         "redis+cluster://HOST:PORT,HOST:PORT,... (a Redis Cluster's seed nodes). See docs/scale-out.rst."],
         ["cache-size", None, 32 * 1024 * 1024,
          "With --data-dir: bytes of the newest messages kept in memory, for all topics "
          "(older ones are read from disk). Default 32 MiB.", _non_negative_int],
@@ -251,6 +255,8 @@ class Options(usage.Options):
         self["websocket-port"] = [self._endpoint("--websocket-port", port, local) for port in self["websocket-port"]]
         if self["metrics-port"]:
             self["metrics-port"] = self._endpoint("--metrics-port", self["metrics-port"], local)
+        if self["engine"]:
+            self._check_engine()
         if self["data-dir"]:
             from zaichik.storage.disk import DataDirLocked, check_not_locked
 
@@ -267,6 +273,23 @@ class Options(usage.Options):
                 self.parent["logger"] = logs.JSON_OBSERVER
             logs.configure(self.parent.get("logfile"), bool(self.parent.get("nodaemon")),
                            bool(self.parent.get("syslog")), self.parent.get("logger"))
+
+    def _check_engine(self) -> None:
+        from zaichik.storage.resp import parse_url
+
+        try:
+            parse_url(self["engine"])
+        except ValueError as e:
+            raise usage.UsageError(f"--engine: {e}") from None
+        if self["data-dir"]:
+            raise usage.UsageError("--engine and --data-dir: messages live in the engine (Redis); choose one")
+        if self["max-retained-bytes"]:
+            raise usage.UsageError("--max-retained-bytes is not offered with --engine (use Redis' maxmemory "
+                                   "and retention_ttl)")
+        try:
+            import hiredis  # noqa: F401
+        except ImportError:
+            raise usage.UsageError("--engine needs hiredis: pip install 'zaichik[redis]'") from None
 
     @staticmethod
     def _endpoint(option: str, port: str, local: bool) -> str:
@@ -324,11 +347,15 @@ def makeService(config: Options) -> MultiService:
         from zaichik.auth import PortalAuthenticator
 
         authenticator = PortalAuthenticator.from_file(config["auth"])
-    storage = None
+    storage: Optional[IStorage] = None
     if config["data-dir"]:
         from zaichik.storage.disk import DiskStorage
 
         storage = DiskStorage(config["data-dir"], fsync=config["fsync"], cache_size=config["cache-size"])
+    elif config["engine"]:
+        from zaichik.storage.redis import RedisStorage
+
+        storage = RedisStorage(config["engine"], durable_ttl=config["durable-ttl"])
     broker = BrokerService(
         storage=storage,
         authenticator=authenticator,
@@ -337,7 +364,8 @@ def makeService(config: Options) -> MultiService:
         sweep_interval=config["sweep-interval"] / 1000.0,
         limits=limits,
     )
-    top = BrokerRoot(broker, twistd=config.parent, data_dir=config["data-dir"], fsync=config["fsync"])
+    top = BrokerRoot(broker, twistd=config.parent, data_dir=config["data-dir"], fsync=config["fsync"],
+                     engine=config["engine"])
     MonotonicTimers().setServiceParent(top)  # first: timers keep their period when the wall clock steps
     broker.setServiceParent(top)
     factory = BrokerFactory(broker, config["max-frame-size"])
@@ -486,10 +514,11 @@ class BrokerRoot(MultiService):
     """
 
     def __init__(self, broker: BrokerService, twistd: Optional[Dict[str, Any]] = None,
-                 data_dir: Optional[str] = None, fsync: str = "interval") -> None:
+                 data_dir: Optional[str] = None, fsync: str = "interval", engine: Optional[str] = None) -> None:
         super().__init__()
         self.broker = broker
         self.twistd = twistd
+        self.engine = engine
         self.data_dir = data_dir
         self.fsync = fsync
         self._failed: Optional[str] = None
@@ -517,7 +546,10 @@ class BrokerRoot(MultiService):
             return
         self._said_start = True
         fields: Dict[str, Any] = {"version": zaichik.__version__}
-        if self.data_dir:
+        if self.engine:
+            fields.update(storage="engine", engine=self.engine)
+            mode = "on the engine {engine}, shared with every broker that uses it"
+        elif self.data_dir:
             fields.update(storage="data-dir", data_dir=self.data_dir, fsync=self.fsync)
             mode = "data dir {data_dir}, --fsync {fsync}"
         else:
@@ -548,6 +580,8 @@ class BrokerRoot(MultiService):
         return None
 
     def _storage_error(self, error: BaseException) -> str:
+        if self.engine:
+            return f"cannot use --engine {self.engine}: {getattr(error, 'message', None) or describe(error)}"
         if not self.data_dir:
             return f"cannot open storage: {describe(error)}"
         where = self.data_dir

@@ -227,3 +227,119 @@ class WebSocketClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+REDIS_SERVER = "redis-server"
+
+
+class RedisServer:
+    """
+    A real C{redis-server} on a free loopback port, in a directory of its
+    own (for C{appendonly}), for the Redis engine's tests and benchmarks.
+    C{persistent}: C{appendonly yes} with C{appendfsync always}, so a
+    restart keeps everything acknowledged; otherwise nothing is saved and a
+    restart loses everything (what the engine must detect).
+    """
+
+    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0) -> None:
+        self.persistent = persistent
+        self.cluster = cluster
+        self.port = port
+        self.dir = tempfile.mkdtemp(prefix="zaichik-redis-")
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        if not self.port:
+            self.port = free_port()
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--protected-mode", "no", "--logfile", "redis.log"]
+        if self.persistent:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--appendonly", "no"]
+        if self.cluster:
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "2000"]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log()}")
+            if self.command("PING") == "PONG":
+                atexit.register(self.cleanup)
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer within {timeout} s:\n{self.log()}")
+
+    def command(self, *args: str) -> str:
+        """Run one command with redis-cli; its output ('' if the server does not answer)."""
+        try:
+            return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "redis.log"), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> "RedisServer":
+        """Stop and start again on the same port and directory."""
+        self.stop()
+        return self.start()
+
+    def cleanup(self) -> None:
+        self.stop(kill=True)
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A Redis Cluster of C{size} primaries (no replicas) on loopback, made with C{redis-cli --cluster create}."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RedisServer(cluster=True) for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> "RedisCluster":
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, check=True,
+                       timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the Redis cluster did not become ready")
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+def have_redis() -> bool:
+    import shutil
+
+    return shutil.which(REDIS_SERVER) is not None and shutil.which("redis-cli") is not None

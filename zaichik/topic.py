@@ -205,6 +205,10 @@ class Topic:
             self._stored()
         return offset, duplicate
 
+    # Its replies are made once the append is done (L{zaichik.work.Late}):
+    # True for a topic whose engine assigns offsets (L{zaichik.shared}).
+    answers_late = False
+
     def published(self, rid: int, key: Optional[bytes], value: bytes):
         """L{publish}, answered: the PUBLISHED reply for request C{rid}."""
         offset, duplicate = self.publish(key, value)
@@ -495,6 +499,9 @@ class Topic:
         except ValueError:
             pass
         self.unblock(subscriber)
+
+    def heard(self) -> None:
+        """What other brokers did was read from a shared engine (nothing to do for a topic of one broker)."""
 
     def info(self) -> codec.TopicInfo:
         self.expire()

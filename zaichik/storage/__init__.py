@@ -110,6 +110,9 @@ class TopicState:
         self.next_offset = next_offset
         self.last_timestamp = last_timestamp
         self.keys = keys or []
+        # A topic another broker has just made (shared engines): wildcard
+        # subscriptions here follow it from its first message.
+        self.young = False
 
     def __repr__(self) -> str:
         return (f"<TopicState {self.name} next_offset={self.next_offset} "
@@ -182,3 +185,74 @@ class IStorage(Interface):
 
     def close() -> "Deferred":
         """Make everything durable, stop timers and release the storage."""
+
+
+class ISharedLog(IMessageLog):
+    """
+    A topic's log that several brokers share: it assigns offsets and
+    timestamps and answers duplicates itself (L{publish}), and tells its
+    C{follower} of every stored message in offset order, whoever stored it.
+    """
+
+    follower = Attribute("Called with (first, frames) for stored messages, in offset order.")
+    wanted = Attribute("Whether the follower needs the messages' contents (it has subscribers).")
+    stored = Attribute("One past the newest offset the engine had, as last read (describe).")
+    elsewhere = Attribute("Subscribers on other brokers, as last read (describe).")
+
+    def count_subscribers(count: int) -> "Deferred":
+        """This broker now has C{count} subscribers: tell the others; fires once they can see it."""
+
+    def publish(entries: List[Tuple[Optional[bytes], bytes]]) -> "Deferred":
+        """
+        Store C{entries} in order; fires with C{(first, timestamp, results)},
+        C{results} a C{(offset, duplicate)} per entry, or fails with
+        L{StorageError}.
+        """
+
+
+class IEngineEvents(Interface):
+    """What a shared engine tells the broker service about other brokers' doings."""
+
+    def topic_appeared(state: TopicState) -> None:
+        """Another broker made a topic (or this one learnt of it late)."""
+
+    def client_claimed(client_id: str, generation: int) -> None:
+        """A broker took durable C{client_id} over with C{generation}: close older sessions."""
+
+
+class ISharedStorage(IStorage):
+    """Storage that several brokers share (the Redis engine)."""
+
+    offset_resets = Attribute("Topics found lost or gone back in the engine (a count, for metrics).")
+    resyncs = Attribute("Times the engine's notifications came back after a loss (a count, for metrics).")
+
+    def sweep() -> "Deferred":
+        """Housekeeping each sweep: retention in the engine, and a check that nothing was missed."""
+
+    def lookup(name: str) -> "Deferred":
+        """
+        A topic this broker does not know yet: fires with its L{TopicState}
+        if another broker made it (its log is opened), else None.
+        """
+
+    def refresh(name: str) -> "Deferred":
+        """Bring what the log of known topic C{name} knows of its next offset (C{stored}) up to date."""
+
+    def describe(names: List[str]) -> "Deferred":
+        """
+        Bring what the logs of topics C{names} know up to date from the
+        engine (next offset, retained, subscribers on other brokers), for a
+        TOPICS reply.
+        """
+
+    def watch(events: IEngineEvents) -> None:
+        """Tell C{events} what other brokers do (before L{IStorage.open})."""
+
+    def claim_client(client_id: str) -> "Deferred":
+        """
+        Take durable C{client_id} over everywhere and load its committed
+        offsets (L{IStorage.commits}): fires with its new generation.
+        """
+
+    def create_topic(name: str, retention_ttl: int, compaction_window: int) -> "Deferred":
+        """Make the topic if new: fires with C{(retention_ttl, compaction_window, made)} as recorded."""

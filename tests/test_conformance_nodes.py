@@ -1,0 +1,78 @@
+"""
+The conformance suite (tests/test_conformance.py, written from the protocol
+text alone) again, against two brokers sharing one real Redis
+(``--engine redis://...``): each test's connections go alternately to node
+A and node B, so the publisher and the subscriber of most tests are on
+different nodes.  Every rule of the protocol must hold across nodes.
+
+Classes left out, and why: ConfiguredBrokerTests (--max-retained-bytes is
+not offered with --engine), GroupRestartTests (restarts a --data-dir
+broker), GroupTests (consumer groups are per node: docs/scale-out.rst).
+"""
+
+import itertools
+import unittest
+
+from zaichik.testing import RedisServer, have_redis
+
+from . import test_conformance as conformance
+
+_redis = None
+
+
+def redis_server():
+    global _redis
+    if _redis is None or _redis.process is None:
+        _redis = RedisServer().start()
+    return _redis
+
+
+class TwoNodes(object):
+    """Two brokers on one Redis; connect() alternates between them."""
+
+    @classmethod
+    def _start_broker(cls):
+        if cls.__dict__.get("broker") is None:
+            if not have_redis():
+                raise unittest.SkipTest("redis-server is not installed (.ci/run installs it)")
+            for other in list(conformance._RUNNING):
+                if other is not cls:
+                    other._stop_broker()
+            options = ("--engine", redis_server().url) + tuple(cls.broker_options)
+            cls.broker = conformance.Broker(*options)
+            cls.broker_b = conformance.Broker(*options)
+            conformance._RUNNING.add(cls)
+
+    @classmethod
+    def _stop_broker(cls):
+        b = cls.__dict__.get("broker")
+        if b is not None:
+            cls.broker = None
+            conformance._RUNNING.discard(cls)
+            b.stop()
+            cls.broker_b.stop()
+
+    def connect(self):
+        if not hasattr(self, "_nodes"):
+            self._nodes = itertools.cycle([self.broker.port, self.broker_b.port])
+        c = conformance.wire.Client(next(self._nodes), timeout=5.0)
+        self._clients.append(c)
+        return c
+
+
+def _across(cls):
+    return type(cls.__name__, (TwoNodes, cls), {"__doc__": f"{cls.__doc__ or cls.__name__} (two nodes, one Redis)"})
+
+
+FramingTests = _across(conformance.FramingTests)
+FireAndForgetTests = _across(conformance.FireAndForgetTests)
+TopicTests = _across(conformance.TopicTests)
+MessageTests = _across(conformance.MessageTests)
+RetentionTests = _across(conformance.RetentionTests)
+CompactionTests = _across(conformance.CompactionTests)
+SubscribeStartTests = _across(conformance.SubscribeStartTests)
+CommitFlowTests = _across(conformance.CommitFlowTests)
+HelloTests = _across(conformance.HelloTests)
+BatchTests = _across(conformance.BatchTests)
+CloseTests = _across(conformance.CloseTests)
+WildcardTests = _across(conformance.WildcardTests)

@@ -1,0 +1,186 @@
+"""
+A topic that several brokers share through an engine (Redis: see
+L{zaichik.storage.redis}).
+
+The rules are L{zaichik.topic.Topic}'s; what changes is who decides.  Here
+the engine assigns offsets and timestamps and answers duplicates, so a
+publish is staged without an offset and its reply is made once the
+engine has answered (a L{Late} reply); and messages are delivered in offset
+order as the engine tells of them, whichever broker published them (this
+one included), never straight from the publish.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple
+
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+
+from zaichik import codec
+from zaichik.codec import ErrorCode
+from zaichik.errors import ZaichikError
+from zaichik.storage import ISharedLog, StorageError
+from zaichik.topic import Topic
+from zaichik.work import Late, Pending
+
+_log = Logger()
+
+
+class _Staged:
+    """One unit of work's publishes to a shared topic, and (once answered) their results."""
+
+    __slots__ = ("entries", "results", "pending")
+
+    def __init__(self) -> None:
+        self.entries: List[Tuple[Optional[bytes], bytes]] = []
+        self.results: List[Tuple[int, bool]] = []
+        self.pending = Pending()
+
+
+class SharedTopic(Topic):
+    """
+    A L{Topic} whose log (an engine's) decides offsets.  C{next_offset} is
+    one past the newest offset this broker knows to be taken: told by the
+    engine, or given to one of its own publishes.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._log: ISharedLog = ISharedLog(self._log)
+        self._staged: Optional[_Staged] = None
+        self._log.follower = self._arrived
+        # Follow messages' contents only while someone here reads them.
+        self._log.wanted = False
+
+    # -- publishing ---------------------------------------------------------------
+
+    def _stage(self, entries: List[Tuple[Optional[bytes], bytes]]) -> Tuple[_Staged, int]:
+        overhead = len(self._prefix) + 22
+        for key, value in entries:
+            if key and len(key) > self.keys.max_key_size:
+                raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
+                                                    f"{self.keys.max_key_size} (--max-key-size)")
+            size = overhead + len(value) + (len(key) if key else 0)
+            if size > self.max_frame_size:
+                raise self._too_large(size)
+        staged = self._staged
+        if staged is None:
+            staged = self._staged = _Staged()
+            self.pending = staged.pending
+        at = len(staged.entries)
+        staged.entries.extend(entries)
+        self._stored()
+        return staged, at
+
+    answers_late = True
+
+    def published(self, rid: int, key: Optional[bytes], value: bytes) -> Late:
+        staged, at = self._stage([(key, value)])
+        return Late(rid, lambda: codec.Published(rid, *staged.results[at]))
+
+    def published_batch(self, rid: int, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> Late:
+        entries = list(entries)
+        staged, at = self._stage(entries)
+        end = at + len(entries)
+        return Late(rid, lambda: codec.PublishedBatch(rid, staged.results[at:end]))
+
+    def publish(self, key: Optional[bytes], value: bytes) -> Tuple[int, bool]:
+        raise ZaichikError(ErrorCode.INTERNAL, "a shared topic answers publishes with published()")
+
+    publish_many = publish  # type: ignore[assignment]
+
+    def commit(self) -> None:
+        """The end of a unit of work: send what was staged to the engine in one script."""
+        self._dirty = False
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        self._appending += 1
+        self._log.publish(staged.entries).addCallbacks(
+            self._answered, self._refused, (staged,), {}, (staged,))
+
+    def _answered(self, reply, staged: _Staged) -> None:
+        self._appending -= 1
+        first, _, results = reply
+        staged.results = results
+        self.duplicates += sum(1 for _, duplicate in results if duplicate)
+        stored = [offset for offset, duplicate in results if not duplicate]
+        if stored and stored[-1] + 1 > self.next_offset:
+            self.next_offset = stored[-1] + 1
+        staged.pending.settle()
+
+    def _refused(self, failure, staged: _Staged) -> None:
+        self._appending -= 1
+        if failure.check(StorageError):
+            error = failure.value
+            _log.error("Could not store {count} messages on {topic}: {error}",
+                       count=len(staged.entries), topic=self.name, error=error.message)
+        else:
+            _log.failure("Publishing to {topic} failed", failure, topic=self.name)
+            error = StorageError("storage failed")
+        self.store_errors += 1
+        staged.pending.settle(error)
+
+    # -- delivery -----------------------------------------------------------------
+
+    def _arrived(self, first: int, frames: List[bytes]) -> None:
+        """Stored messages, in offset order, told by the engine."""
+        end = first + len(frames)
+        if end > self.next_offset:
+            self.next_offset = end
+        self._stored_end = end
+        self._last_timestamp = max(self._last_timestamp, self._log_timestamp(frames))
+        for subscriber in list(self.subscribers):
+            maybeDeferred(subscriber.deliver, first, frames).addErrback(self._deliveryFailed, subscriber)
+
+    _ts_at = None
+
+    def _log_timestamp(self, frames: List[bytes]) -> int:
+        if self._ts_at is None:
+            self._ts_at = codec.message_frame_offsets(self.name)[1]
+        at = self._ts_at
+        return int.from_bytes(frames[-1][at:at + 8], "big") if frames else 0
+
+    def subscribe(self, subscriber) -> None:
+        super().subscribe(subscriber)
+        self._log.wanted = True
+        self._count_subscribers()
+
+    def unsubscribe(self, subscriber) -> None:
+        before = len(self.subscribers)
+        super().unsubscribe(subscriber)
+        self._log.wanted = bool(self.subscribers)
+        if len(self.subscribers) != before:
+            self._count_subscribers()
+
+    def _count_subscribers(self) -> None:
+        """Tell other brokers (TOPICS counts everyone's); a reply about this topic waits for it."""
+        pending = Pending()
+        if self.pending is None or self.pending.done:
+            self.pending = pending
+        self._log.count_subscribers(len(self.subscribers) + self.extra_subscribers).addCallbacks(
+            lambda _: pending.settle(), lambda f: pending.settle(f.value if f.check(ZaichikError) else None))
+
+    def heard(self) -> None:
+        """The engine was read (describe, refresh): its next offset holds here too."""
+        if self._log.stored > self.next_offset:
+            self.next_offset = self._log.stored
+
+    def info(self) -> codec.TopicInfo:
+        self.heard()
+        log = self._log
+        return codec.TopicInfo(self.name, self.retention_ttl, self.compaction_window, self.next_offset,
+                               len(log), len(self.subscribers) + self.extra_subscribers + log.elsewhere)
+
+    def oldest_offset(self) -> int:
+        first = self._log.first_offset()
+        if first is not None:
+            return first
+        return self.next_offset
+
+    def expire(self) -> int:
+        now = self.now()
+        if self.retention_ttl:
+            self._log.expire(now - self.retention_ttl)
+        return 0  # the engine expires (and counts) them
