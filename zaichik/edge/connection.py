@@ -193,8 +193,11 @@ class BrokerConnection(Protocol):
     def buffered(self, data: bytes) -> Optional[bytes]:
         """
         C{data} was read (counted; the connection is not idle): it and what
-        was kept before it, or None while a large frame is still arriving.
+        was kept before it, or None while a large frame is still arriving
+        or once the connection is closing.
         """
+        if self._closing:
+            return None
         self.service.stats.bytes_in += len(data)
         if self._idle is not None and data:
             self._idle.reset(self.service.limits.idle_timeout)
@@ -212,13 +215,15 @@ class BrokerConnection(Protocol):
             data = self._unprocessed + data
         return data
 
-    def keep(self, rest: bytes, needed: int, new_frame: bool, held: int = 0) -> None:
+    def keep(self, rest: bytes, needed: int, handled: bool, held: int = 0) -> None:
         """
         After the framer's frame loop: keep C{rest}, the start of a frame of
         C{needed} bytes in all (0: not known yet), for the next read.
-        C{new_frame}: it began in this read; C{held}: bytes of an incomplete
-        message the framer holds besides.
+        C{handled}: frames were handled in this read (so what is kept began
+        in it); C{held}: bytes of an incomplete message the framer holds
+        besides.
         """
+        new_frame = handled or not self._pending_input
         if needed - len(rest) > 65536 and not self.paused:
             # A large frame is on its way: collect its pieces.
             self._unprocessed = b""

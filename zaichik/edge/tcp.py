@@ -27,13 +27,10 @@ class BrokerProtocol(BrokerConnection):
         Split the stream into frames.  Messages published in one read reach
         each subscriber in one delivery per topic when the read is done.
         """
-        if self._closing:
-            return
         joined = self.buffered(data)
         if joined is None:
             return
         data = joined
-        had_partial = self._pending_input > 0
         end = len(data)
         at = 0
         limit = self.MAX_LENGTH
@@ -56,7 +53,7 @@ class BrokerProtocol(BrokerConnection):
             # dataReceived must find only the frames not yet handled.
             rest = data[at:] if at else data
             needed = 4 + unpack(rest, 0)[0] if len(rest) >= 4 and not self.paused else 0
-            self.keep(rest, needed, at > 0 or not had_partial)
+            self.keep(rest, needed, at > 0)
 
     def writeFrames(self, data: bytes) -> None:
         self.transport.write(data)

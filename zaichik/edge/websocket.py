@@ -282,7 +282,6 @@ class WebSocketProtocol(BrokerConnection):
         if joined is None:
             return
         data = joined
-        had_partial = self._pending_input > 0
         end = len(data)
         at = 0
         limit = self.MAX_LENGTH
@@ -328,7 +327,7 @@ class WebSocketProtocol(BrokerConnection):
                     self._control(opcode, payload)
                 else:
                     self._fragment(first, opcode, payload)
-            self.keep(data[at:] if at else data, needed, at > 0 or not had_partial, self._message_bytes)
+            self.keep(data[at:] if at else data, needed, at > 0, self._message_bytes)
 
     def _fragment(self, first: int, opcode: int, payload: bytes) -> None:
         """A frame of a fragmented message, or a text message."""
