@@ -5,7 +5,8 @@ text alone) again, against two brokers sharing one real Redis
 A and node B, so the publisher and the subscriber of most tests are on
 different nodes.  Every rule of the protocol must hold across nodes.
 
-Classes left out, and why: ConfiguredBrokerTests (--max-retained-bytes is
+A subset runs again on a 3-primary Redis Cluster (the classes named
+...OnCluster).  Classes left out, and why: ConfiguredBrokerTests (--max-retained-bytes is
 not offered with --engine), GroupRestartTests (restarts a --data-dir
 broker), GroupTests (consumer groups are per node: docs/scale-out.rst).
 """
@@ -13,11 +14,12 @@ broker), GroupTests (consumer groups are per node: docs/scale-out.rst).
 import itertools
 import unittest
 
-from zaichik.testing import RedisServer, have_redis
+from zaichik.testing import RedisCluster, RedisServer, have_redis
 
 from . import test_conformance as conformance
 
 _redis = None
+_cluster = None
 
 
 def redis_server():
@@ -27,8 +29,22 @@ def redis_server():
     return _redis
 
 
+def redis_cluster():
+    global _cluster
+    if _cluster is None:
+        _cluster = RedisCluster(3).start()
+        import atexit
+
+        atexit.register(_cluster.cleanup)
+    return _cluster
+
+
 class TwoNodes(object):
     """Two brokers on one Redis; connect() alternates between them."""
+
+    @staticmethod
+    def engine():
+        return redis_server().url
 
     @classmethod
     def _start_broker(cls):
@@ -38,7 +54,7 @@ class TwoNodes(object):
             for other in list(conformance._RUNNING):
                 if other is not cls:
                     other._stop_broker()
-            options = ("--engine", redis_server().url) + tuple(cls.broker_options)
+            options = ("--engine", cls.engine()) + tuple(cls.broker_options)
             cls.broker = conformance.Broker(*options)
             cls.broker_b = conformance.Broker(*options)
             conformance._RUNNING.add(cls)
@@ -60,8 +76,21 @@ class TwoNodes(object):
         return c
 
 
+class TwoNodesOnCluster(TwoNodes):
+    """Two brokers on a 3-primary Redis Cluster: each test's topics land on different primaries."""
+
+    @staticmethod
+    def engine():
+        return redis_cluster().url
+
+
 def _across(cls):
     return type(cls.__name__, (TwoNodes, cls), {"__doc__": f"{cls.__doc__ or cls.__name__} (two nodes, one Redis)"})
+
+
+def _on_cluster(cls):
+    return type(cls.__name__ + "OnCluster", (TwoNodesOnCluster, cls),
+                {"__doc__": f"{cls.__doc__ or cls.__name__} (two nodes, a Redis Cluster)"})
 
 
 FramingTests = _across(conformance.FramingTests)
@@ -76,3 +105,14 @@ HelloTests = _across(conformance.HelloTests)
 BatchTests = _across(conformance.BatchTests)
 CloseTests = _across(conformance.CloseTests)
 WildcardTests = _across(conformance.WildcardTests)
+
+# The same on a Redis Cluster (the rules that involve more than one key
+# or a channel: topics, messages, compaction, commits, durable clients,
+# batches, wildcards).
+TopicTestsOnCluster = _on_cluster(conformance.TopicTests)
+MessageTestsOnCluster = _on_cluster(conformance.MessageTests)
+CompactionTestsOnCluster = _on_cluster(conformance.CompactionTests)
+CommitFlowTestsOnCluster = _on_cluster(conformance.CommitFlowTests)
+HelloTestsOnCluster = _on_cluster(conformance.HelloTests)
+BatchTestsOnCluster = _on_cluster(conformance.BatchTests)
+WildcardTestsOnCluster = _on_cluster(conformance.WildcardTests)

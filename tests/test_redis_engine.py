@@ -79,3 +79,152 @@ class EncodingTests(SynchronousTestCase):
         prefix = codec.topic_prefix("t")
         self.assertEqual(decode_records(prefix, 7, 9, blob),
                          [codec.message_frame(prefix, 7, 9, b"k1", b"a"), codec.message_frame(prefix, 8, 9, None, b"")])
+
+
+class _FakeRouter:
+    """Answers XRANGE from a dict of stream entries; records every command."""
+
+    def __init__(self, entries) -> None:
+        self.entries = entries  # [(first, ts, [values])]
+        self.commands: list = []
+
+    def execute(self, key, *args):
+        from twisted.internet.defer import succeed
+
+        self.commands.append(args)
+        if args[0] == b"XRANGE":
+            start = int(args[2].split(b"-")[0])
+            found = []
+            for first, ts, values in self.entries:
+                if first + len(values) - 1 >= start:
+                    blob = encode_records([(None, v) for v in values])
+                    found.append([b"%d-1" % (first + len(values) - 1), [b"f", b"%d" % first, b"t", b"%d" % ts,
+                                                                         b"d", blob]])
+            return succeed(found)
+        return succeed(None)
+
+
+class _FakeStorage:
+    def __init__(self, router) -> None:
+        from twisted.internet.task import Clock
+
+        self.router = router
+        self.clock = Clock()
+        self.wall = self.clock
+        self.offset_resets = 0
+
+
+class FollowTests(SynchronousTestCase):
+    """How a broker follows a topic from its channel: in order, once, and catching up on gaps."""
+
+    def setUp(self) -> None:
+        from zaichik.storage.redis import RedisLog
+
+        self.router = _FakeRouter([(0, 5, [b"a", b"b"]), (2, 6, [b"c"]), (3, 7, [b"d", b"e"])])
+        self.log = RedisLog(_FakeStorage(self.router), "t", 0, 0)
+        self.log.wanted = True
+        self.got: list = []
+        self.log.follower = lambda first, frames: self.got.append((first, len(frames)))
+
+    def told(self, first: int, values) -> None:
+        self.log.told(first, 1, len(values), encode_records([(None, v) for v in values]))
+
+    def test_in_order(self) -> None:
+        self.told(0, [b"a", b"b"])
+        self.told(2, [b"c"])
+        self.assertEqual(self.got, [(0, 2), (2, 1)])
+        self.assertEqual(self.log.end, 3)
+        self.assertEqual(self.router.commands, [])
+
+    def test_heard_twice(self) -> None:
+        """A batch heard again (after catching up) is not delivered again; one overlapping is trimmed."""
+        self.told(0, [b"a", b"b"])
+        self.told(0, [b"a", b"b"])
+        self.told(1, [b"b", b"c"])
+        self.assertEqual(self.got, [(0, 2), (2, 1)])
+
+    def test_gap_caught_up_from_the_stream(self) -> None:
+        """A batch after a gap waits: the missing ones are read from the stream first, then it follows."""
+        self.told(0, [b"a", b"b"])
+        self.told(3, [b"d", b"e"])
+        self.assertEqual(self.got, [(0, 2), (2, 1), (3, 2)])
+        self.assertEqual(self.router.commands[0][:3], (b"XRANGE", self.log.keys["stream"], b"2-0"))
+        self.assertEqual(self.log.end, 5)
+
+    def test_not_wanted(self) -> None:
+        """With no subscriber here and nothing retained, only the offsets are followed."""
+        self.log.wanted = False
+        self.told(0, [b"a", b"b"])
+        self.assertEqual((self.got, self.log.end), ([], 2))
+
+
+class PingTests(SynchronousTestCase):
+    """A pub/sub connection that stops answering PING is dropped (and so made again)."""
+
+    def test_unanswered_pings_drop_the_connection(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from zaichik.storage.redis import RedisStorage
+
+        storage = RedisStorage("redis://127.0.0.1:1")
+        dropped = []
+
+        class Silent:
+            up = True
+            host, port = "127.0.0.1", 1
+
+            def execute(self, *args):
+                return Deferred()  # never answered
+
+            def drop(self):
+                dropped.append(self)
+
+        storage.pubsub.nodes[("127.0.0.1", 1)] = Silent()  # type: ignore[assignment]
+        for _ in range(3):
+            storage._ping()
+        self.assertEqual(dropped, [])
+        storage._ping()
+        self.assertEqual(len(dropped), 1)
+
+    def test_answered_pings_keep_it(self) -> None:
+        from twisted.internet.defer import succeed
+
+        from zaichik.storage.redis import RedisStorage
+
+        storage = RedisStorage("redis://127.0.0.1:1")
+        dropped = []
+
+        class Answers:
+            up = True
+            host, port = "127.0.0.1", 1
+
+            def execute(self, *args):
+                return succeed(b"PONG")
+
+            def drop(self):
+                dropped.append(self)
+
+        storage.pubsub.nodes[("127.0.0.1", 1)] = Answers()  # type: ignore[assignment]
+        for _ in range(10):
+            storage._ping()
+        self.assertEqual(dropped, [])
+
+
+class GapTests(SynchronousTestCase):
+
+    def test_gap_the_stream_cannot_fill(self) -> None:
+        """Offsets missing from the stream too (expired, lost): said, and followed on from there, once."""
+        from zaichik.storage.redis import RedisLog
+
+        router = _FakeRouter([(7, 1, [b"x"])])
+        log = RedisLog(_FakeStorage(router), "t", 0, 0)
+        log.wanted = True
+        got: list = []
+        log.follower = lambda first, frames: got.append((first, len(frames)))
+        log.end = 2
+        log.told(8, 1, 1, encode_records([(None, b"y")]))
+        self.assertEqual(got, [(7, 1), (8, 1)])
+        self.assertEqual(log.end, 9)
+        log.told(9, 1, 1, encode_records([(None, b"z")]))
+        self.assertEqual(got[-1], (9, 1))
+        self.assertEqual(len([c for c in router.commands if c[0] == b"XRANGE"]), 2)

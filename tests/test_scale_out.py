@@ -217,6 +217,49 @@ class LivenessTests(RedisTestCase):
         self.assertTrue(first.wait_closed(timeout=5))
 
 
+class GroupTests(RedisTestCase):
+
+    def test_group_served_by_one_broker(self) -> None:
+        """
+        A consumer group's members on one broker share its messages; a
+        member on another broker is refused (LIMIT) while the group is
+        served elsewhere; once that broker is gone, the group moves (after
+        its lease lapses) and resumes from its recorded position.
+        """
+        a, b = self.broker("--sweep-interval", "200"), self.broker("--sweep-interval", "200")
+        topic = _topic("grp")
+        publisher = self.client(f"tcp:{a.address}")
+        publisher.create_topic(topic, retention_ttl=600_000)
+        for i in range(6):
+            publisher.publish(topic, b"%d" % i)
+        first, second = self.client(f"tcp:{a.address}"), self.client(f"tcp:{a.address}")
+        m1 = first.subscribe_group(topic, "workers", max_inflight=1)
+        m2 = second.subscribe_group(topic, "workers", max_inflight=1)
+        got = []
+        for member in (m1, m2, m1, m2):
+            message = member.get(timeout=5)
+            got.append(message.offset)
+            member.ack(message.offset)
+        self.assertEqual(sorted(got[:2]), [0, 1])
+        elsewhere = self.client(f"tcp:{b.address}")
+        with self.assertRaises(ZaichikError) as refused:
+            elsewhere.subscribe_group(topic, "workers")
+        self.assertEqual(refused.exception.code, 11)  # LIMIT
+        a.process.kill()
+        a.process.wait()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                moved = elsewhere.subscribe_group(topic, "workers")
+                break
+            except ZaichikError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        rest = sorted(moved.get(timeout=5).offset for _ in range(2))
+        self.assertEqual(rest, [4, 5])
+
+
 _cluster: list = []
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -248,6 +249,7 @@ class BrokerService(Service):
         expired = 0
         if self.engine is not None:
             self.engine.sweep()
+            self.engine.renew_groups([key for key, group in self.groups.items() if group.members])
         for topic in list(self.topics.values()):
             try:
                 expired += topic.expire()
@@ -396,11 +398,7 @@ class BrokerService(Service):
         """
         assert self.engine is not None
         if codec.is_pattern(name):
-            # A wildcard SUBSCRIBE: the next offsets of every topic it matches.
-            from zaichik.patterns import matches
-
-            names = [n for n in self.topic_names if matches(name, n)]
-            return self.engine.describe(names).addCallback(lambda _: self._heard(names))
+            return self._learn_matching(name)
         if name in self.topics:
             # Known: only its next offset, which other brokers move.
             return self.engine.refresh(name).addCallback(lambda _: self._heard([name]))
@@ -410,6 +408,47 @@ class BrokerService(Service):
                 self.topic_appeared(state)
 
         return self.engine.lookup(name).addCallback(found)
+
+    @defer.inlineCallbacks
+    def _learn_matching(self, pattern: str):
+        """
+        A wildcard SUBSCRIBE: every topic it matches (those made on other
+        brokers that this one has not heard of yet too), with its next offset.
+        """
+        from zaichik.patterns import matches
+
+        engine = self.engine
+        assert engine is not None
+        for name in (yield engine.names()):
+            if name not in self.topics and matches(pattern, name):
+                state = yield engine.lookup(name)
+                if state is not None:
+                    self.topic_appeared(state)
+        names = [n for n in self.topic_names if matches(pattern, n)]
+        yield engine.describe(names)
+        self._heard(names)
+
+    def hold_group(self, topic: str, group: str) -> Deferred:
+        """
+        Before a SUBSCRIBE_GROUP with a shared engine: a consumer group is
+        served by one broker at a time, so this broker takes the group's
+        lease (or the request is refused with LIMIT: its members are on
+        another broker).  A group served here before, without members now,
+        starts again from its recorded position.
+        """
+        engine = self.engine
+        assert engine is not None
+
+        def held(ours: bool) -> None:
+            if not ours:
+                raise ZaichikError(ErrorCode.LIMIT, f"group {group} of {topic} is served by another broker: "
+                                                    f"with --engine, a group's members connect to one broker")
+            known = self.groups.get((topic, group))
+            if known is not None and not known.members:
+                del self.groups[(topic, group)]
+
+        d = self.learn_topic(topic) if topic not in self.topics else defer.succeed(None)
+        return d.addCallback(lambda _: engine.lease_group(topic, group)).addCallback(held)
 
     def _heard(self, names: List[str]) -> None:
         for name in names:

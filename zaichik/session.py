@@ -159,6 +159,10 @@ class Session:
                 return waited.addCallback(lambda _: self.handle(request))
         service = self.service
         if service.engine is not None and not learnt:
+            if type(request) is codec.SubscribeGroup and codec.is_valid_topic(request.topic):
+                # Served by one broker at a time: take it here (or refuse).
+                return service.hold_group(request.topic, request.group).addCallbacks(
+                    lambda _: self.handle(request, True), self._asyncFailed, errbackArgs=(request.rid,))
             name = getattr(request, "topic", None)
             if name is not None and (type(request) is codec.Subscribe or name not in service.topics and
                                      codec.is_valid_topic(name)):

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from zaichik import codec
 
@@ -55,14 +55,17 @@ class BrokerProcess:
     is found in C{twisted/plugins/} beside it, in a checkout or an install).
     """
 
-    def __init__(self, *options: str, websocket: bool = False, http: bool = False) -> None:
+    def __init__(self, *options: str, twistd_options: Sequence[str] = (), websocket: bool = False,
+                 http: bool = False) -> None:
         """
+        @param twistd_options: before "zaichik": e.g. C{["-r", "asyncio"]}.
         @param websocket: listen for WebSocket clients too, on
             C{websocket_port} (kept across L{restart}).
         @param http: serve /metrics, the console and zaichik.js on
             C{http_port} (kept across L{restart}).
         """
         self.options = list(options)
+        self.twistd_options = list(twistd_options)  # before "zaichik": e.g. ["-r", "asyncio"]
         self.port = 0
         self.process: Optional[subprocess.Popen] = None
         self.log_path = ""
@@ -78,7 +81,7 @@ class BrokerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
-        argv: List[str] = TWISTD + ["-n", "--pidfile=", "zaichik",
+        argv: List[str] = TWISTD + self.twistd_options + ["-n", "--pidfile=", "zaichik",
                                    "--port", f"tcp:{self.port}:interface=127.0.0.1"] + self.options
         if self.websocket_port:
             argv += ["--websocket-port", f"tcp:{self.websocket_port}:interface=127.0.0.1"]
@@ -241,7 +244,9 @@ class RedisServer:
     restart loses everything (what the engine must detect).
     """
 
-    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0) -> None:
+    def __init__(self, persistent: bool = False, cluster: bool = False, port: int = 0,
+                 options: Sequence[str] = ()) -> None:
+        self.options = list(options)  # more redis-server options
         self.persistent = persistent
         self.cluster = cluster
         self.port = port
@@ -254,13 +259,14 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         if not self.port:
-            self.port = free_port()
+            self.port = _free_cluster_port() if self.cluster else free_port()
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--protected-mode", "no", "--logfile", "redis.log"]
         if self.persistent:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             argv += ["--appendonly", "no"]
+        argv += self.options
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "2000"]
@@ -309,6 +315,22 @@ class RedisServer:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    import random
+
+    for _ in range(100):
+        port = random.randrange(20000, 50000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a Redis cluster node")
 
 
 class RedisCluster:

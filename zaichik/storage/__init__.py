@@ -229,6 +229,19 @@ class ISharedStorage(IStorage):
     def sweep() -> "Deferred":
         """Housekeeping each sweep: retention in the engine, and a check that nothing was missed."""
 
+    def lease_group(topic: str, group: str) -> "Deferred":
+        """
+        Serve consumer group C{group} of C{topic} on this broker: fires with
+        True (its recorded position is then in L{IStorage.group_positions}),
+        or False if another broker serves it.
+        """
+
+    def renew_groups(groups: List[Tuple[str, str]]) -> None:
+        """Keep serving these C{(topic, group)}s (each sweep)."""
+
+    def names() -> "Deferred":
+        """Fires with the names of every topic, made by any broker."""
+
     def lookup(name: str) -> "Deferred":
         """
         A topic this broker does not know yet: fires with its L{TopicState}

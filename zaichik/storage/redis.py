@@ -150,6 +150,16 @@ if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return g
 """
 
+LEASE = r"""
+-- KEYS: a group's lease, the topic's group positions.  ARGV: node, ms, group.
+-- The broker that serves a consumer group (all its members are there):
+-- taken if free or ours (and renewed), else who holds it.
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return {holder, false} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {ARGV[1], redis.call('HGET', KEYS[2], ARGV[3])}
+"""
+
 TRIM = r"""
 -- KEYS: meta, stream.  ARGV: entries looked at, at most.  Drops the batches
 -- retention no longer keeps; returns next, count, bytes, oldest offset, dropped.
@@ -209,7 +219,8 @@ _create = _Script(CREATE)
 _raise = _Script(RAISE)
 _claim = _Script(CLAIM)
 _trim = _Script(TRIM)
-_SCRIPTS = (_publish, _create, _raise, _claim, _trim)
+_lease = _Script(LEASE)
+_SCRIPTS = (_publish, _create, _raise, _claim, _trim, _lease)
 
 TOPICS = b"zaichik:topics"  # the set of every topic's name
 NEW_TOPICS = b"zaichik:new-topics"  # channel: a topic was made
@@ -440,8 +451,8 @@ class RedisLog:
             return
         end = self.end
         if first > end:
+            self._early.append((first, ts, count, blob))  # (before: catching up may end at once)
             self.catch_up()
-            self._early.append((first, ts, count, blob))
             return
         if first + count <= end:
             return  # heard already (after catching up)
@@ -469,8 +480,10 @@ class RedisLog:
     def catch_up(self, upto: Optional[int] = None) -> Deferred:
         """Read what was stored after C{end} (missed on the channel) and deliver it."""
         if self._catching_up is None:
-            self._catching_up = self._catch_up()
-            self._catching_up.addBoth(self._caught_up)
+            running = self._catching_up = self._catch_up()
+            running.addBoth(self._caught_up)  # (at once if the reads were answered at once)
+        if self._catching_up is None:
+            return defer.succeed(None)
         d: Deferred = Deferred()
 
         def done(result):
@@ -503,6 +516,13 @@ class RedisLog:
         if isinstance(result, defer.Failure):
             _log.warn("Catching up on {topic} failed: {why}", topic=self.name, why=result.getErrorMessage())
         early, self._early = self._early, []
+        early.sort()
+        if early and early[0][0] > self.end and result is None:
+            # Read all the stream had, and still short of what was heard:
+            # those offsets are gone (expired, or lost by Redis).
+            _log.warn("Topic {topic}: offsets {start}-{stop} are not in Redis (expired or lost); going on",
+                      topic=self.name, start=self.end, stop=early[0][0] - 1)
+            self.end = early[0][0]
         for told in early:
             self.told(*told)
         return None
@@ -598,6 +618,7 @@ class RedisStorage:
                 states.append(state)
         self.opened = True
         yield defer.gatherResults([self._listen(log) for log in self.logs.values()])
+        yield self._check_settings()
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
         self._pinger.start(self._ping_interval, now=False)
@@ -606,6 +627,29 @@ class RedisStorage:
     @staticmethod
     def _state(name: str, meta: Dict[bytes, bytes]) -> TopicState:
         return TopicState(name, int(meta.get(b"ttl", 0)), int(meta.get(b"window", 0)), int(meta.get(b"next", 0)))
+
+    @defer.inlineCallbacks
+    def _check_settings(self):
+        """Warn about Redis settings that cost messages or availability (docs/scale-out.rst)."""
+        for connection in self.router.primaries():
+            try:
+                limits = yield connection.execute(b"CONFIG", b"GET", b"client-output-buffer-limit")
+                policy = yield connection.execute(b"CONFIG", b"GET", b"maxmemory-policy")
+            except RedisError:
+                return  # (CONFIG renamed or refused: nothing to say)
+            words = limits[1].split() if len(limits) > 1 else []
+            if b"pubsub" in words:
+                at = words.index(b"pubsub")
+                hard = int(words[at + 1])
+                if 0 < hard < 256 * 1024 * 1024:
+                    _log.warn("Redis at {host}:{port} drops a pub/sub client over {hard} bytes behind: a broker "
+                              "that falls behind reconnects and catches up, but a topic with retention_ttl 0 "
+                              "keeps only its last ~1,000 batches (client-output-buffer-limit pubsub "
+                              "256mb 64mb 60 or more)", host=connection.host, port=connection.port, hard=hard)
+            if len(policy) > 1 and policy[1] != b"noeviction":
+                _log.warn("Redis at {host}:{port} has maxmemory-policy {policy}: evicting keys loses messages "
+                          "and compaction keys silently (set noeviction)", host=connection.host,
+                          port=connection.port, policy=policy[1].decode())
 
     def close(self) -> Deferred:
         if self._pinger is not None and self._pinger.running:
@@ -730,6 +774,11 @@ class RedisStorage:
         return state
 
     LEARN_FROM_START = 10_000
+
+    def names(self) -> Deferred:
+        """The names of every topic any broker made."""
+        d = self.router.execute(TOPICS, b"SMEMBERS", TOPICS).addErrback(RedisLog._failed)
+        return d.addCallback(lambda names: sorted(n.decode() for n in names))
 
     def refresh(self, name: str) -> Deferred:
         """Read topic C{name}'s next offset from Redis into its log's C{stored}."""
@@ -856,6 +905,40 @@ class RedisStorage:
 
     def group_positions(self) -> Dict[str, Dict[str, int]]:
         return self._groups
+
+    # A consumer group is served by one broker at a time (all its members
+    # connect there); its lease lapses this long after that broker stops
+    # renewing it (it died, or the group has no members left there).
+    GROUP_LEASE = 10_000
+
+    @defer.inlineCallbacks
+    def lease_group(self, topic: str, group: str):
+        """
+        Serve C{group} of C{topic} here: fires with True (its recorded
+        position loaded into L{group_positions}) or False if another broker
+        serves it.
+        """
+        keys = topic_keys(topic)
+        lease = keys["groups"] + b":lease:" + group.encode()
+        holder, position = yield _lease(self.router, [lease, keys["groups"]],
+                                        [self.node, self.GROUP_LEASE, group]).addErrback(RedisLog._failed)
+        if holder != self.node:
+            return False
+        if position:
+            self._groups.setdefault(topic, {})[group] = int(position)
+        return True
+
+    def renew_groups(self, groups: List[Tuple[str, str]]) -> None:
+        """Renew the leases of the groups served here (each sweep)."""
+        for topic, group in groups:
+            self.lease_group(topic, group).addCallback(self._renewed, topic, group).addErrback(lambda f: None)
+
+    @staticmethod
+    def _renewed(held: bool, topic: str, group: str) -> None:
+        if not held:
+            _log.error("Group {group} of {topic} is now served by another broker (this one stopped renewing "
+                       "its lease in time): members here and there may both receive messages",
+                       group=group, topic=topic)
 
     def record_group_position(self, topic: str, group: str, offset: int) -> Deferred:
         self._groups.setdefault(topic, {})[group] = offset
