@@ -11,6 +11,7 @@ import base64
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -172,11 +173,14 @@ class WebSocketClient:
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1", origin: Optional[str] = None,
-                 timeout: float = 10.0, path: str = "/", protocol: Optional[str] = "zaichik.v1") -> None:
+                 timeout: float = 10.0, path: str = "/", protocol: Optional[str] = "zaichik.v1",
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        """C{ssl_context}: C{wss://}, the certificate checked for C{host}."""
         from zaichik.edge.websocket import accept_key
 
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock if ssl_context is None else ssl_context.wrap_socket(sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode("ascii")
         lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
                  f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
@@ -196,6 +200,7 @@ class WebSocketClient:
         if " 101 " not in self.status + " " or accept_key(key).encode("ascii") not in head:
             raise ConnectionError(f"handshake refused: {head.decode('latin-1')}")
         self.mask = os.urandom(4)
+        self.closed_with: Optional[bytes] = None  # the payload of the broker's CLOSE frame
 
     def encode(self, *requests, opcode: int = 2) -> bytes:
         """C{requests} (codec objects or frame bodies) as masked messages (binary unless told)."""
@@ -215,6 +220,9 @@ class WebSocketClient:
             messages, used = parse_messages(self.buffer)
             if messages:
                 self.buffer = self.buffer[used:]
+                for opcode, payload in messages:
+                    if opcode == 8:  # CLOSE
+                        self.closed_with = payload
                 return messages
             chunk = self.sock.recv(1 << 16)
             if not chunk:
@@ -227,6 +235,28 @@ class WebSocketClient:
         while len(out) < count:
             out += [codec.decode_reply(payload) for opcode, payload in self.messages() if opcode == 2]
         return out
+
+    def until_closed(self) -> Optional[bytes]:
+        """
+        Read until the broker closes the connection: the payload of the
+        CLOSE frame it sent (its status code), or None if it sent none.
+        """
+        from zaichik.edge.websocket import CLOSE, parse_messages
+
+        data = self.buffer
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except ConnectionError:
+                chunk = b""
+            if not chunk:
+                break
+            data += chunk
+        self.buffer = b""
+        for opcode, payload in parse_messages(data)[0]:
+            if opcode == CLOSE:
+                self.closed_with = payload
+        return self.closed_with
 
     def close(self) -> None:
         self.sock.close()
