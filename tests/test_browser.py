@@ -51,7 +51,7 @@ class BrowserTestCase(SynchronousTestCase):
         self.data_dir = tempfile.mkdtemp(prefix="zaichik-browser-")
         self.addCleanup(shutil.rmtree, self.data_dir, True)
         self.broker = BrokerProcess("--data-dir", self.data_dir, "--websocket-origin", self.page_origin,
-                                    websocket=True, http=True)
+                                    "--idle-timeout", "1500ms", websocket=True, http=True)
         # (the console comes from the broker's own HTTP port: listed too)
         self.broker.options += ["--websocket-origin", f"http://127.0.0.1:{self.broker.http_port}"]
         self.broker.start()
@@ -91,7 +91,7 @@ class ClientInBrowserTests(BrowserTestCase):
         self.browser.wait_for("document.title === 'ready'")
         self.browser.evaluate("phase1()")
         self.assertSteps("connect", "create_topic", "subscribe", "publish", "publish_batch", "messages", "commit",
-                         "async_iteration", "group_ack", "pattern", "list_topics", "error_code")
+                         "async_iteration", "group_ack", "pattern", "list_topics", "keepalive", "error_code")
         self.assertIn("BAD_OFFSET", self.results()["commit"])
 
         self.browser.evaluate(f"badToken('ws://127.0.0.1:{guarded.websocket_port}/')")

@@ -91,6 +91,8 @@ export interface ConnectOptions {
   reconnect?: boolean;
   /** ms before a request fails without an answer (default 30,000; 0: never). */
   requestTimeout?: number;
+  /** ms without sending after which a PING is sent (default 60,000; 0: none): the broker's --idle-timeout. */
+  keepalive?: number;
   backoffInitial?: number;
   backoffMax?: number;
   onStateChange?: (state: ClientState, client: Client) => void;

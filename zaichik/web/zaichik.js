@@ -270,6 +270,7 @@ export class Client {
     this.token = options.token || "";
     this.reconnect = options.reconnect ?? true;
     this.requestTimeout = options.requestTimeout ?? 30000;
+    this.keepalive = options.keepalive ?? 60000;
     this.backoff = { initial: options.backoffInitial ?? 100, maximum: options.backoffMax ?? 5000 };
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
     this.subscriptions = new Map();
@@ -287,6 +288,8 @@ export class Client {
     this._connectWaiter = null;
     this._lastError = null;
     this._closedWaiters = [];
+    this._lastSent = 0;
+    this._keepTimer = null;
   }
 
   _setState(state) {
@@ -334,6 +337,7 @@ export class Client {
   }
 
   _ready() {
+    this._startKeepalive();
     this._established = true;
     this._delay = this.backoff.initial;
     this._setState(READY);
@@ -345,6 +349,22 @@ export class Client {
     if (this._connectWaiter) { this._connectWaiter.resolve(this); this._connectWaiter = null; }
   }
 
+  // A PING after `keepalive` ms without sending, so that a client that only
+  // listens stays inside the broker's --idle-timeout; one not answered
+  // within requestTimeout means the connection is dead: it is dropped (and
+  // dialled again), as the Python clients do.
+  _startKeepalive() {
+    clearInterval(this._keepTimer);
+    if (!this.keepalive) return;
+    this._lastSent = Date.now();
+    this._keepTimer = setInterval(() => {
+      const ws = this._ws;
+      if (this.state !== READY || !ws || Date.now() - this._lastSent < this.keepalive) return;
+      this._sendNow(this._rid(), (rid) => new Writer().int(OP.PING, 1).int(rid, 4), () => {},
+        () => { if (this._ws === ws) this._lost(new ConnectionLostError("no answer to a keepalive PING")); }, true);
+    }, Math.max(50, Math.min(this.keepalive / 4, 5000)));
+  }
+
   _renew(sub) {
     const [start, offset] = sub._resumePosition(this.clientId);
     this._sendNow(this._rid(), (rid) => this._subscribeFrame(rid, sub, start, offset),
@@ -352,6 +372,7 @@ export class Client {
   }
 
   _lost(error) {
+    clearInterval(this._keepTimer);
     const ws = this._ws;
     this._ws = null;
     if (ws) { ws.onopen = ws.onmessage = ws.onclose = null; try { ws.close(); } catch (e) { /* gone already */ } }
@@ -483,6 +504,7 @@ export class Client {
       }, this.requestTimeout);
     }
     this._waiting.set(rid, pending);
+    this._lastSent = Date.now();
     this._ws.send(make(rid).done());
   }
 
