@@ -24,6 +24,12 @@ from zaichik.edge.websocket import (BINARY, CLOSE, CONTINUATION, HANDSHAKE_TIMEO
 from zaichik.service import BrokerService, Limits
 from zaichik.testing import parse_frames
 
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
 KEY = base64.b64encode(b"0123456789abcdef").decode("ascii")
 MASK = b"\x01\x02\x03\x04"
 
@@ -478,3 +484,67 @@ class BlockPolicyTests(WebSocketTestCase):
         slow.transport.producer.resumeProducing()
         self.assertEqual(topic.next_offset, 40)
         self.assertEqual([m.offset for m in slow.received()], list(range(40)))
+
+
+def _conversation() -> bytes:
+    """A conversation's bytes from a browser: whole, fragmented and control frames, a text message."""
+    publish = codec.Publish(7, "chat", b"v" * 300, b"k").encode()
+    return (handshake()
+            + message(codec.CreateTopic(1, "chat", 60_000, 0)) + message(codec.Subscribe(2, "chat"))
+            + bytes((BINARY, 0x80 | 100)) + MASK + unmask(publish[:100], MASK)
+            + encode_frame(PING, b"p", MASK)
+            + bytes((0x80 | CONTINUATION, 0x80 | 126)) + (len(publish) - 100).to_bytes(2, "big") + MASK
+            + unmask(publish[100:], MASK)
+            + encode_frame(TEXT, b"not a frame", MASK)
+            + message(codec.Publish(0, "chat", b"fire and forget")) + message(codec.Commit(8, "chat", 1))
+            + message(codec.ListTopics(9)) + message(codec.Ping(10)))
+
+
+CONVERSATION = _conversation()
+
+
+class ChunkingTests(WebSocketTestCase):
+    """However a conversation is cut into reads, the broker answers the same, byte for byte."""
+
+    def converse(self, chunks) -> tuple:
+        """
+        A fresh broker, one connection fed C{chunks}: (its replies and
+        control frames, its MESSAGE frames), each as the messages' bytes
+        (where a read ends decides when messages are delivered, not what).
+        """
+        self.setUp()
+        transport = StringTransport()
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        for chunk in chunks:
+            protocol.dataReceived(chunk)
+        head, _, rest = transport.value().partition(b"\r\n\r\n")
+        out, used = parse_messages(rest)
+        self.assertEqual(used, len(rest))
+        self.assertIn(b" 101 ", head)
+        is_message = [opcode == BINARY and payload[0] == codec.Opcode.MESSAGE.value for opcode, payload in out]
+        return ([m for m, flag in zip(out, is_message) if not flag], [m for m, flag in zip(out, is_message) if flag])
+
+    def test_the_conversation(self):
+        answers, messages = self.converse([CONVERSATION])
+        self.assertEqual([(opcode, codec.decode_reply(p) if opcode == BINARY else p) for opcode, p in answers], [
+            (BINARY, codec.Ok(1)), (BINARY, codec.Ok(2)), (PONG, b"p"), (BINARY, codec.Published(7, 0, False)),
+            (BINARY, codec.Error(0, int(ErrorCode.BAD_FRAME),
+                                 "a text message: each frame travels in one binary message")),
+            (BINARY, codec.Ok(8)), (BINARY, codec.Topics(9, [codec.TopicInfo("chat", 60_000, 0, 2, 2, 1)])),
+            (BINARY, codec.Ok(10))])
+        self.assertEqual([codec.decode_reply(p).offset for _, p in messages], [0, 1])
+
+    def test_byte_at_a_time(self):
+        whole = self.converse([CONVERSATION])
+        self.assertEqual(self.converse([CONVERSATION[i:i + 1] for i in range(len(CONVERSATION))]), whole)
+
+    if given is not None:
+
+        @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(st.integers(min_value=0, max_value=len(CONVERSATION)), max_size=40))
+        def test_random_chunks(self, cuts):
+            whole = self.converse([CONVERSATION])
+            points = [0] + sorted(cuts) + [len(CONVERSATION)]
+            self.assertEqual(self.converse([CONVERSATION[a:b] for a, b in zip(points, points[1:])]), whole)
