@@ -148,9 +148,9 @@ class Options(usage.Options):
         ["auth", None, None,
          "Credentials file: every connection must authenticate with HELLO (see zaichik.auth)."],
         ["metrics-port", None, None,
-         "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
-         "endpoint description (tcp:9102:interface=0.0.0.0). A bare port listens on "
-         "127.0.0.1 only, unless --auth is given (/metrics itself asks for no credentials)."],
+         "Serve Prometheus metrics (/metrics), /healthz, the web console (/console/) and zaichik.js "
+         "over HTTP here: a port or an endpoint description (tcp:9102:interface=0.0.0.0). A bare "
+         "port listens on 127.0.0.1 only, unless --auth is given (these pages ask for no credentials)."],
         ["metrics-max-topics", None, 1000,
          "Topics with /metrics series of their own (the first ones by name); the others are "
          "summed into series labelled topic=\"_other\".", _non_negative_int],
