@@ -159,3 +159,31 @@ class ConsoleTests(BrowserTestCase):
         path = self.browser.screenshot(SCREENSHOT)
         self.assertGreater(os.path.getsize(path), 10_000)
         client.close()
+
+
+class ConsoleWithAuthTests(BrowserTestCase):
+    def test_read_only_without_a_token_and_as_the_token_allows(self):
+        credentials = os.path.join(self.data_dir, "credentials")
+        with open(credentials, "w") as f:
+            f.write(f"viewer {hash_secret('look', n=2, r=1, p=1)} subscribe=#\n")
+        guarded = BrokerProcess("--auth", credentials, websocket=True, http=True)
+        guarded.start()
+        self.addCleanup(guarded.cleanup)
+        console = f"http://127.0.0.1:{guarded.http_port}/console/"
+        self.browser.navigate(console)
+        # Without a token: the tables only; asked for one; nothing to publish with.
+        self.browser.wait_for("!document.getElementById('login').hidden")
+        self.assertEqual(self.browser.evaluate("document.getElementById('publish-button').disabled"), True)
+        self.assertIn("read-only", self.browser.evaluate("document.getElementById('ws-state').textContent"))
+        # A token that may only subscribe: connected, and the broker refuses its publish.
+        self.browser.evaluate("""(() => {
+            document.getElementById('token').value = 'viewer:look';
+            document.getElementById('login').requestSubmit(); })()""")
+        self.browser.wait_for("document.getElementById('ws-state').textContent === 'WebSocket ready'")
+        self.browser.evaluate("""(() => {
+            document.getElementById('publish-topic').value = 'anything';
+            document.getElementById('publish-value').value = 'x';
+            document.getElementById('publish-button').click(); })()""")
+        result = self.browser.wait_for("(t => t.startsWith('read-only') && t)"
+                                       "(document.getElementById('publish-result').textContent)")
+        self.assertIn("NOT_AUTHORIZED", result)
