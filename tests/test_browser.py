@@ -69,6 +69,13 @@ class BrowserTestCase(SynchronousTestCase):
             "JSON.stringify([...document.querySelectorAll('#results li')].map(li => [li.id, li.textContent]))")
         return {key[2:]: text.split(": ", 1)[1] for key, text in json.loads(items)}
 
+    def publish_in_console(self, topic: str, value: str) -> None:
+        """Type into the console's publish box and press Publish."""
+        self.browser.evaluate(f"""(() => {{
+            document.getElementById('publish-topic').value = {json.dumps(topic)};
+            document.getElementById('publish-value').value = {json.dumps(value)};
+            document.getElementById('publish-button').click(); }})()""")
+
     def assertSteps(self, *names: str) -> None:
         results = self.results()
         for name in names:
@@ -145,10 +152,7 @@ class ConsoleTests(BrowserTestCase):
         self.assertEqual([tail[0], tail[2], tail[3]], ["3", "greeting", "hello from the test"])
 
         # The publish box, over the same WebSocket.
-        self.browser.evaluate("""(() => {
-            document.getElementById('publish-topic').value = 'console.demo';
-            document.getElementById('publish-value').value = 'typed in the console';
-            document.getElementById('publish-button').click(); })()""")
+        self.publish_in_console("console.demo", "typed in the console")
         result = self.browser.wait_for("(t => t.startsWith('published') && t)"
                                        "(document.getElementById('publish-result').textContent)")
         self.assertEqual(result, "published at offset 4")
@@ -180,10 +184,7 @@ class ConsoleWithAuthTests(BrowserTestCase):
             document.getElementById('token').value = 'viewer:look';
             document.getElementById('login').requestSubmit(); })()""")
         self.browser.wait_for("document.getElementById('ws-state').textContent === 'WebSocket ready'")
-        self.browser.evaluate("""(() => {
-            document.getElementById('publish-topic').value = 'anything';
-            document.getElementById('publish-value').value = 'x';
-            document.getElementById('publish-button').click(); })()""")
+        self.publish_in_console("anything", "x")
         result = self.browser.wait_for("(t => t.startsWith('read-only') && t)"
                                        "(document.getElementById('publish-result').textContent)")
         self.assertIn("NOT_AUTHORIZED", result)
