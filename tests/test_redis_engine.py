@@ -228,3 +228,34 @@ class GapTests(SynchronousTestCase):
         log.told(9, 1, 1, encode_records([(None, b"z")]))
         self.assertEqual(got[-1], (9, 1))
         self.assertEqual(len([c for c in router.commands if c[0] == b"XRANGE"]), 2)
+
+
+class CacheTests(SynchronousTestCase):
+    """The newest messages are cached only for subscribers here, within the broker's budget."""
+
+    def make(self, cache_size: int):
+        from zaichik.storage.redis import RedisLog
+
+        storage = _FakeStorage(_FakeRouter([]))
+        storage.cache_size = cache_size
+        storage.cache_bytes = 0
+        log = RedisLog(storage, "t", 60_000, 0)
+        log.follower = lambda first, frames: None
+        return storage, log
+
+    def test_not_cached_without_subscribers(self) -> None:
+        storage, log = self.make(1 << 20)
+        log.told(0, 1, 2, encode_records([(None, b"a"), (None, b"b")]))
+        self.assertEqual((storage.cache_bytes, log.end, len(log)), (0, 2, 2))
+
+    def test_budget(self) -> None:
+        storage, log = self.make(300)
+        log.wanted = True
+        for i in range(20):
+            log.told(i, 1, 1, encode_records([(None, b"x" * 50)]))
+        self.assertLessEqual(storage.cache_bytes, 300)
+        self.assertGreater(storage.cache_bytes, 0)
+        first, frames = log.read(19, 10).result
+        self.assertEqual((first, len(frames)), (19, 1))
+        log.forget_cache()
+        self.assertEqual(storage.cache_bytes, 0)

@@ -337,3 +337,47 @@ class ClusterTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ClusterFailoverTests(unittest.TestCase):
+    """A primary of a Redis Cluster with replicas dies; its replica takes over."""
+
+    def test_failover(self) -> None:
+        """
+        kill -9 of the primary that serves a topic: once its replica is
+        promoted, brokers publish and deliver again (listening on the new
+        primary), and no offset is given twice.
+        """
+        if not have_redis():
+            raise unittest.SkipTest("redis-server is not installed (.ci/run installs it)")
+        from zaichik.storage.redis import topic_keys
+
+        cluster = RedisCluster(3, replicas=1)
+        self.addCleanup(cluster.cleanup)
+        cluster.start()
+        a = BrokerProcess("--engine", cluster.url).start()
+        self.addCleanup(a.cleanup)
+        b = BrokerProcess("--engine", cluster.url).start()
+        self.addCleanup(b.cleanup)
+        topic = _topic("fo")
+        publisher = connect(f"tcp:{a.address}")
+        self.addCleanup(publisher.close)
+        subscriber = connect(f"tcp:{b.address}")
+        self.addCleanup(subscriber.close)
+        publisher.create_topic(topic, retention_ttl=600_000)
+        subscription = subscriber.subscribe(topic, start=Start.EARLIEST)
+        before = [publisher.publish(topic, b"before %d" % i).offset for i in range(5)]
+        self.assertEqual([subscription.get(timeout=5).offset for _ in range(5)], before)
+        cluster.owner(topic_keys(topic)["meta"]).stop(kill=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                after = publisher.publish(topic, b"after")
+                break
+            except ZaichikError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.assertGreater(after.offset, max(before))
+        message = subscription.get(timeout=10)
+        self.assertEqual((message.offset, message.value), (after.offset, b"after"))

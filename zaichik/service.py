@@ -419,11 +419,7 @@ class BrokerService(Service):
 
         engine = self.engine
         assert engine is not None
-        for name in (yield engine.names()):
-            if name not in self.topics and matches(pattern, name):
-                state = yield engine.lookup(name)
-                if state is not None:
-                    self.topic_appeared(state)
+        yield self._learn_new_topics(pattern)
         names = [n for n in self.topic_names if matches(pattern, n)]
         yield engine.describe(names)
         self._heard(names)
@@ -450,6 +446,35 @@ class BrokerService(Service):
         d = self.learn_topic(topic) if topic not in self.topics else defer.succeed(None)
         return d.addCallback(lambda _: engine.lease_group(topic, group)).addCallback(held)
 
+    def resynced(self) -> None:
+        """
+        The engine's notifications were lost for a while: takeovers of our
+        durable clients and topics made elsewhere may have gone unheard.
+        """
+        engine = self.engine
+        assert engine is not None
+        for client_id in list(self._durable_sessions):
+            engine.generation(client_id).addCallback(self._claimed_elsewhere, client_id).addErrback(
+                lambda f: _log.warn("Reading a takeover generation failed: {why}", why=f.getErrorMessage()))
+        self._learn_new_topics().addErrback(
+            lambda f: _log.warn("Reading the engine's topics failed: {why}", why=f.getErrorMessage()))
+
+    def _claimed_elsewhere(self, generation: int, client_id: str) -> None:
+        self.client_claimed(client_id, generation)
+
+    @defer.inlineCallbacks
+    def _learn_new_topics(self, pattern: Optional[str] = None):
+        """Open the topics other brokers made that this one has not heard of (matching C{pattern})."""
+        from zaichik.patterns import matches
+
+        engine = self.engine
+        assert engine is not None
+        for name in (yield engine.names()):
+            if name not in self.topics and (pattern is None or matches(pattern, name)):
+                state = yield engine.lookup(name)
+                if state is not None:
+                    self.topic_appeared(state)
+
     def _heard(self, names: List[str]) -> None:
         for name in names:
             topic = self.topics.get(name)
@@ -458,12 +483,15 @@ class BrokerService(Service):
 
     def client_claimed(self, client_id: str, generation: int) -> None:
         """A broker (this one too) took C{client_id} over: a session here that held it before closes."""
+        session = self._durable_sessions.get(client_id)
+        if session is None:
+            return  # (not here: nothing to remember, whatever the number of clients elsewhere)
         if generation > self._generations.get(client_id, 0):
             self._generations[client_id] = generation
-        session = self._durable_sessions.get(client_id)
-        if session is not None and 0 < session.generation < generation:
+        if 0 < session.generation < generation:
             _log.info("Client {client_id} taken over on another broker", client_id=client_id)
             self._durable_sessions.pop(client_id, None)
+            self._generations.pop(client_id, None)
             session.taken_over()
 
     def topic(self, name: str) -> Topic:
@@ -528,6 +556,7 @@ class BrokerService(Service):
     def detach(self, client_id: str, session) -> None:
         if self._durable_sessions.get(client_id) is session:
             del self._durable_sessions[client_id]
+            self._generations.pop(client_id, None)
             self._last_seen[client_id] = round(self.wall.seconds() * 1000)
 
     def durable_positions(self) -> Dict[str, Dict[str, int]]:

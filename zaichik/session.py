@@ -167,7 +167,8 @@ class Session:
             if name is not None and (type(request) is codec.Subscribe or name not in service.topics and
                                      codec.is_valid_topic(name)):
                 # A topic another broker may have made: learn it first.
-                return service.learn_topic(name).addCallback(lambda _: self.handle(request, True))
+                return service.learn_topic(name).addCallbacks(lambda _: self.handle(request, True),
+                                                              self._asyncFailed, errbackArgs=(request.rid,))
         self._requests += 1
         if self.permissions is None and type(request) is not codec.Hello:
             self._refuse(request.rid, "authenticate with HELLO first")

@@ -30,9 +30,10 @@ _log = Logger()
 class _Staged:
     """One unit of work's publishes to a shared topic, and (once answered) their results."""
 
-    __slots__ = ("entries", "results", "pending")
+    __slots__ = ("entries", "results", "pending", "silent")
 
     def __init__(self) -> None:
+        self.silent: Optional[Late] = None
         self.entries: List[Tuple[Optional[bytes], bytes]] = []
         self.results: List[Tuple[int, bool]] = []
         self.pending = Pending()
@@ -52,6 +53,20 @@ class SharedTopic(Topic):
         self._log.follower = self._arrived
         # Follow messages' contents only while someone here reads them.
         self._log.wanted = False
+
+    # What this broker knows to be taken: given to its publishes, or told by
+    # the engine (which follows a topic nobody here reads by offsets only,
+    # without calling _arrived).
+    _next = 0
+
+    @property  # type: ignore[override]
+    def next_offset(self) -> int:
+        end = self._log.end
+        return end if end > self._next else self._next
+
+    @next_offset.setter
+    def next_offset(self, value: int) -> None:
+        self._next = value
 
     # -- publishing ---------------------------------------------------------------
 
@@ -76,7 +91,32 @@ class SharedTopic(Topic):
     answers_late = True
 
     def published(self, rid: int, key: Optional[bytes], value: bytes) -> Late:
-        staged, at = self._stage([(key, value)])
+        # (The hot path of a shared topic: one message, checked here rather
+        # than through _stage's loop.)
+        size = len(self._prefix) + 22 + len(value)
+        if key:
+            if len(key) > self.keys.max_key_size:
+                raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
+                                                    f"{self.keys.max_key_size} (--max-key-size)")
+            size += len(key)
+        if size > self.max_frame_size:
+            raise self._too_large(size)
+        staged = self._staged
+        if staged is None:
+            staged = self._staged = _Staged()
+            self.pending = staged.pending
+        entries = staged.entries
+        at = len(entries)
+        entries.append((key, value))
+        if not self._dirty:
+            self._stored()  # (outside a unit of work, this sends it at once)
+        if not rid:
+            # Fire-and-forget: its reply is only ever sent as a failure, so
+            # one serves every such publish of the unit.
+            silent = staged.silent
+            if silent is None:
+                silent = staged.silent = Late(0, lambda: codec.Published(0, *staged.results[0]))
+            return silent
         return Late(rid, lambda: codec.Published(rid, *staged.results[at]))
 
     def published_batch(self, rid: int, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> Late:
@@ -102,12 +142,11 @@ class SharedTopic(Topic):
 
     def _answered(self, reply, staged: _Staged) -> None:
         self._appending -= 1
-        first, _, results = reply
+        first, _, results, count = reply
         staged.results = results
-        self.duplicates += sum(1 for _, duplicate in results if duplicate)
-        stored = [offset for offset, duplicate in results if not duplicate]
-        if stored and stored[-1] + 1 > self.next_offset:
-            self.next_offset = stored[-1] + 1
+        self.duplicates += len(results) - count
+        if count and first + count > self.next_offset:
+            self.next_offset = first + count
         staged.pending.settle()
 
     def _refused(self, failure, staged: _Staged) -> None:
@@ -151,6 +190,8 @@ class SharedTopic(Topic):
         before = len(self.subscribers)
         super().unsubscribe(subscriber)
         self._log.wanted = bool(self.subscribers)
+        if not self.subscribers:
+            self._log.forget_cache()
         if len(self.subscribers) != before:
             self._count_subscribers()
 

@@ -141,7 +141,7 @@ class Options(usage.Options):
          "Share topics with other brokers through Redis: redis://HOST:PORT[/DB] (one primary) or "
          "redis+cluster://HOST:PORT,HOST:PORT,... (a Redis Cluster's seed nodes). See docs/scale-out.rst."],
         ["cache-size", None, 32 * 1024 * 1024,
-         "With --data-dir: bytes of the newest messages kept in memory, for all topics "
+         "With --data-dir or --engine: bytes of the newest messages kept in memory, for all topics "
          "(older ones are read from disk). Default 32 MiB.", _non_negative_int],
         ["fsync", None, "interval",
          "With --data-dir: always (reply after the disk has it), interval (every 100 ms), never."],
@@ -355,7 +355,7 @@ def makeService(config: Options) -> MultiService:
     elif config["engine"]:
         from zaichik.storage.redis import RedisStorage
 
-        storage = RedisStorage(config["engine"], durable_ttl=config["durable-ttl"])
+        storage = RedisStorage(config["engine"], durable_ttl=config["durable-ttl"], cache_size=config["cache-size"])
     broker = BrokerService(
         storage=storage,
         authenticator=authenticator,

@@ -299,7 +299,7 @@ class RedisServer:
         argv += self.options
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-node-timeout", "2000"]
+                     "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -366,8 +366,9 @@ def _free_cluster_port() -> int:
 class RedisCluster:
     """A Redis Cluster of C{size} primaries (no replicas) on loopback, made with C{redis-cli --cluster create}."""
 
-    def __init__(self, size: int = 3) -> None:
-        self.nodes = [RedisServer(cluster=True) for _ in range(size)]
+    def __init__(self, size: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [RedisServer(cluster=True) for _ in range(size * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -377,14 +378,36 @@ class RedisCluster:
         for node in self.nodes:
             node.start()
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-                        "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, check=True,
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"], capture_output=True, check=True,
                        timeout=timeout)
         deadline = time.monotonic() + timeout
+        replicas = len(self.nodes) - len(self.nodes) // (1 + self.replicas)
         while time.monotonic() < deadline:
-            if all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+            if all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes) and all(
+                    n.command("CLUSTER", "NODES").count("slave") == replicas for n in self.nodes) and all(
+                    "master_link_status:up" in n.command("INFO", "replication") for n in self.nodes
+                    if "role:slave" in n.command("INFO", "replication")):
                 return self
             time.sleep(0.1)
         raise RuntimeError("the Redis cluster did not become ready")
+
+    def owner(self, key: bytes) -> RedisServer:
+        """The primary that now serves C{key}."""
+        from zaichik.storage.resp import key_slot
+
+        slot = key_slot(key)
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            answer = node.command("CLUSTER", "NODES")
+            for row in answer.splitlines():
+                fields = row.split()
+                if "myself" in fields[2] and "master" in fields[2]:
+                    for part in fields[8:]:
+                        start, _, end = part.partition("-")
+                        if start.isdigit() and int(start) <= slot <= int(end or start):
+                            return node
+        raise RuntimeError(f"no primary serves slot {slot}")
 
     def cleanup(self) -> None:
         for node in self.nodes:

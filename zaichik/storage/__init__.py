@@ -197,15 +197,20 @@ class ISharedLog(IMessageLog):
     follower = Attribute("Called with (first, frames) for stored messages, in offset order.")
     wanted = Attribute("Whether the follower needs the messages' contents (it has subscribers).")
     stored = Attribute("One past the newest offset the engine had, as last read (describe).")
+    end = Attribute("One past the newest offset this broker was told of, in order.")
     elsewhere = Attribute("Subscribers on other brokers, as last read (describe).")
+
+    def forget_cache() -> None:
+        """No subscriber on this broker reads the topic any more: drop what is cached for them."""
 
     def count_subscribers(count: int) -> "Deferred":
         """This broker now has C{count} subscribers: tell the others; fires once they can see it."""
 
     def publish(entries: List[Tuple[Optional[bytes], bytes]]) -> "Deferred":
         """
-        Store C{entries} in order; fires with C{(first, timestamp, results)},
-        C{results} a C{(offset, duplicate)} per entry, or fails with
+        Store C{entries} in order; fires with C{(first, timestamp, results,
+        count)}, C{results} a C{(offset, duplicate)} per entry and C{count}
+        the number stored (consecutive from C{first}), or fails with
         L{StorageError}.
         """
 
@@ -218,6 +223,12 @@ class IEngineEvents(Interface):
 
     def client_claimed(client_id: str, generation: int) -> None:
         """A broker took durable C{client_id} over with C{generation}: close older sessions."""
+
+    def resynced() -> None:
+        """
+        The engine's notifications came back after a loss: what was said
+        meanwhile (takeovers, new topics) must be read again.
+        """
 
 
 class ISharedStorage(IStorage):
@@ -238,6 +249,9 @@ class ISharedStorage(IStorage):
 
     def renew_groups(groups: List[Tuple[str, str]]) -> None:
         """Keep serving these C{(topic, group)}s (each sweep)."""
+
+    def generation(client_id: str) -> "Deferred":
+        """Fires with the newest takeover generation of C{client_id} (0 if none)."""
 
     def names() -> "Deferred":
         """Fires with the names of every topic, made by any broker."""

@@ -39,7 +39,7 @@ import hashlib
 import os
 import struct
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -75,7 +75,9 @@ if not epoch then
   if known_next > 0 then nxt = known_next + 1000000; lost = 1 end
   redis.call('HSET', meta, 'epoch', epoch, 'next', string.format('%.0f', nxt), 'ttl', ttl,
              'window', window, 'ts', 0, 'count', 0, 'bytes', 0)
-elseif ARGV[3] ~= '' and epoch ~= ARGV[3] and nxt < known_next then
+elseif nxt < known_next then
+  -- Offsets only grow: Redis went back (an older snapshot, AOF everysec,
+  -- a failover to a replica that was behind), with the same epoch or not.
   nxt = known_next + 1000000; lost = 1
   redis.call('HSET', meta, 'next', string.format('%.0f', nxt))
 end
@@ -124,7 +126,14 @@ return {epoch, first, now, lost, ttl, window, count, made, results}
 CREATE = r"""
 -- KEYS: meta.  ARGV: ttl, window, new epoch, known next.
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'next', 'ttl', 'window')
-if m[1] then return {m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[4]), 0, 0} end
+if m[1] then
+  if tonumber(m[2]) < tonumber(ARGV[4]) then
+    local nxt = tonumber(ARGV[4]) + 1000000
+    redis.call('HSET', KEYS[1], 'next', string.format('%.0f', nxt))
+    return {m[1], nxt, tonumber(m[3]), tonumber(m[4]), 0, 1}
+  end
+  return {m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[4]), 0, 0}
+end
 local nxt, lost = 0, 0
 if tonumber(ARGV[4]) > 0 then nxt = tonumber(ARGV[4]) + 1000000; lost = 1 end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'next', string.format('%.0f', nxt), 'ttl', ARGV[1],
@@ -164,9 +173,9 @@ TRIM = r"""
 -- KEYS: meta, stream.  ARGV: entries looked at, at most.  Drops the batches
 -- retention no longer keeps; returns next, count, bytes, oldest offset, dropped.
 local m = redis.call('HMGET', KEYS[1], 'ttl', 'next', 'count', 'bytes')
-if not m[2] then return {-1, 0, 0, -1, 0} end
+if not m[2] then return {-1, 0, 0, -1, 0, 0} end
 local ttl = tonumber(m[1])
-local dropped, freed = 0, 0
+local dropped, freed, removed = 0, 0, 0
 local oldest = -1
 if ttl > 0 then
   local t = redis.call('TIME')
@@ -176,6 +185,7 @@ if ttl > 0 then
     local f = e[2]
     local ts = tonumber(f[4])
     if ts <= cutoff then
+      removed = removed + 1
       local last = tonumber(string.sub(e[1], 1, string.find(e[1], '-') - 1))
       dropped = dropped + last - tonumber(f[2]) + 1
       freed = freed + #f[6]
@@ -191,7 +201,7 @@ if ttl > 0 then
   end
 end
 m = redis.call('HMGET', KEYS[1], 'next', 'count', 'bytes')
-return {tonumber(m[1]), tonumber(m[2]), tonumber(m[3]), oldest, dropped}
+return {tonumber(m[1]), tonumber(m[2]), tonumber(m[3]), oldest, dropped, removed}
 """
 
 
@@ -292,12 +302,14 @@ class RedisLog:
         self.epoch = b""
         self.end = 0  # one past the newest message this broker was told of
         self.stored = 0  # one past the newest message Redis had, as last read
+        self.suspect = 0  # ... as of the last sweep: not heard of by the next one, it is caught up
+        self.assigned = 0  # one past the newest offset Redis gave this broker's publishes
         self.count = 0
         self.nbytes = 0
         self.oldest: Optional[int] = None
         self.follower: Optional[Callable[[int, List[bytes]], None]] = None
         self.wanted = False  # a follower needs the messages (not only their offsets)
-        self._cache: Deque[Tuple[int, int, List[bytes]]] = deque()  # (first, ts, frames)
+        self._cache: Deque[Tuple[int, int, List[bytes], int]] = deque()  # (first, ts, frames, bytes)
         self._cached = 0
         self.subscribers = 0  # here
         self.elsewhere = 0  # on other brokers, as of the last describe()
@@ -322,10 +334,34 @@ class RedisLog:
     def append(self, first: int, frames: List[bytes]) -> Deferred:
         raise NotImplementedError("a shared log assigns offsets itself: use publish()")
 
+    def _remember(self, first: int, ts: int, frames: List[bytes]) -> None:
+        """
+        Cache the newest messages for subscribers here that are just behind:
+        at most CACHE messages a topic, and the storage's cache budget (the
+        oldest of this topic go first).
+        """
+        cache = self._cache
+        size = sum(map(len, frames))
+        cache.append((first, ts, frames, size))
+        self._cached += len(frames)
+        self.storage.cache_bytes += size
+        while len(cache) > 1 and (self._cached > self.CACHE or self.storage.cache_bytes > self.storage.cache_size):
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _, _, frames, size = self._cache.popleft()
+        self._cached -= len(frames)
+        self.storage.cache_bytes -= size
+
+    def forget_cache(self) -> None:
+        """No subscriber here any more: the cache is of no use."""
+        while self._cache:
+            self._forget_oldest()
+
     def expire(self, cutoff: int) -> int:
         cache = self._cache
         while cache and cache[0][1] <= cutoff:
-            self._cached -= len(cache.popleft()[2])
+            self._forget_oldest()
         return 0  # Redis drops them (the sweep's TRIM script), and counts
 
     def trim(self, max_bytes: int) -> int:
@@ -337,7 +373,7 @@ class RedisLog:
         first = None
         cache = self._cache
         if cache and offset >= cache[0][0]:
-            for batch_first, ts, batch in cache:
+            for batch_first, ts, batch, _ in cache:
                 if ts <= cutoff or batch_first + len(batch) <= offset:
                     continue
                 skip = max(0, offset - batch_first)
@@ -351,7 +387,7 @@ class RedisLog:
             if first is not None:
                 return defer.succeed((first, frames))
             return defer.succeed((offset, []))
-        return self.fetch(offset, limit).addCallback(self._read, cutoff)
+        return self.fetch(offset, limit).addCallback(self._read, cutoff).addCallback(self._limit, limit)
 
     @staticmethod
     def _read(batches, cutoff: int):
@@ -367,10 +403,18 @@ class RedisLog:
             frames.extend(batch)
         return (first or 0, frames)
 
+    def _limit(self, read, limit: int):
+        first, frames = read
+        return first, frames[:limit]
+
     def _cutoff(self) -> int:
         if not self.retention_ttl:
             return -1
         return round(self.storage.wall.seconds() * 1000) - self.retention_ttl
+
+    # Stream entries (batches) one read asks for at most: a batch may hold
+    # many messages, and decoding them all runs on the reactor.
+    FETCH = 100
 
     @defer.inlineCallbacks
     def fetch(self, offset: int, limit: int):
@@ -380,7 +424,7 @@ class RedisLog:
         """
         entries = yield self.storage.router.execute(
             self.keys["stream"], b"XRANGE", self.keys["stream"], b"%d-0" % offset, b"+",
-            b"COUNT", max(1, min(limit, 1000)))
+            b"COUNT", max(1, min(limit, self.FETCH)))
         batches = []
         for _, fields in entries:
             values = dict(zip(fields[::2], fields[1::2]))
@@ -397,11 +441,12 @@ class RedisLog:
 
     def publish(self, entries: List[Tuple[Optional[bytes], bytes]]) -> Deferred:
         """
-        Store C{entries} in order; fires with C{(first, timestamp, results)},
-        C{results} a C{(offset, duplicate)} per entry.
+        Store C{entries} in order; fires with C{(first, timestamp, results,
+        count)}: C{results} a C{(offset, duplicate)} per entry, C{count}
+        how many were stored (from C{first} on, consecutive).
         """
         keys = self.keys
-        known = self.end
+        known = max(self.end, self.stored, self.assigned)  # (Redis never legitimately has less)
         head = [keys["keys"], keys["channel"], self.epoch, known, self.retention_ttl,
                 self.compaction_window, self.storage.new_epoch(), len(entries)]
         if any(key for key, _ in entries):
@@ -417,13 +462,15 @@ class RedisLog:
     def _published(self, reply, n: int):
         epoch, first, now, lost, ttl, window, count, made, results = reply
         self._learn(epoch, lost, ttl, window)
+        if first + count > self.assigned:
+            self.assigned = first + count
         if made:
             self.storage.announce(self.name)
         if results:
             answered = [(r, False) if r >= 0 else (-1 - r, True) for r in results]
         else:
             answered = [(first + i, False) for i in range(n)]
-        return first, now, answered
+        return first, now, answered, count
 
     @staticmethod
     def _failed(failure):
@@ -456,8 +503,11 @@ class RedisLog:
             return
         if first + count <= end:
             return  # heard already (after catching up)
-        if not (self.wanted or self.retention_ttl):
+        if not self.wanted:
+            # Nobody here reads the topic: only its offsets are followed.
             self.end = first + count
+            if self.retention_ttl:
+                self.count += count  # (and the sweep reads the true count)
             return
         frames = decode_records(self.prefix, first, ts, blob)
         if first < end:
@@ -469,11 +519,8 @@ class RedisLog:
         self.end = first + len(frames)
         if self.retention_ttl:
             self.count += len(frames)  # (and the sweep reads the true count)
-            cache = self._cache
-            cache.append((first, ts, frames))
-            self._cached += len(frames)
-            while self._cached > self.CACHE and len(cache) > 1:
-                self._cached -= len(cache.popleft()[2])
+            if self.wanted:
+                self._remember(first, ts, frames)
         if self.follower is not None:
             self.follower(first, frames)
 
@@ -499,8 +546,13 @@ class RedisLog:
             batches = yield self.fetch(self.end, 1000)
             if not batches:
                 return
+            cutoff = self._cutoff()
             for first, ts, frames in batches:
                 if first + len(frames) <= self.end:
+                    continue
+                if ts <= cutoff:
+                    # Expired before we heard of it: followed past, never delivered.
+                    self.end = first + len(frames)
                     continue
                 if first < self.end:
                     frames = frames[self.end - first:]
@@ -511,10 +563,19 @@ class RedisLog:
                               first=first)
                 self._arrived(first, ts, frames)
 
+    RETRY = 1.0  # seconds before catching up again, after a failed read
+
     def _caught_up(self, result):
         self._catching_up = None
         if isinstance(result, defer.Failure):
-            _log.warn("Catching up on {topic} failed: {why}", topic=self.name, why=result.getErrorMessage())
+            # Redis cannot be read (the connection is down): what was heard
+            # after the gap waits, and the catch-up is tried again later.
+            _log.warn("Catching up on {topic} failed: {why}; again in {retry} s", topic=self.name,
+                      why=result.getErrorMessage(), retry=self.RETRY)
+            if not self._retrying:
+                self._retrying = True
+                self.storage.clock.callLater(self.RETRY, self._retry)
+            return None
         early, self._early = self._early, []
         early.sort()
         if early and early[0][0] > self.end and result is None:
@@ -532,6 +593,12 @@ class RedisLog:
         self.subscribers = count
         return self.storage.tell_subscribers(self)
 
+    _retrying = False
+
+    def _retry(self) -> None:
+        self._retrying = False
+        self.catch_up()
+
     def learn_state(self, state: Dict[bytes, bytes]) -> None:
         """The topic's hash as read from Redis (at start)."""
         self.epoch = state.get(b"epoch", b"")
@@ -544,12 +611,13 @@ class RedisLog:
 class RedisStorage:
     """L{ISharedStorage} on Redis (one primary, or a cluster)."""
 
-    cache_bytes = 0
     damaged = 0
     torn = 0
 
     def __init__(self, url: str, clock=None, durable_ttl: int = 7 * 24 * 3600 * 1000,
-                 ping_interval: float = 1.0) -> None:
+                 ping_interval: float = 1.0, cache_size: int = 32 * 1024 * 1024) -> None:
+        self.cache_size = cache_size  # bytes of newest messages kept for subscribers here (--cache-size)
+        self.cache_bytes = 0
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock  # timers
@@ -557,7 +625,9 @@ class RedisStorage:
         self.url = url
         self.durable_ttl = durable_ttl
         self.router = Router(clock, url, on_connect=self._load_scripts)
-        self.pubsub = Router(clock, url, on_connect=self._pubsub_up, on_push=self._pushed)
+        self.pubsub = Router(clock, url, on_connect=self._pubsub_up, on_push=self._pushed,
+                             on_down=self._pubsub_down, slots_from=self.router)
+        self._listening: Dict[object, Set[bytes]] = {}  # pub/sub connection -> channels it listens to
         self.logs: Dict[str, RedisLog] = {}
         self._by_channel: Dict[bytes, RedisLog] = {}
         self._commits: Dict[str, Dict[str, int]] = {}
@@ -654,7 +724,14 @@ class RedisStorage:
     def close(self) -> Deferred:
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
-        return defer.DeferredList([self.router.close(), self.pubsub.close()], consumeErrors=True)
+        # Our subscriber counts go with us (a broker that dies leaves them
+        # to lapse: SUBSCRIBERS_TTL).
+        told = [self.router.execute(log.keys["subscribers"], b"HDEL", log.keys["subscribers"], self.node)
+                for log in self.logs.values() if log.subscribers and self.router.for_key(
+                    log.keys["subscribers"]).up]
+        d = defer.DeferredList(told, consumeErrors=True)
+        return d.addCallback(lambda _: defer.DeferredList([self.router.close(), self.pubsub.close()],
+                                                          consumeErrors=True))
 
     def sync(self) -> None:
         pass  # every script is answered once Redis has it (as durable as its appendfsync)
@@ -672,12 +749,37 @@ class RedisStorage:
         return log
 
     def _listen(self, log: RedisLog) -> Deferred:
+        """Listen to C{log}'s channel on the node that owns it, then catch up on what came before."""
         channel = log.keys["channel"]
-        d = self.pubsub.execute(channel, b"SSUBSCRIBE", channel)
+        connection = self.pubsub.for_key(channel)
+        if not connection.up:
+            return defer.succeed(None)  # (it listens, and catches up, once connected: _pubsub_up)
+        self._listening.setdefault(connection, set()).add(channel)
+        d = connection.execute(b"SSUBSCRIBE", channel)
         d.addErrback(lambda f: _log.warn("Could not listen to {topic}: {why}", topic=log.name,
                                          why=f.getErrorMessage()))
         # What was stored before we listened: the sweep compares too.
         return d.addCallback(lambda _: log.catch_up())
+
+    def _pubsub_down(self, connection) -> None:
+        self._listening.pop(connection, None)
+
+    def _remap(self) -> Deferred:
+        """
+        In a cluster: read the slot map again (a failover or a resharding
+        moves channels between primaries) and listen to every topic's
+        channel where it now lives.
+        """
+        def listen(_) -> None:
+            for channel, log in self._by_channel.items():
+                connection = self.pubsub.for_key(channel)
+                if connection.up and channel not in self._listening.get(connection, ()):
+                    _log.info("Listening to {topic} on {host}:{port} (its slot moved)", topic=log.name,
+                              host=connection.host, port=connection.port)
+                    self._listen(log)
+
+        return self.pubsub.refresh().addCallback(listen).addErrback(
+            lambda f: _log.warn("Reading the cluster's slots failed: {why}", why=f.getErrorMessage()))
 
     def create_topic(self, name: str, retention_ttl: int, compaction_window: int) -> Deferred:
         log = self.open_log(name, retention_ttl, compaction_window)
@@ -686,7 +788,8 @@ class RedisStorage:
         # and sent at once: a PUBLISH script sent after it on the same
         # connection finds the topic made with these settings.
         listed = self.router.execute(TOPICS, b"SADD", TOPICS, name)
-        d = _create(self.router, [keys["meta"]], [retention_ttl, compaction_window, self.new_epoch(), log.end])
+        d = _create(self.router, [keys["meta"]], [retention_ttl, compaction_window, self.new_epoch(),
+                                                  max(log.end, log.stored, log.assigned)])
 
         def made(reply):
             epoch, next_offset, ttl, window, made, lost = reply
@@ -715,6 +818,7 @@ class RedisStorage:
             if self.pubsub.for_key(channel) is connection:
                 commands.append((b"SSUBSCRIBE", channel))
                 mine.append(log)
+        self._listening[connection] = {log.keys["channel"] for log in mine}
         self._unanswered.pop(connection, None)
         if not commands:
             return defer.succeed(None)
@@ -725,11 +829,25 @@ class RedisStorage:
         return defer.gatherResults(ds)
 
     def _resync(self, logs: List[RedisLog]) -> None:
+        """After a pub/sub reconnect: catch up what was missed, and tell the service (takeovers, new topics)."""
         for log in logs:
             log.catch_up()
+        if self._events is not None:
+            self._events.resynced()
+
+    def generation(self, client_id: str) -> Deferred:
+        """The newest takeover generation of C{client_id} (0 if none)."""
+        key = client_key(client_id)
+        d = self.router.execute(key, b"HGET", key, b"").addErrback(RedisLog._failed)
+        return d.addCallback(lambda g: int(g or 0))
 
     def _pushed(self, connection, message: list) -> None:
         kind = message[0]
+        if kind == b"sunsubscribe":
+            # The channel's slot moved to another primary: listen there.
+            self._listening.get(connection, set()).discard(message[1])
+            self._remap()
+            return
         if kind == b"smessage":
             log = self._by_channel.get(message[1])
             if log is None:
@@ -765,6 +883,7 @@ class RedisStorage:
         state = self._state(name, meta)
         log = self.open_log(name, state.retention_ttl, state.compaction_window)
         log.learn_state(meta)
+        log.stored = max(log.stored, log.end)  # (what Redis had: never less, even once followed from 0)
         if log.end <= self.LEARN_FROM_START:
             # A young topic (made just now on another broker): followed from
             # its first message, so that a wildcard subscription here gets
@@ -792,13 +911,18 @@ class RedisStorage:
         return self.router.execute(meta, b"HGET", meta, b"next").addCallbacks(read, RedisLog._failed)
 
     def _ping(self) -> None:
-        """Every pub/sub connection must answer a PING within three intervals, or it is dropped."""
-        for connection in list(self.pubsub.nodes.values()):
+        """
+        Every connection, pub/sub and commands alike, must answer a PING
+        within three intervals, or it is dropped (and made again): a
+        half-open connection (a host that died, a partition) would
+        otherwise hold every command sent on it until the kernel gives up.
+        """
+        for connection in list(self.pubsub.nodes.values()) + list(self.router.nodes.values()):
             if not connection.up:
                 continue
             missed = self._unanswered.get(connection, 0)
             if missed >= 3:
-                _log.warn("Redis pub/sub at {host}:{port} stopped answering; reconnecting",
+                _log.warn("Redis at {host}:{port} stopped answering; reconnecting",
                           host=connection.host, port=connection.port)
                 self._unanswered.pop(connection, None)
                 connection.drop()
@@ -815,15 +939,30 @@ class RedisStorage:
         """
         logs = list(self.logs.values())
         ds = []
+        if self.router.cluster:
+            ds.append(self._remap())
         for log in logs:
             if log.subscribers:
                 self.tell_subscribers(log).addErrback(lambda f: None)
-            keys = log.keys
-            d = _trim(self.router, [keys["meta"], keys["stream"]], [1000])
-            d.addCallback(self._trimmed, log)
-            d.addErrback(lambda f: None)
-            ds.append(d)
+            ds.append(self._trim(log))
         return defer.DeferredList(ds)
+
+    # Stream entries (batches) one TRIM script looks at: it runs again at
+    # once while it finds that many expired, so retention keeps up with any
+    # rate, in steps that keep Redis responsive.
+    TRIM_STEP = 1000
+
+    def _trim(self, log: RedisLog) -> Deferred:
+        keys = log.keys
+        d = _trim(self.router, [keys["meta"], keys["stream"]], [self.TRIM_STEP])
+
+        def trimmed(reply):
+            self._trimmed(reply, log)
+            if len(reply) > 5 and reply[5] >= self.TRIM_STEP:
+                return self._trim(log)
+            return None
+
+        return d.addCallback(trimmed).addErrback(lambda f: None)
 
     # Subscriber counts: each broker's, in a hash per topic with a time after
     # which a broker that stopped telling (it died) no longer counts.
@@ -855,14 +994,25 @@ class RedisStorage:
         for i, log in enumerate(logs):
             flat = replies[2 * i + 1]
             elsewhere = 0
+            stale = []
             for node, value in zip(flat[::2], flat[1::2]):
                 count, until = value.split(b" ")
                 if node != self.node and int(until) > now:
                     elsewhere += int(count)
+                elif int(until) <= now:
+                    stale.append(node)  # (a broker that died: its entry lapsed)
             log.elsewhere = elsewhere
+            if stale:
+                key = log.keys["subscribers"]
+                self.router.execute(key, b"HDEL", key, *stale).addErrback(lambda f: None)
 
     def _trimmed(self, reply, log: RedisLog) -> None:
-        next_offset, count, nbytes, oldest, dropped = reply
+        next_offset, count, nbytes, oldest, dropped = reply[:5]
+        known = max(log.end, log.assigned)
+        if 0 <= next_offset < known:
+            # Redis went back under this topic (see PUBLISH): move it past what we saw now.
+            self.create_topic(log.name, log.retention_ttl, log.compaction_window).addErrback(lambda f: None)
+            return
         if next_offset < 0:
             if log.end > 0:
                 # The topic is gone from Redis: make it again past what we saw.
@@ -871,8 +1021,11 @@ class RedisStorage:
         log.count, log.nbytes = count, nbytes
         log.oldest = oldest if oldest >= 0 else None
         log.stored = max(log.stored, next_offset)
-        if next_offset > log.end and log._catching_up is None:
+        # Stored a sweep ago and still not heard of: a notification was
+        # missed (a newer lag is what is in flight, and is left alone).
+        if log.end < log.suspect and log._catching_up is None:
             log.catch_up()
+        log.suspect = next_offset
 
     # -- durable clients --------------------------------------------------------
 

@@ -126,7 +126,9 @@ class _RESP(Protocol):
 
 
 # Pub/sub messages (RESP2 arrays that answer no command).
-_PUSHES = {b"message", b"smessage", b"pmessage"}
+# (sunsubscribe: a cluster moved a sharded channel's slot away; we never
+# unsubscribe ourselves.)
+_PUSHES = {b"message", b"smessage", b"pmessage", b"sunsubscribe"}
 
 
 class Connection:
@@ -336,8 +338,12 @@ class Router:
     called for each node's connection.
     """
 
-    def __init__(self, reactor, url: str, on_connect=None, on_push=None, on_down=None) -> None:
+    def __init__(self, reactor, url: str, on_connect=None, on_push=None, on_down=None,
+                 slots_from: Optional["Router"] = None) -> None:
         self.reactor = reactor
+        # A router for pub/sub connections, which cannot ask CLUSTER SLOTS
+        # once subscribed, takes the slot map of another router.
+        self.slots_from = slots_from
         self.addresses, self.db, self.password, self.cluster = parse_url(url)
         self._on_connect = on_connect
         self._on_push = on_push
@@ -363,6 +369,9 @@ class Router:
         if not self.cluster:
             yield self._node(self.addresses[0]).connect()
             return
+        if self.slots_from is not None:
+            yield self._connect_primaries()
+            return
         last: Optional[Exception] = None
         for address in self.addresses:
             seed = Connection(self.reactor, address[0], address[1], password=self.password)
@@ -377,7 +386,8 @@ class Router:
         raise RedisError(f"no seed node of the cluster answered: {last}")
 
     @defer.inlineCallbacks
-    def _read_slots(self, connection: Connection):
+    def _read_slots(self, connection: Connection, wait: bool = True):
+        """Read the slot map from C{connection}; with C{wait}, until connected to every primary."""
         slots = yield connection.execute("CLUSTER", "SLOTS")
         table: List[Optional[Tuple[str, int]]] = [None] * 16384
         for entry in slots:
@@ -387,15 +397,29 @@ class Router:
             for slot in range(start, end + 1):
                 table[slot] = address
         self._slots = table
-        waits = [self._node(address).connect() for address in set(a for a in table if a is not None)
+        connecting = self._connect_primaries()
+        if wait:
+            yield connecting
+
+    def _connect_primaries(self) -> Deferred:
+        waits = [self._node(address).connect() for address in set(a for a in self._table() if a is not None)
                  if not self._node(address).up]
-        if waits:
-            yield defer.DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        if not waits:
+            return defer.succeed(None)
+        return defer.DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+
+    def _table(self) -> List[Optional[Tuple[str, int]]]:
+        return (self.slots_from or self)._slots
 
     def refresh(self) -> Deferred:
         """Read the slot map again (after MOVED, or a node that went away)."""
         if not self.cluster:
             return defer.succeed(None)
+        if self.slots_from is not None:
+            def connect(_) -> None:
+                self._connect_primaries().addErrback(lambda f: None)  # (not waited for: see above)
+
+            return self.slots_from.refresh().addCallback(connect)
         if self._refreshing is None:
             candidates = [c for c in self.nodes.values() if c.up]
 
@@ -404,7 +428,9 @@ class Router:
                 try:
                     for connection in candidates:
                         try:
-                            yield self._read_slots(connection)
+                            # (Not waiting for every primary: one may be
+                            # the node that just died.)
+                            yield self._read_slots(connection, wait=False)
                             return
                         except Exception:
                             continue
@@ -426,7 +452,7 @@ class Router:
         """The connection to the node that owns C{key}."""
         if not self.cluster:
             return self._node(self.addresses[0])
-        address = self._slots[key_slot(key)]
+        address = self._table()[key_slot(key)]
         if address is None:
             address = self.addresses[0]
         return self._node(address)
@@ -444,7 +470,7 @@ class Router:
         """A connection to each primary (one without a cluster)."""
         if not self.cluster:
             return [self._node(self.addresses[0])]
-        return [self._node(a) for a in sorted(set(a for a in self._slots if a is not None))]
+        return [self._node(a) for a in sorted(set(a for a in self._table() if a is not None))]
 
     def execute(self, key: bytes, *args, _tries: int = 5) -> Deferred:
         """Run C{args} on the node that owns C{key}; follow MOVED/ASK in a cluster."""
@@ -472,10 +498,10 @@ class Router:
             asking.addErrback(lambda f: None)
             return d
         if message.startswith(("TRYAGAIN", "CLUSTERDOWN")) or isinstance(failure.value, NotSent):
+            # Not sent again later: a command sent after this one would run
+            # first (offsets out of order, a duplicate answered before its
+            # original).  The caller fails; the map is read again for the next.
             self.refresh()
-            pause: Deferred = Deferred()
-            self.reactor.callLater(0.1, pause.callback, None)
-            return pause.addCallback(lambda _: self.execute(key, *args, _tries=tries - 1))
         return failure
 
     def close(self) -> Deferred:
