@@ -209,7 +209,8 @@ class Session:
                 and codec.is_valid_topic(name):
             # A topic another broker may have made: learn it first (as
             # L{handle} does), reading nothing more meanwhile.
-            return service.learn_topic(name).addCallback(lambda _: self.publish_frame(body, True) or None)
+            return service.learn_topic(name).addCallbacks(lambda _: self.publish_frame(body, True) or None,
+                                                          self._asyncFailed, errbackArgs=(rid,))
         self._requests += 1
         if permissions is None:
             self._refuse(rid, "authenticate with HELLO first")
