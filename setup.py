@@ -22,7 +22,9 @@ setup(
     # packages: twistd finds plugins by scanning sys.path for
     # twisted/plugins/ directories, and would miss this one behind a hook.
     package_dir={"": "."},
-    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed", "_speedups.pyi"]},
+    # zaichik/web: zaichik.js, its types and the console, served by the
+    # broker's HTTP side (zaichik/edge/http.py).
+    package_data={"twisted.plugins": ["zaichik_plugin.py"], "zaichik": ["py.typed", "_speedups.pyi", "web/*"]},
     # The optional accelerator (zaichik/_speedups.c: PUBLISH parsing, MESSAGE
     # frame and segment batch encoding).  optional=True: where there is no C
     # compiler (or no Python headers) the build says so and goes on, and

@@ -252,12 +252,17 @@ class FireAndForgetTests(SessionCase):
     def test_hot_path_rid_zero(self):
         c = self.conn()
         c.send(CreateTopic(1, "t", 0, 0))
-        self.assertTrue(c.session.publish_frame(Publish(0, "t", b"v").encode()))
+        self.assertIsNone(c.session.publish_frame(Publish(0, "t", b"v").encode()))
         self.assertEqual(c.new(), [])
-        self.assertTrue(c.session.publish_frame(Publish(5, "t", b"v").encode()))
+        self.assertIsNone(c.session.publish_frame(Publish(5, "t", b"v").encode()))
         self.assertEqual(c.new(), [Published(5, 1, False)])
-        # An unknown topic is left to the general path.
-        self.assertFalse(c.session.publish_frame(Publish(0, "other", b"v").encode()))
+        # A new topic takes the same path (created with its checks).
+        self.assertIsNone(c.session.publish_frame(Publish(6, "other", b"v").encode()))
+        self.assertEqual(c.new(), [Published(6, 0, False)])
+        self.assertIsNone(c.session.publish_frame(Publish(7, "bad name", b"v").encode()))
+        self.assertError(c.new(), 7, ErrorCode.BAD_TOPIC)
+        # A malformed body is left to the general decoder, which says what is wrong.
+        self.assertIs(c.session.publish_frame(Publish(0, "t", b"v").encode()[:-1]), False)
 
 
 class HelloTests(SessionCase):
@@ -632,7 +637,7 @@ class InternalErrorTests(SessionCase):
         c = self.conn()
         topic = self.service.create_topic("t", 0, 0)
         topic.publish = lambda key, value: 1 / 0
-        self.assertTrue(c.session.publish_frame(Publish(9, "t", b"v").encode()))
+        self.assertIsNone(c.session.publish_frame(Publish(9, "t", b"v").encode()))
         self.assertError(c.new(), 9, ErrorCode.INTERNAL)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         del topic.publish

@@ -75,6 +75,19 @@ class OptionsTests(TestCase):
                          "tcp:9102:interface=0.0.0.0")
         self.assertIsNone(self.parse()["metrics-port"])
 
+    def test_websocket_ports_and_origins(self):
+        self.assertEqual(self.parse()["websocket-port"], [])
+        options = self.parse("--websocket-port", "8890", "--websocket-port", "unix:/tmp/zaichik-ws.sock",
+                             "--websocket-origin", "https://app.example.com", "--websocket-origin", "*")
+        self.assertEqual(options["websocket-port"], ["tcp:8890:interface=127.0.0.1", "unix:/tmp/zaichik-ws.sock"])
+        self.assertEqual(options["websocket-origin"], ["https://app.example.com", "*"])
+        path = credentials_file(self)
+        self.assertEqual(self.parse("--websocket-port", "8890", "--auth", path)["websocket-port"], ["tcp:8890"])
+        for bad in ("99999", "nonsense:1"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse("--websocket-port", bad)
+            self.assertIn("--websocket-port", str(caught.exception))
+
     def test_errors_name_the_option(self):
         for args, named in [
             (("--max-connections", "-5"), "--max-connections"),

@@ -87,6 +87,8 @@ class SharedTopic(Topic):
         self._stored()
         return staged, at
 
+    answers_late = True
+
     def published(self, rid: int, key: Optional[bytes], value: bytes) -> Late:
         # (The hot path of a shared topic: one message, checked here rather
         # than through _stage's loop.)

@@ -33,7 +33,7 @@ from zope.interface import implementer
 import zaichik
 from zaichik import codec, logs, speedups, units
 from zaichik.clock import MonotonicTimers
-from zaichik.protocol import BrokerFactory
+from zaichik.edge.tcp import BrokerFactory
 from zaichik.service import BrokerService, Limits
 from zaichik.storage import IStorage
 
@@ -148,9 +148,9 @@ class Options(usage.Options):
         ["auth", None, None,
          "Credentials file: every connection must authenticate with HELLO (see zaichik.auth)."],
         ["metrics-port", None, None,
-         "Serve Prometheus metrics (/metrics) and /healthz over HTTP here: a port or an "
-         "endpoint description (tcp:9102:interface=0.0.0.0). A bare port listens on "
-         "127.0.0.1 only, unless --auth is given (/metrics itself asks for no credentials)."],
+         "Serve Prometheus metrics (/metrics), /healthz, the web console (/console/) and zaichik.js "
+         "over HTTP here: a port or an endpoint description (tcp:9102:interface=0.0.0.0). A bare "
+         "port listens on 127.0.0.1 only, unless --auth is given (these pages ask for no credentials)."],
         ["metrics-max-topics", None, 1000,
          "Topics with /metrics series of their own (the first ones by name); the others are "
          "summed into series labelled topic=\"_other\".", _non_negative_int],
@@ -184,6 +184,27 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["port"] = []
+        self["websocket-port"] = []
+        self["websocket-origin"] = []
+
+    def opt_websocket_port(self, port: str) -> None:
+        """
+        Listen for WebSocket clients (browsers; subprotocol zaichik.v1) on
+        this port number or strports endpoint description (ssl:... for
+        wss://).  May be given more than once.  A bare port number listens on
+        127.0.0.1 only, unless --auth is given.
+        """
+        self["websocket-port"].append(port)
+
+    def opt_websocket_origin(self, origin: str) -> None:
+        """
+        A web page origin (https://app.example.com) allowed to open a
+        WebSocket, or * for any; may be given more than once.  Default: pages
+        from the listener's own host name (any port, so the console on
+        --metrics-port of the same host).  Clients that send no Origin (not
+        browsers) are always let in.
+        """
+        self["websocket-origin"].append(origin)
 
     def opt_port(self, port: str) -> None:
         """
@@ -231,6 +252,7 @@ class Options(usage.Options):
         # Without credentials, a bare port is for this machine only.
         local = not self["auth"]
         self["port"] = [self._endpoint("--port", port, local) for port in self["port"] or [str(DEFAULT_PORT)]]
+        self["websocket-port"] = [self._endpoint("--websocket-port", port, local) for port in self["websocket-port"]]
         if self["metrics-port"]:
             self["metrics-port"] = self._endpoint("--metrics-port", self["metrics-port"], local)
         if self["engine"]:
@@ -296,7 +318,8 @@ def _named_parameters(parameters: Any) -> Any:
 
 Options.optParameters = _named_parameters(Options.optParameters)
 # --help prints a handler's docstring as it is: one paragraph, no indentation.
-Options.opt_port.__doc__ = " ".join((Options.opt_port.__doc__ or "").split())
+for _handler in (Options.opt_port, Options.opt_websocket_port, Options.opt_websocket_origin):
+    _handler.__doc__ = " ".join((_handler.__doc__ or "").split())
 
 
 def makeService(config: Options) -> MultiService:
@@ -349,10 +372,19 @@ def makeService(config: Options) -> MultiService:
     factory = BrokerFactory(broker, config["max-frame-size"])
     for description in config["port"]:
         Listener("--port", description, factory).setServiceParent(top)
-    if config["metrics-port"]:
-        from zaichik.metrics import metrics_site
+    websockets = []
+    if config["websocket-port"]:
+        from zaichik.edge.websocket import WebSocketFactory
 
-        site = metrics_site(broker, config["metrics-max-topics"])
+        ws_factory = WebSocketFactory(broker, config["max-frame-size"], config["websocket-origin"])
+        for description in config["websocket-port"]:
+            listener = Listener("--websocket-port", description, ws_factory)
+            listener.setServiceParent(top)
+            websockets.append(listener)
+    if config["metrics-port"]:
+        from zaichik.edge.http import http_site
+
+        site = http_site(broker, config["metrics-max-topics"], websockets)
         Listener("--metrics-port", config["metrics-port"], site).setServiceParent(top)
     return top
 
@@ -424,7 +456,8 @@ class Listener(StreamServerEndpointService):
     """
 
     WHAT = {"--port": "Listening for clients on {address} ({listener})",
-            "--metrics-port": "Serving /metrics and /healthz on {address} ({listener})"}
+            "--metrics-port": "Serving /metrics, /healthz, the console and zaichik.js on {address} ({listener})",
+            "--websocket-port": "Listening for WebSocket clients on {address} ({listener})"}
 
     def __init__(self, option: str, description: str, factory) -> None:
         from twisted.internet import reactor
@@ -454,6 +487,7 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port):
         self.address = _address(port)
+        self.port = port
         text = self.WHAT.get(self.option, "Listening on {address} ({listener})")
         if self.address.startswith(f"{LOCAL_INTERFACE}:"):
             text += (": local only, other machines cannot connect (a bare port listens on 127.0.0.1 "

@@ -7,9 +7,11 @@ and benchmarks; usable by applications' tests too.
 from __future__ import annotations
 
 import atexit
+import base64
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -54,24 +56,38 @@ class BrokerProcess:
     is found in C{twisted/plugins/} beside it, in a checkout or an install).
     """
 
-    def __init__(self, *options: str, twistd_options: Sequence[str] = ()) -> None:
+    def __init__(self, *options: str, twistd_options: Sequence[str] = (), websocket: bool = False,
+                 http: bool = False) -> None:
+        """
+        @param twistd_options: before "zaichik": e.g. C{["-r", "asyncio"]}.
+        @param websocket: listen for WebSocket clients too, on
+            C{websocket_port} (kept across L{restart}).
+        @param http: serve /metrics, the console and zaichik.js on
+            C{http_port} (kept across L{restart}).
+        """
         self.options = list(options)
         self.twistd_options = list(twistd_options)  # before "zaichik": e.g. ["-r", "asyncio"]
         self.port = 0
         self.process: Optional[subprocess.Popen] = None
         self.log_path = ""
+        self.websocket_port = free_port() if websocket else 0
+        self.http_port = free_port() if http else 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "BrokerProcess":
-        self.port = free_port()
+    def start(self, timeout: float = 15.0, port: int = 0) -> "BrokerProcess":
+        self.port = port or free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
         argv: List[str] = TWISTD + self.twistd_options + ["-n", "--pidfile=", "zaichik",
                                    "--port", f"tcp:{self.port}:interface=127.0.0.1"] + self.options
+        if self.websocket_port:
+            argv += ["--websocket-port", f"tcp:{self.websocket_port}:interface=127.0.0.1"]
+        if self.http_port:
+            argv += ["--metrics-port", f"tcp:{self.http_port}:interface=127.0.0.1"]
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
         os.close(fd)
         deadline = time.monotonic() + timeout
@@ -102,6 +118,11 @@ class BrokerProcess:
                 return getattr(codec.decode_reply(answer[4:]), "rid", None) == 1
         except OSError:
             return False
+
+    def restart(self, timeout: float = 15.0) -> "BrokerProcess":
+        """Stop and start again on the same ports."""
+        self.stop()
+        return self.start(timeout, self.port)
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -142,6 +163,103 @@ def shared_broker(*options: str) -> BrokerProcess:
         broker = _shared[options] = BrokerProcess(*options).start()
         atexit.register(broker.cleanup)
     return broker
+
+
+class WebSocketClient:
+    """
+    A blocking WebSocket client for tests and benchmarks: the handshake
+    (subprotocol C{zaichik.v1}), masked binary messages out, and the
+    server's messages parsed back into frame bodies.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", origin: Optional[str] = None,
+                 timeout: float = 10.0, path: str = "/", protocol: Optional[str] = "zaichik.v1",
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        """C{ssl_context}: C{wss://}, the certificate checked for C{host}."""
+        from zaichik.edge.websocket import accept_key
+
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock if ssl_context is None else ssl_context.wrap_socket(sock, server_hostname=host)
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if protocol is not None:
+            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        if origin is not None:
+            lines.append(f"Origin: {origin}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"closed during the handshake: {head!r}")
+            head += chunk
+        head, _, self.buffer = head.partition(b"\r\n\r\n")
+        self.status = head.split(b"\r\n")[0].decode("latin-1")
+        if " 101 " not in self.status + " " or accept_key(key).encode("ascii") not in head:
+            raise ConnectionError(f"handshake refused: {head.decode('latin-1')}")
+        self.mask = os.urandom(4)
+        self.closed_with: Optional[bytes] = None  # the payload of the broker's CLOSE frame
+
+    def encode(self, *requests, opcode: int = 2) -> bytes:
+        """C{requests} (codec objects or frame bodies) as masked messages (binary unless told)."""
+        from zaichik.edge.websocket import encode_frame
+
+        return b"".join(encode_frame(opcode, r if isinstance(r, bytes) else r.encode(), self.mask)
+                        for r in requests)
+
+    def send(self, *requests) -> None:
+        self.sock.sendall(self.encode(*requests))
+
+    def messages(self) -> list:
+        """C{(opcode, payload)} of the whole messages that have arrived (waiting for at least one)."""
+        from zaichik.edge.websocket import parse_messages
+
+        while True:
+            messages, used = parse_messages(self.buffer)
+            if messages:
+                self.buffer = self.buffer[used:]
+                for opcode, payload in messages:
+                    if opcode == 8:  # CLOSE
+                        self.closed_with = payload
+                return messages
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+
+    def receive(self, count: int = 1) -> list:
+        """The next C{count} or more of the broker's frames, decoded (waiting for them)."""
+        out: list = []
+        while len(out) < count:
+            out += [codec.decode_reply(payload) for opcode, payload in self.messages() if opcode == 2]
+        return out
+
+    def until_closed(self) -> Optional[bytes]:
+        """
+        Read until the broker closes the connection: the payload of the
+        CLOSE frame it sent (its status code), or None if it sent none.
+        """
+        from zaichik.edge.websocket import CLOSE, parse_messages
+
+        data = self.buffer
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except ConnectionError:
+                chunk = b""
+            if not chunk:
+                break
+            data += chunk
+        self.buffer = b""
+        for opcode, payload in parse_messages(data)[0]:
+            if opcode == CLOSE:
+                self.closed_with = payload
+        return self.closed_with
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 REDIS_SERVER = "redis-server"

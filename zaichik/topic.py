@@ -216,6 +216,10 @@ class Topic:
             self._stored()
         return offset, duplicate
 
+    # Its replies are made once the append is done (L{zaichik.work.Late}):
+    # True for a topic whose engine assigns offsets (L{zaichik.shared}).
+    answers_late = False
+
     def published(self, rid: int, key: Optional[bytes], value: bytes):
         """L{publish}, answered: the PUBLISHED reply for request C{rid}."""
         offset, duplicate = self.publish(key, value)
