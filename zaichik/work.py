@@ -29,10 +29,13 @@ class Pending:
     (see C{done}), the L{ZaichikError} after a failure.
     """
 
-    __slots__ = ("done", "error", "_waiters")
+    __slots__ = ("done", "error", "_waiters", "watched")
 
     def __init__(self) -> None:
         self.done = False
+        # A fire-and-forget publish's reply waits on it already (its failure
+        # is told once per append: see Session.publish_frame).
+        self.watched = False
         self.error: Optional[ZaichikError] = None
         self._waiters: List[Callable[[], None]] = []
 
