@@ -19,10 +19,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik.codec import Start
+
+from .test_scale_out import RedisTestCase
 from zaichik.errors import ZaichikError
 from zaichik.storage.redis import RedisLog, encode_records
 from zaichik.storage.resp import Connection, NotSent, Router
-from zaichik.testing import BrokerProcess, RedisServer, have_redis
 
 
 class _Storage:
@@ -135,35 +136,8 @@ def _topic(prefix: str = "rv") -> str:
     return f"{prefix}.{uuid.uuid4().hex[:12]}"
 
 
-class RealRedisTestCase(unittest.TestCase):
-
-    def setUp(self) -> None:
-        if not have_redis():
-            raise unittest.SkipTest("redis-server is not installed")
-        self.redis = RedisServer().start()
-        self.addCleanup(self.redis.cleanup)
-
-    def broker(self, *options: str) -> BrokerProcess:
-        broker = BrokerProcess("--engine", self.redis.url, *options).start()
-        self.addCleanup(broker.cleanup)
-        return broker
-
-    def client(self, *args, **kwargs):
-        from zaichik.sync import connect
-
-        client = connect(*args, **kwargs)
-        self.addCleanup(client.close)
-        return client
-
-    def publish_retrying(self, client, topic: str, value: bytes, **kwargs):
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                return client.publish(topic, value, **kwargs)
-            except ZaichikError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+class RealRedisTestCase(RedisTestCase):
+    """A Redis and brokers on it, per test (tests/test_scale_out.py's)."""
 
 
 class SnapshotRestartTests(RealRedisTestCase):

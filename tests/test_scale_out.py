@@ -66,6 +66,18 @@ class RedisTestCase(unittest.TestCase):
         self.addCleanup(client.close)
         return client
 
+    @staticmethod
+    def publish_retrying(client, topic: str, value: bytes, seconds: float = 10, **kwargs):
+        """Publish until the broker takes it (Redis coming back), for at most C{seconds}."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return client.publish(topic, value, **kwargs)
+            except ZaichikError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
 
 class NodeDiesTests(RedisTestCase):
 
@@ -134,15 +146,7 @@ class PersistentRedisRestartTests(RedisTestCase):
         acked = {publisher.publish(topic, b"v%d" % i, key=b"k%d" % i).offset: b"v%d" % i for i in range(50)}
         self.redis.stop(kill=True)
         self.redis.start()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                result = publisher.publish(topic, b"after")
-                break
-            except ZaichikError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        result = self.publish_retrying(publisher, topic, b"after")
         self.assertEqual(result.offset, 50)  # nothing lost: no jump
         # Compaction decisions survived too.
         self.assertTrue(publisher.publish(topic, b"again", key=b"k3").duplicate)
@@ -168,15 +172,7 @@ class VolatileRedisRestartTests(RedisTestCase):
         other = self.client(f"tcp:{b.address}")
         subscription = other.subscribe(topic, start=Start.LATEST)
         self.redis.restart()  # everything gone
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                result = other.publish(topic, b"after")
-                break
-            except ZaichikError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        result = self.publish_retrying(other, topic, b"after")
         self.assertGreater(result.offset, max(before) + 1)
         self.assertGreaterEqual(result.offset, 1_000_000)
         message = subscription.get(timeout=5)
@@ -369,15 +365,7 @@ class ClusterFailoverTests(unittest.TestCase):
         before = [publisher.publish(topic, b"before %d" % i).offset for i in range(5)]
         self.assertEqual([subscription.get(timeout=5).offset for _ in range(5)], before)
         cluster.owner(topic_keys(topic)["meta"]).stop(kill=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                after = publisher.publish(topic, b"after")
-                break
-            except ZaichikError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        after = RedisTestCase.publish_retrying(publisher, topic, b"after", seconds=30)
         self.assertGreater(after.offset, max(before))
         message = subscription.get(timeout=10)
         self.assertEqual((message.offset, message.value), (after.offset, b"after"))

@@ -73,8 +73,7 @@ class SharedTopic(Topic):
         overhead = len(self._prefix) + 22
         for key, value in entries:
             if key and len(key) > self.keys.max_key_size:
-                raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
-                                                    f"{self.keys.max_key_size} (--max-key-size)")
+                raise self._key_too_long(len(key))
             size = overhead + len(value) + (len(key) if key else 0)
             if size > self.max_frame_size:
                 raise self._too_large(size)
@@ -95,8 +94,7 @@ class SharedTopic(Topic):
         size = len(self._prefix) + 22 + len(value)
         if key:
             if len(key) > self.keys.max_key_size:
-                raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
-                                                    f"{self.keys.max_key_size} (--max-key-size)")
+                raise self._key_too_long(len(key))
             size += len(key)
         if size > self.max_frame_size:
             raise self._too_large(size)

@@ -290,8 +290,7 @@ class Topic:
             # read once.)
             budget = self.keys
             if len(key) > budget.max_key_size:
-                raise ZaichikError(ErrorCode.LIMIT, f"a key of {len(key)} bytes is over the limit of "
-                                                    f"{budget.max_key_size} (--max-key-size)")
+                raise self._key_too_long(len(key))
             if window:
                 keys = self._keys
                 if len(self._key_order) > 2 * len(keys) + 64:
@@ -480,6 +479,10 @@ class Topic:
                     del keys[key]
         self.keys.used -= before - len(keys)
 
+    def _key_too_long(self, size: int) -> ZaichikError:
+        return ZaichikError(ErrorCode.LIMIT, f"a key of {size} bytes is over the limit of "
+                                             f"{self.keys.max_key_size} (--max-key-size)")
+
     def _too_large(self, size: int) -> ZaichikError:
         return ZaichikError(ErrorCode.LIMIT, f"as a MESSAGE this would be {size} bytes, over the max frame "
                                              f"size of {self.max_frame_size}: subscribers could not take it")
@@ -489,8 +492,7 @@ class Topic:
         budget = self.keys
         longest = max(map(len, keyed))
         if longest > budget.max_key_size:
-            raise ZaichikError(ErrorCode.LIMIT, f"a key of {longest} bytes is over the limit of "
-                                                f"{budget.max_key_size} (--max-key-size)")
+            raise self._key_too_long(longest)
         if self.compaction_window:
             new = len(set(keyed).difference(self._keys))
             if new and (len(self._keys) + new > budget.per_topic or budget.used + new > budget.total):
