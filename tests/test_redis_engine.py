@@ -172,6 +172,7 @@ class PingTests(SynchronousTestCase):
         class Silent:
             up = True
             host, port = "127.0.0.1", 1
+            received = 0
 
             def execute(self, *args):
                 return Deferred()  # never answered
@@ -197,6 +198,7 @@ class PingTests(SynchronousTestCase):
         class Answers:
             up = True
             host, port = "127.0.0.1", 1
+            received = 0
 
             def execute(self, *args):
                 return succeed(b"PONG")
@@ -259,3 +261,39 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual((first, len(frames)), (19, 1))
         log.forget_cache()
         self.assertEqual(storage.cache_bytes, 0)
+
+
+class BusyConnectionTests(SynchronousTestCase):
+
+    def test_a_busy_connection_is_kept(self) -> None:
+        """
+        A connection whose PONG sits behind a backlog (bytes keep arriving)
+        is not dropped however many PINGs wait: only silence is.
+        """
+        from twisted.internet.defer import Deferred
+
+        from zaichik.storage.redis import RedisStorage
+
+        storage = RedisStorage("redis://127.0.0.1:1")
+        dropped = []
+
+        class Busy:
+            up = True
+            host, port = "127.0.0.1", 1
+            received = 0
+
+            def execute(self, *args):
+                return Deferred()  # (the PONG is behind the backlog)
+
+            def drop(self):
+                dropped.append(self)
+
+        busy = Busy()
+        storage.pubsub.nodes[("127.0.0.1", 1)] = busy  # type: ignore[assignment]
+        for _ in range(10):
+            busy.received += 1000
+            storage._ping()
+        self.assertEqual(dropped, [])
+        for _ in range(4):
+            storage._ping()  # now silent
+        self.assertEqual(dropped, [busy])

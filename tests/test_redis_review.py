@@ -318,6 +318,7 @@ class CommandLivenessTests(SynchronousTestCase):
         class Silent:
             up = True
             host, port = "127.0.0.1", 1
+            received = 0
 
             def execute(self, *args):
                 return Deferred()  # never answered

@@ -634,6 +634,7 @@ class RedisStorage:
         self._pinger: Optional[LoopingCall] = None
         self._ping_interval = ping_interval
         self._unanswered: Dict[object, int] = {}
+        self._heard_from: Dict[object, int] = {}  # connection -> its byte count at the last PING round
         self.offset_resets = 0
         self.resyncs = 0
         self.opened = False
@@ -919,6 +920,12 @@ class RedisStorage:
             if not connection.up:
                 continue
             missed = self._unanswered.get(connection, 0)
+            received = connection.received
+            if received != self._heard_from.get(connection, 0):
+                # Bytes arrived since the last look: alive, if behind (a
+                # backlog of notifications ahead of the PONG is no reason to drop).
+                self._heard_from[connection] = received
+                missed = 0
             if missed >= 3:
                 _log.warn("Redis at {host}:{port} stopped answering; reconnecting",
                           host=connection.host, port=connection.port)

@@ -98,6 +98,7 @@ class _RESP(Protocol):
         self.owner._connected(self)
 
     def dataReceived(self, data: bytes) -> None:
+        self.owner.received += len(data)
         reader = self.reader
         reader.feed(data)
         waiting = self.waiting
@@ -161,6 +162,7 @@ class Connection:
         self._retry = None
         self._ready: List[Deferred] = []
         self._connecting = False
+        self.received = 0  # bytes read, all connections together (liveness: see RedisStorage._ping)
 
     def __repr__(self) -> str:
         return f"<redis.Connection {self.host}:{self.port}{' up' if self.up else ''}>"
