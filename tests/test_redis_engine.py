@@ -158,58 +158,53 @@ class FollowTests(SynchronousTestCase):
         self.assertEqual((self.got, self.log.end), ([], 2))
 
 
+class FakeConnection:
+    """
+    A connection for the liveness tests: up, answering PING at once
+    (C{answers}) or never, counting the bytes it "received" and the times
+    it was dropped (after which it is down, as a real Connection).
+    """
+
+    host, port = "127.0.0.1", 1
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+        self.up = True
+        self.received = 0
+        self.dropped = 0
+
+    def execute(self, *args):
+        from twisted.internet.defer import Deferred, succeed
+
+        return succeed(b"PONG") if self.answers else Deferred()
+
+    def drop(self) -> None:
+        self.dropped += 1
+        self.up = False
+
+
 class PingTests(SynchronousTestCase):
     """A pub/sub connection that stops answering PING is dropped (and so made again)."""
 
     def test_unanswered_pings_drop_the_connection(self) -> None:
-        from twisted.internet.defer import Deferred
-
         from zaichik.storage.redis import RedisStorage
 
         storage = RedisStorage("redis://127.0.0.1:1")
-        dropped = []
-
-        class Silent:
-            up = True
-            host, port = "127.0.0.1", 1
-            received = 0
-
-            def execute(self, *args):
-                return Deferred()  # never answered
-
-            def drop(self):
-                dropped.append(self)
-
-        storage.pubsub.nodes[("127.0.0.1", 1)] = Silent()  # type: ignore[assignment]
+        silent = storage.pubsub.nodes[("127.0.0.1", 1)] = FakeConnection(answers=False)  # type: ignore[assignment]
         for _ in range(3):
             storage._ping()
-        self.assertEqual(dropped, [])
+        self.assertEqual(silent.dropped, 0)
         storage._ping()
-        self.assertEqual(len(dropped), 1)
+        self.assertEqual(silent.dropped, 1)
 
     def test_answered_pings_keep_it(self) -> None:
-        from twisted.internet.defer import succeed
-
         from zaichik.storage.redis import RedisStorage
 
         storage = RedisStorage("redis://127.0.0.1:1")
-        dropped = []
-
-        class Answers:
-            up = True
-            host, port = "127.0.0.1", 1
-            received = 0
-
-            def execute(self, *args):
-                return succeed(b"PONG")
-
-            def drop(self):
-                dropped.append(self)
-
-        storage.pubsub.nodes[("127.0.0.1", 1)] = Answers()  # type: ignore[assignment]
+        answers = storage.pubsub.nodes[("127.0.0.1", 1)] = FakeConnection(answers=True)  # type: ignore[assignment]
         for _ in range(10):
             storage._ping()
-        self.assertEqual(dropped, [])
+        self.assertEqual(answers.dropped, 0)
 
 
 class GapTests(SynchronousTestCase):
@@ -270,30 +265,14 @@ class BusyConnectionTests(SynchronousTestCase):
         A connection whose PONG sits behind a backlog (bytes keep arriving)
         is not dropped however many PINGs wait: only silence is.
         """
-        from twisted.internet.defer import Deferred
-
         from zaichik.storage.redis import RedisStorage
 
         storage = RedisStorage("redis://127.0.0.1:1")
-        dropped = []
-
-        class Busy:
-            up = True
-            host, port = "127.0.0.1", 1
-            received = 0
-
-            def execute(self, *args):
-                return Deferred()  # (the PONG is behind the backlog)
-
-            def drop(self):
-                dropped.append(self)
-
-        busy = Busy()
-        storage.pubsub.nodes[("127.0.0.1", 1)] = busy  # type: ignore[assignment]
+        busy = storage.pubsub.nodes[("127.0.0.1", 1)] = FakeConnection(answers=False)  # type: ignore[assignment]
         for _ in range(10):
-            busy.received += 1000
+            busy.received += 1000  # (the PONG is behind the backlog)
             storage._ping()
-        self.assertEqual(dropped, [])
+        self.assertEqual(busy.dropped, 0)
         for _ in range(4):
             storage._ping()  # now silent
-        self.assertEqual(dropped, [busy])
+        self.assertEqual(busy.dropped, 1)

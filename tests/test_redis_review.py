@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik.codec import Start
 
+from .test_redis_engine import FakeConnection
 from .test_scale_out import RedisTestCase
 from zaichik.errors import ZaichikError
 from zaichik.storage.redis import RedisLog, encode_records
@@ -313,25 +314,11 @@ class CommandLivenessTests(SynchronousTestCase):
         from zaichik.storage.redis import RedisStorage
 
         storage = RedisStorage("redis://127.0.0.1:1", clock=Clock())
-        dropped: list = []
-
-        class Silent:
-            up = True
-            host, port = "127.0.0.1", 1
-            received = 0
-
-            def execute(self, *args):
-                return Deferred()  # never answered
-
-            def drop(self):
-                dropped.append(self)
-                self.up = False  # (as a real Connection: down until made again)
-
-        storage.router.nodes[("127.0.0.1", 1)] = Silent()  # type: ignore[assignment]
-        storage.router.nodes[("127.0.0.1", 1)].execute(b"EVALSHA", b"...")  # a publish, never answered
+        silent = storage.router.nodes[("127.0.0.1", 1)] = FakeConnection(answers=False)  # type: ignore[assignment]
+        silent.execute(b"EVALSHA", b"...")  # a publish, never answered
         for _ in range(10):
             storage._ping()
-        self.assertEqual(len(dropped), 1)
+        self.assertEqual(silent.dropped, 1)
 
 if __name__ == "__main__":
     unittest.main()

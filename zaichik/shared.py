@@ -69,14 +69,19 @@ class SharedTopic(Topic):
 
     # -- publishing ---------------------------------------------------------------
 
-    def _stage(self, entries: List[Tuple[Optional[bytes], bytes]]) -> Tuple[_Staged, int]:
-        overhead = len(self._prefix) + 22
-        for key, value in entries:
-            if key and len(key) > self.keys.max_key_size:
+    def _check(self, key: Optional[bytes], value: bytes) -> None:
+        """Refuse (LIMIT) a key over --max-key-size, or a message whose MESSAGE frame would not fit."""
+        size = len(self._prefix) + 22 + len(value)
+        if key:
+            if len(key) > self.keys.max_key_size:
                 raise self._key_too_long(len(key))
-            size = overhead + len(value) + (len(key) if key else 0)
-            if size > self.max_frame_size:
-                raise self._too_large(size)
+            size += len(key)
+        if size > self.max_frame_size:
+            raise self._too_large(size)
+
+    def _stage(self, entries: List[Tuple[Optional[bytes], bytes]]) -> Tuple[_Staged, int]:
+        for key, value in entries:
+            self._check(key, value)
         staged = self._staged
         if staged is None:
             staged = self._staged = _Staged()
@@ -89,15 +94,9 @@ class SharedTopic(Topic):
     answers_late = True
 
     def published(self, rid: int, key: Optional[bytes], value: bytes) -> Late:
-        # (The hot path of a shared topic: one message, checked here rather
-        # than through _stage's loop.)
-        size = len(self._prefix) + 22 + len(value)
-        if key:
-            if len(key) > self.keys.max_key_size:
-                raise self._key_too_long(len(key))
-            size += len(key)
-        if size > self.max_frame_size:
-            raise self._too_large(size)
+        # (The hot path of a shared topic: one message, staged without
+        # _stage's list and loop.)
+        self._check(key, value)
         staged = self._staged
         if staged is None:
             staged = self._staged = _Staged()

@@ -50,7 +50,7 @@ from zope.interface import implementer
 from zaichik import codec
 from zaichik.clock import wall_clock
 from zaichik.storage import IEngineEvents, ISharedLog, ISharedStorage, StorageError, TopicState
-from zaichik.storage.resp import NotConnected, RedisError, Router
+from zaichik.storage.resp import NotConnected, RedisError, Router, when_done
 
 _log = Logger()
 
@@ -522,21 +522,14 @@ class RedisLog:
         if self.follower is not None:
             self.follower(first, frames)
 
-    def catch_up(self, upto: Optional[int] = None) -> Deferred:
+    def catch_up(self) -> Deferred:
         """Read what was stored after C{end} (missed on the channel) and deliver it."""
         if self._catching_up is None:
             running = self._catching_up = self._catch_up()
             running.addBoth(self._caught_up)  # (at once if the reads were answered at once)
         if self._catching_up is None:
             return defer.succeed(None)
-        d: Deferred = Deferred()
-
-        def done(result):
-            d.callback(None)
-            return result
-
-        self._catching_up.addBoth(done)
-        return d
+        return when_done(self._catching_up)
 
     @defer.inlineCallbacks
     def _catch_up(self):

@@ -52,6 +52,22 @@ def encode(args: Sequence) -> bytes:
     return b"".join(parts)
 
 
+def when_done(running: Deferred) -> Deferred:
+    """
+    A new Deferred that fires (with None) once C{running}, an operation
+    others may wait on too, has ended however it ended; C{running}'s own
+    result goes on to its other callbacks untouched.
+    """
+    d: Deferred = Deferred()
+
+    def done(result):
+        d.callback(None)
+        return result
+
+    running.addBoth(done)
+    return d
+
+
 # -- cluster slots ----------------------------------------------------------------
 
 def _crc16_table() -> List[int]:
@@ -441,14 +457,7 @@ class Router:
                     self._refreshing = None
 
             self._refreshing = go()
-        d: Deferred = Deferred()
-
-        def done(result):
-            d.callback(None)
-            return result
-
-        self._refreshing.addBoth(done)
-        return d
+        return when_done(self._refreshing)
 
     def for_key(self, key: bytes) -> Connection:
         """The connection to the node that owns C{key}."""
@@ -510,4 +519,5 @@ class Router:
         return defer.DeferredList([c.close() for c in self.nodes.values()], consumeErrors=True)
 
 
-__all__ = ["Connection", "Router", "RedisError", "NotConnected", "NotSent", "key_slot", "parse_url", "encode"]
+__all__ = ["Connection", "Router", "RedisError", "NotConnected", "NotSent", "key_slot", "parse_url", "encode",
+           "when_done"]
