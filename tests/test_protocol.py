@@ -20,9 +20,11 @@ Where the spec leaves room, these readings are used:
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import List, Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
@@ -55,6 +57,7 @@ from zaichik.codec import (
     Unsubscribe,
 )
 from zaichik.errors import ZaichikError
+from zaichik.edge import tcp as tcp_edge
 from zaichik.protocol import CLOSE_GRACE, BrokerFactory
 from zaichik.service import BrokerService, Limits
 from zaichik.testing import parse_frames
@@ -1033,6 +1036,53 @@ class TransportTests(BrokerTestCase):
         self.assertEqual(step(Publish(7, "t", b"x")), ([Published(7, 5, False)], []))
         self.assertEqual(step(Commit(8, "t", 4)), ([Ok(8)], [5]))
         self.assertEqual(step(Publish(9, "t", b"y")), ([Published(9, 6, False)], [6]))
+
+
+class ReadAndWriteMarksTests(BrokerTestCase):
+    """
+    A TCP connection reads more at a time while its reads fill the buffer
+    (and less again when they do not), and its subscriptions hold back only
+    once OUTPUT_HIGH bytes wait, not at Twisted's 64 KiB (zaichik/edge/tcp.py
+    says why).  On a real L{tcp.Server} over a loopback socket: the marks live
+    in Twisted's transport, so a change there must fail here.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.internet.testing import MemoryReactorClock
+
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            client = socket.create_connection(listening.getsockname())
+            server, _ = listening.accept()
+        self.sockets = (server, client)
+        self.addCleanup(lambda: [s.close() for s in self.sockets])
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = tcp.Server(self.sockets[0], self.protocol, ("127.0.0.1", 1), None, 1,
+                                    MemoryReactorClock())
+        self.protocol.makeConnection(self.transport)
+
+    def test_output_mark(self) -> None:
+        self.assertEqual(self.transport.SEND_LIMIT, 2 * tcp_edge.OUTPUT_HIGH)
+        self.transport.write(b"x" * (tcp_edge.OUTPUT_HIGH - 1))
+        self.assertFalse(self.protocol.session.output.paused)
+        self.transport.write(b"x" * 2)
+        self.assertTrue(self.protocol.session.output.paused)
+
+    def test_read_size_follows_the_reads(self) -> None:
+        self.assertEqual(self.transport.bufferSize, tcp_edge.READ_MIN)
+        # Fire-and-forget publishes to a topic nobody reads: no output.
+        full = codec.frame(Publish(0, "t", b"v" * (tcp_edge.READ_MIN - 100)).encode())
+        ping = codec.frame(Ping(0).encode())
+        sizes = []
+        for _ in range(6):
+            self.protocol.dataReceived(full * (self.transport.bufferSize // len(full) + 1))
+            self.assertFalse(self.protocol.paused)
+            sizes.append(self.transport.bufferSize)
+        self.assertEqual(sizes, [tcp_edge.READ_MIN << i for i in range(1, 5)] + [tcp_edge.READ_MAX] * 2)
+        for _ in range(6):
+            self.protocol.dataReceived(ping)
+            sizes.append(self.transport.bufferSize)
+        self.assertEqual(sizes[6:], [tcp_edge.READ_MAX >> i for i in range(1, 5)] + [tcp_edge.READ_MIN] * 2)
 
 
 class LargeFrameTests(BrokerTestCase):
