@@ -96,6 +96,17 @@ class AgreeTests(SynchronousTestCase):
             self.assertEqual(outcome(_speedups.parse_publish, body), outcome(codec.parse_publish_py, body))
 
     @SETTINGS
+    @given(st.lists(st.one_of(publish_bodies(), batch_bodies()), max_size=6), st.integers(0, 8),
+           st.integers(0, 12), st.sampled_from([0, 5, 40, 1 << 20]))
+    def test_parse_publish_run(self, bodies, at, cut, limit):
+        # Frames (mostly PUBLISH, some damaged), the run read from C{at},
+        # the read cut C{cut} bytes short of its end.
+        data = b"".join(codec.frame(body) for body in bodies)
+        end = max(0, len(data) - cut)
+        self.assertEqual(outcome(_speedups.parse_publish_run, data, at, end, limit),
+                         outcome(codec.parse_publish_run_py, data, at, end, limit))
+
+    @SETTINGS
     @given(st.binary(max_size=10), any_ints, any_ints,
            st.lists(st.one_of(st.tuples(st.one_of(keys, st.binary(min_size=65535, max_size=65537)), values),
                               st.lists(values, min_size=1, max_size=3)), max_size=4))

@@ -233,6 +233,89 @@ static PyObject *parse_publish_batch(PyObject *self, PyObject *body)
     return result;
 }
 
+/* -- parse_publish_run --------------------------------------------------------- */
+
+#define OP_PUBLISH 0x05
+
+/* The run of fire-and-forget PUBLISH frames at the start of data[at:end]:
+ * (entries by topic, count, where the run ends).  The specification is
+ * zaichik.codec.parse_publish_run_py. */
+static PyObject *parse_publish_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t at, end, limit, count = 0;
+    PyObject *groups = NULL;
+    if (wrong_nargs("parse_publish_run", nargs, 4))
+        return NULL;
+    at = PyLong_AsSsize_t(args[1]);
+    end = PyLong_AsSsize_t(args[2]);
+    limit = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (end > view.len)
+        end = view.len;
+    if (at < 0)
+        at = 0;
+    groups = PyDict_New();
+    if (groups == NULL)
+        goto error;
+    const unsigned char *b = view.buf;
+    while (end - at >= 4) {
+        Py_ssize_t length = (Py_ssize_t)be_read(b + at, 4), pos;
+        const unsigned char *body = b + at + 4;
+        PyObject *topic = NULL, *key = NULL, *value = NULL, *entries, *pair;
+        unsigned long rid;
+        int ok;
+        if (length > limit || length > end - at - 4 || length < 1 || body[0] != OP_PUBLISH)
+            break;
+        ok = read_head(body, length, 2, &rid, &pos, &topic);
+        if (ok > 0 && rid != 0)
+            ok = 0;
+        if (ok > 0)
+            ok = read_entry(body, length, &pos, &key, &value);
+        if (ok > 0 && pos != length)
+            ok = 0;
+        if (ok <= 0) {
+            Py_XDECREF(topic);
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            if (ok < 0)
+                goto error;
+            break;
+        }
+        entries = PyDict_GetItemWithError(groups, topic); /* borrowed */
+        if (entries == NULL && !PyErr_Occurred()) {
+            entries = PyList_New(0);
+            if (entries != NULL) {
+                if (PyDict_SetItem(groups, topic, entries) < 0)
+                    Py_CLEAR(entries);
+                else
+                    Py_DECREF(entries); /* (the dict holds it) */
+            }
+        }
+        Py_DECREF(topic);
+        pair = entries == NULL ? NULL : PyTuple_Pack(2, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (pair == NULL)
+            goto error;
+        ok = PyList_Append(entries, pair);
+        Py_DECREF(pair);
+        if (ok < 0)
+            goto error;
+        at += 4 + length;
+        count++;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(Nnn)", groups, count, at);
+error:
+    Py_XDECREF(groups);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 /* -- message_frame ----------------------------------------------------------- */
 
 /* One MESSAGE frame (a new bytes), or NULL with struct.error set, as
@@ -464,6 +547,8 @@ static PyMethodDef methods[] = {
      "A PUBLISH body as (rid, topic, key, value), or None: see zaichik.codec.parse_publish."},
     {"parse_publish_batch", (PyCFunction)parse_publish_batch, METH_O,
      "A PUBLISH_BATCH body as (rid, topic, entries), or None: see zaichik.codec.parse_publish_batch_py."},
+    {"parse_publish_run", (PyCFunction)(void (*)(void))parse_publish_run, METH_FASTCALL,
+     "The run of rid-0 PUBLISH frames at data[at:end]: see zaichik.codec.parse_publish_run_py."},
     {"message_frames", (PyCFunction)(void (*)(void))message_frames, METH_FASTCALL,
      "MESSAGE frames for (key, value) entries from one offset on: see zaichik.codec.message_frames_py."},
     {"message_frame", (PyCFunction)(void (*)(void))message_frame, METH_FASTCALL,

@@ -561,6 +561,42 @@ def parse_publish_py(body: bytes) -> Optional[Tuple[int, str, Optional[bytes], b
     return rid, topic, key, body[at:]
 
 
+def parse_publish_run_py(
+    data: bytes, at: int, end: int, limit: int
+) -> Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]:
+    """
+    The run of fire-and-forget PUBLISH frames that starts at C{data[at]}:
+    whole frames before C{end}, each of at most C{limit} bytes, perfectly
+    formed (as L{parse_publish_py} reads them) and with rid 0.  Returns
+    C{(entries, count, at)}: each topic's C{(key, value)} entries in their
+    order (topics in the order they first appear), how many frames, and
+    where the run ends (the first frame not in it, or one not whole).
+
+    The framer hands such a run to the session in one call
+    (L{zaichik.session.Session.publish_run}).  This is the specification;
+    L{parse_publish_run} is the compiled twin when it is built.
+    """
+    groups: Dict[str, List[Tuple[Optional[bytes], bytes]]] = {}
+    count = 0
+    unpack = _u32.unpack_from
+    while end - at >= 4:
+        (length,) = unpack(data, at)
+        start = at + 4
+        if length > limit or start + length > end or not length or data[start] != Opcode.PUBLISH:
+            break
+        fields = parse_publish_py(data[start : start + length])
+        if fields is None or fields[0]:
+            break
+        _, topic, key, value = fields
+        entries = groups.get(topic)
+        if entries is None:
+            groups[topic] = entries = []
+        entries.append((key, value))
+        at = start + length
+        count += 1
+    return groups, count, at
+
+
 def _publish_fast(body: bytes) -> Optional[Publish]:
     fields = parse_publish(body)
     if fields is None:
@@ -782,11 +818,14 @@ def message_frames_py(prefix: bytes, first: int, timestamp: int,
 parse_publish: Callable[[bytes], Optional[Tuple[int, str, Optional[bytes], bytes]]] = parse_publish_py
 parse_publish_batch: Callable[[bytes], Optional[Tuple[int, str, List[Tuple[Optional[bytes], bytes]]]]] = \
     parse_publish_batch_py
+parse_publish_run: Callable[[bytes, int, int, int],
+                            Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]] = parse_publish_run_py
 message_frame: Callable[[bytes, int, int, Optional[bytes], bytes], bytes] = message_frame_py
 message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]]], List[bytes]] = message_frames_py
 if speedups.compiled is not None:
     parse_publish = speedups.compiled.parse_publish
     parse_publish_batch = speedups.compiled.parse_publish_batch
+    parse_publish_run = speedups.compiled.parse_publish_run
     message_frame = speedups.compiled.message_frame
     message_frames = speedups.compiled.message_frames
 

@@ -9,6 +9,7 @@ drive it with L{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 from collections import deque
+from operator import itemgetter
 from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
@@ -28,6 +29,8 @@ _log = Logger()
 # the epoch) take the low 48 bits, which last until the year 10889.
 _TIMESTAMP_BITS = 48
 _TIMESTAMP = (1 << _TIMESTAMP_BITS) - 1
+
+_key_of = itemgetter(0)  # of a (key, value) entry
 
 
 class ISubscriber(Interface):
@@ -239,22 +242,26 @@ class Topic:
         entries = list(entries)
         if self.reject_over_bytes:
             self._check_room(now, entries)
-        keyed = [key for key, _ in entries if key]
+        keyed = list(filter(None, map(_key_of, entries)))  # (no Python code per entry)
         if keyed:
             self._check_keys(now, keyed)
-        overhead = len(self._prefix) + 22
-        largest = max(len(value) + (len(key) if key else 0) for key, value in entries) + overhead
-        if largest > self.max_frame_size:
-            raise self._too_large(largest)
         if keyed and self.compaction_window:
+            overhead = len(self._prefix) + 22
+            largest = max(len(value) + (len(key) if key else 0) for key, value in entries) + overhead
+            if largest > self.max_frame_size:
+                raise self._too_large(largest)
             store = self._store
             results = [store(now, key, value) for key, value in entries]
         else:
             # Nothing to look up per message (no compaction, keys checked
             # above): the frames in one call, which the accelerator makes in
-            # C, and the bookkeeping once for the batch.
+            # C, checked against the frame size (refused before anything is
+            # staged), and the bookkeeping once for the batch.
             first = self.next_offset
             frames = codec.message_frames(self._prefix, first, now, entries)
+            largest = max(map(len, frames)) - 4
+            if largest > self.max_frame_size:
+                raise self._too_large(largest)
             self._stage_frames(now, first, frames)
             results = [(offset, False) for offset in range(first, first + len(frames))]
         if self._unsent:

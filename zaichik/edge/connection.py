@@ -17,6 +17,7 @@ import struct
 from typing import Optional
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -308,6 +309,10 @@ class BrokerConnection(Protocol):
                 self.session.fail(e.rid, ZaichikError(e.code, e.message))
                 return
             waiting = self.session.handle(request)
+        self.held(waiting)
+
+    def held(self, waiting: Optional[Deferred]) -> None:
+        """Read nothing more until C{waiting} (a request's answer still to come, if any) fires."""
         # Pause only for an answer still to come: resuming reads what was
         # held back, which must not happen inside the framer's frame loop
         # (the frames of the current read would be handled twice).
