@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik import codec, speedups
-from zaichik.storage import segment
+from zaichik.storage import redis, segment
 
 try:
     from zaichik import _speedups
@@ -131,6 +131,22 @@ class AgreeTests(SynchronousTestCase):
             skip = 4 + len(prefix)  # what the disk log leaves out
         self.assertEqual(outcome(_speedups.encode_batch, first, frames, skip),
                          outcome(segment.encode_batch_py, first, frames, skip))
+
+    @SETTINGS
+    @given(st.lists(st.tuples(keys, values), max_size=8))
+    def test_encode_records(self, entries):
+        self.assertEqual(_speedups.encode_records(entries), redis.encode_records_py(entries))
+
+    @SETTINGS
+    @given(st.binary(max_size=10), u64s, u64s, st.lists(st.tuples(keys, values), max_size=6),
+           st.integers(0, 20), st.binary(max_size=12))
+    def test_decode_records(self, prefix, first, timestamp, entries, cut, tail):
+        # Records as the script stores them (keys too), cut short or with
+        # bytes after: both the same, frames or struct.error.
+        whole = b"".join(struct.pack(">II", len(k or b""), len(v)) + (k or b"") + v for k, v in entries)
+        for blob in (whole, whole[: max(0, len(whole) - cut)], whole + tail):
+            self.assertEqual(outcome(_speedups.decode_records, prefix, first, timestamp, blob),
+                             outcome(redis.decode_records_py, prefix, first, timestamp, blob))
 
     def test_short_frames(self):
         """Frames too short for a timestamp: both refuse with struct.error."""

@@ -439,6 +439,117 @@ done:
     return out;
 }
 
+/* -- Redis stream records ------------------------------------------------------- */
+
+/* The records of unkeyed entries: >II (0, value length), value each.  The
+ * specification is zaichik.storage.redis.encode_records_py. */
+static PyObject *encode_records(PyObject *self, PyObject *entries)
+{
+    Py_ssize_t count, i, total = 0;
+    PyObject *out;
+    if (!PyList_Check(entries)) {
+        PyErr_SetString(PyExc_TypeError, "entries must be a list");
+        return NULL;
+    }
+    count = PyList_GET_SIZE(entries);
+    for (i = 0; i < count; i++) {
+        PyObject *entry = PyList_GET_ITEM(entries, i), *value;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(entry, 1))) {
+            PyErr_SetString(PyExc_TypeError, "entries must be (key, bytes) tuples");
+            return NULL;
+        }
+        value = PyTuple_GET_ITEM(entry, 1);
+        if (PyBytes_GET_SIZE(value) > 0xFFFFFFFFLL) {
+            PyErr_SetString(struct_error, "'I' format requires 0 <= number <= 4294967295");
+            return NULL;
+        }
+        total += 8 + PyBytes_GET_SIZE(value);
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    for (i = 0; i < count; i++) {
+        PyObject *value = PyTuple_GET_ITEM(PyList_GET_ITEM(entries, i), 1);
+        Py_ssize_t n = PyBytes_GET_SIZE(value);
+        be_write(p, 0, 4);
+        be_write(p + 4, (unsigned long long)n, 4);
+        memcpy(p + 8, PyBytes_AS_STRING(value), n);
+        p += 8 + n;
+    }
+    return out;
+}
+
+/* The MESSAGE frames of a stream entry's records, offsets from first.  The
+ * specification is zaichik.storage.redis.decode_records_py (which slices
+ * short what a short blob cuts, and raises struct.error for a cut head). */
+static PyObject *decode_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (wrong_nargs("decode_records", nargs, 4))
+        return NULL;
+    unsigned long long first, timestamp;
+    Py_buffer prefix, blob;
+    PyObject *out = NULL;
+    if (as_u64(args[1], &first) < 0 || as_u64(args[2], &timestamp) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &prefix, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &blob, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&prefix);
+        return NULL;
+    }
+    const unsigned char *b = blob.buf;
+    Py_ssize_t at = 0, end = blob.len, i = 0;
+    out = PyList_New(0);
+    while (out != NULL && at < end) {
+        PyObject *key = Py_None, *value, *frame;
+        if (end - at < 8) {
+            PyErr_Format(struct_error, "unpack_from requires a buffer of at least %zd bytes for unpacking 8 "
+                         "bytes at offset %zd (actual buffer size is %zd)", at + 8, at, end);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_ssize_t klen = (Py_ssize_t)be_read(b + at, 4), vlen = (Py_ssize_t)be_read(b + at + 4, 4);
+        at += 8;
+        Py_ssize_t kn = klen < end - at ? klen : end - at;
+        if (klen) {
+            key = PyBytes_FromStringAndSize((const char *)b + at, kn);
+            if (key == NULL) {
+                Py_CLEAR(out);
+                break;
+            }
+        } else {
+            Py_INCREF(key);
+        }
+        at += klen;
+        Py_ssize_t vstart = at < end ? at : end;
+        Py_ssize_t vn = vlen < end - vstart ? vlen : end - vstart;
+        value = PyBytes_FromStringAndSize((const char *)b + vstart, vn);
+        at += vlen;
+        if (value == NULL || first + (unsigned long long)i < first) {
+            if (value != NULL)
+                PyErr_SetString(struct_error, "argument out of range");
+            Py_DECREF(key);
+            Py_XDECREF(value);
+            Py_CLEAR(out);
+            break;
+        }
+        frame = make_frame(&prefix, first + (unsigned long long)i, timestamp, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (frame == NULL || PyList_Append(out, frame) < 0) {
+            Py_XDECREF(frame);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(frame);
+        i++;
+    }
+    PyBuffer_Release(&blob);
+    PyBuffer_Release(&prefix);
+    return out;
+}
+
 /* -- encode_batch ------------------------------------------------------------ */
 
 #define BATCH_MAGIC "ZKB2"
@@ -553,6 +664,10 @@ static PyMethodDef methods[] = {
      "MESSAGE frames for (key, value) entries from one offset on: see zaichik.codec.message_frames_py."},
     {"message_frame", (PyCFunction)(void (*)(void))message_frame, METH_FASTCALL,
      "A whole MESSAGE frame: see zaichik.codec.message_frame."},
+    {"encode_records", (PyCFunction)encode_records, METH_O,
+     "A Redis stream entry's records: see zaichik.storage.redis.encode_records_py."},
+    {"decode_records", (PyCFunction)(void (*)(void))decode_records, METH_FASTCALL,
+     "The MESSAGE frames of a Redis stream entry's records: see zaichik.storage.redis.decode_records_py."},
     {"encode_batch", (PyCFunction)(void (*)(void))encode_batch, METH_FASTCALL,
      "A segment batch of MESSAGE frames: see zaichik.storage.segment.encode_batch."},
     {NULL, NULL, 0, NULL},

@@ -262,32 +262,39 @@ class Session:
                 work.flush()
         return None
 
-    def publish_run(self, groups: Dict[str, List[Tuple[Optional[bytes], bytes]]], count: int) -> Optional[Deferred]:
+    def publish_run(self, groups: Dict[str, List[Tuple[Optional[bytes], bytes]]],
+                    count: int) -> Union[None, Literal[False], Deferred]:
         """
         A run of C{count} fire-and-forget PUBLISHes (rid 0) from one read, as
         L{codec.parse_publish_run} groups them: each topic's in one call
-        (L{Topic.publish_many}, whose frames the accelerator makes in C),
+        (L{Topic.publish_all}, whose frames the accelerator makes in C),
         rather than a call through this module per message, which was most
         of the broker's time per message (cProfile, 1 -> 1 and 100 topics).
         The same as publishing them one by one: offsets, timestamps and
         deliveries are per topic and per unit of work, and a group that
         breaks a limit (refused whole, before anything is stored) is
         published one by one, each refused or not on its own.  Only for a
-        connection that may do anything, on a broker without an engine
-        (L{may_publish_runs}); under the block policy a held topic holds the
-        reading after the run, where one by one it would after its message.
+        connection that may do anything (L{may_publish_runs}); under the
+        block policy a held topic holds the reading after the run, where one
+        by one it would after its message.  With an engine, a run naming a
+        topic this broker does not know yet is declined (False): the framer
+        then hands its frames over one by one.
         """
         if self.ended:
             return None
-        self._requests += count
         topics = self.service.topics
+        if self.service.engine is not None and not all(name in topics for name in groups):
+            return False  # (a topic another broker may have made: learnt one by one, see _publish)
+        self._requests += count
         held = None
         for name, entries in groups.items():
             topic = topics.get(name)
             try:
                 if topic is None:
                     topic = self._topic(name)
-                if len(entries) == 1:
+                if topic.answers_late:
+                    topic.publish_all(entries)  # (staged: the engine decides offsets and duplicates)
+                elif len(entries) == 1:
                     topic.publish(*entries[0])  # (a batch of one costs more than one)
                 elif topic.compaction_window:
                     # Keys to look up one by one anyway: so is each refused.
@@ -297,7 +304,7 @@ class Session:
                         except ZaichikError as e:
                             self.fail(0, e)
                 else:
-                    topic.publish_many(entries)
+                    topic.publish_all(entries)
             except ZaichikError:
                 for key, value in entries:
                     self._requests -= 1  # (counted again, one by one)
@@ -319,7 +326,7 @@ class Session:
     @property
     def may_publish_runs(self) -> bool:
         """May the framer hand this connection's fire-and-forget PUBLISHes over as runs (L{publish_run})?"""
-        return self.permissions is ALLOW_ALL and self.service.engine is None and not self.ended
+        return self.permissions is ALLOW_ALL and not self.ended
 
     _told = None
 

@@ -237,6 +237,19 @@ class Topic:
         Store several messages as if published one after the other, and
         deliver the stored ones to each subscriber in one call.  A batch
         that breaks a limit is refused whole, before anything is stored.
+
+        @return: C{(offset, duplicate)} for each entry, as L{publish}'s.
+        """
+        first = self.next_offset
+        results = self.publish_all(entries)
+        return results if results is not None else [(offset, False) for offset in range(first, self.next_offset)]
+
+    def publish_all(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> Optional[List[Tuple[int, bool]]]:
+        """
+        L{publish_many}, returning None rather than its results when every
+        entry was stored in turn from the next offset on (no duplicate): a
+        run of fire-and-forget publishes has no use for them, and making
+        them cost as much as the rest of the batch (cProfile).
         """
         now = self.now()
         entries = list(entries)
@@ -245,6 +258,7 @@ class Topic:
         keyed = list(filter(None, map(_key_of, entries)))  # (no Python code per entry)
         if keyed:
             self._check_keys(now, keyed)
+        results = None
         if keyed and self.compaction_window:
             overhead = len(self._prefix) + 22
             largest = max(len(value) + (len(key) if key else 0) for key, value in entries) + overhead
@@ -263,7 +277,6 @@ class Topic:
             if largest > self.max_frame_size:
                 raise self._too_large(largest)
             self._stage_frames(now, first, frames)
-            results = [(offset, False) for offset in range(first, first + len(frames))]
         if self._unsent:
             self._stored()
         return results

@@ -94,9 +94,11 @@ class BrokerProtocol(BrokerConnection):
                     # whole run in one call (Session.publish_run says why).
                     groups, count, after = run(data, at, end, limit)
                     if count:
-                        at = after
-                        self.held(session.publish_run(groups, count))
-                        continue
+                        waiting = session.publish_run(groups, count)
+                        if waiting is not False:
+                            at = after
+                            self.held(waiting)
+                            continue
                 at = start + length
                 if at > end:
                     at = start - 4

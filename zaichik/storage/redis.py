@@ -39,7 +39,8 @@ import hashlib
 import os
 import struct
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from operator import itemgetter
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -47,7 +48,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from zaichik import codec
+from zaichik import codec, speedups
 from zaichik.clock import wall_clock
 from zaichik.storage import IEngineEvents, ISharedLog, ISharedStorage, StorageError, TopicState
 from zaichik.storage.resp import NotConnected, RedisError, Router, when_done
@@ -59,6 +60,7 @@ _log = Logger()
 GAP = 1_000_000
 
 _record_head = struct.Struct(">II")
+_key_of = itemgetter(0)  # of a (key, value) entry
 
 PUBLISH = r"""
 -- KEYS: meta, stream.  ARGV: key prefix, channel, known epoch, known next,
@@ -255,8 +257,13 @@ def client_key(client_id: str) -> bytes:
     return _tag(b"c", client_id) + b"pos"
 
 
-def encode_records(entries: List[Tuple[Optional[bytes], bytes]]) -> bytes:
-    """The records of unkeyed C{entries} (keyed ones go to the script one by one)."""
+def encode_records_py(entries: List[Tuple[Optional[bytes], bytes]]) -> bytes:
+    """
+    The records of unkeyed C{entries} (keyed ones go to the script one by
+    one).  The specification of L{encode_records} (compiled where built:
+    a Python loop per message was the cross-node path's cost, as
+    L{decode_records}').
+    """
     pack = _record_head.pack
     parts = []
     for _, value in entries:
@@ -265,8 +272,11 @@ def encode_records(entries: List[Tuple[Optional[bytes], bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def decode_records(prefix: bytes, first: int, timestamp: int, blob: bytes) -> List[bytes]:
-    """The MESSAGE frames (length prefix included) of a stream entry's records."""
+def decode_records_py(prefix: bytes, first: int, timestamp: int, blob: bytes) -> List[bytes]:
+    """
+    The MESSAGE frames (length prefix included) of a stream entry's
+    records.  The specification of L{decode_records} (compiled where built).
+    """
     entries = []
     unpack = _record_head.unpack_from
     at, end = 0, len(blob)
@@ -277,7 +287,46 @@ def decode_records(prefix: bytes, first: int, timestamp: int, blob: bytes) -> Li
         at += klen
         entries.append((key, blob[at:at + vlen]))
         at += vlen
-    return codec.message_frames(prefix, first, timestamp, entries)  # (one call: compiled where built)
+    return codec.message_frames_py(prefix, first, timestamp, entries)
+
+
+encode_records: Callable[[List[Tuple[Optional[bytes], bytes]]], bytes] = encode_records_py
+decode_records: Callable[[bytes, int, int, bytes], List[bytes]] = decode_records_py
+if speedups.compiled is not None:
+    encode_records = speedups.compiled.encode_records
+    decode_records = speedups.compiled.decode_records
+
+
+class Consecutive(Sequence):
+    """
+    C{(offset, False)} for C{n} offsets from C{first}: a script's results
+    when none was a duplicate, each made only if a reply asks for it (a
+    run of fire-and-forget publishes asks for none; a list of them cost
+    the publishing broker as much as the rest of its work per message).
+    """
+
+    __slots__ = ("first", "n")
+
+    def __init__(self, first: int, n: int) -> None:
+        self.first = first
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [(self.first + j, False) for j in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return (self.first + i, False)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, Consecutive)) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @implementer(ISharedLog)
@@ -447,7 +496,7 @@ class RedisLog:
         known = max(self.end, self.stored, self.assigned)  # (Redis never legitimately has less)
         head = [keys["keys"], keys["channel"], self.epoch, known, self.retention_ttl,
                 self.compaction_window, self.storage.new_epoch(), len(entries)]
-        if any(key for key, _ in entries):
+        if any(map(_key_of, entries)):
             args = head + [b"k"]
             for key, value in entries:
                 args.append(key or b"")
@@ -465,9 +514,9 @@ class RedisLog:
         if made:
             self.storage.announce(self.name)
         if results:
-            answered = [(r, False) if r >= 0 else (-1 - r, True) for r in results]
+            answered: Sequence[Tuple[int, bool]] = [(r, False) if r >= 0 else (-1 - r, True) for r in results]
         else:
-            answered = [(first + i, False) for i in range(n)]
+            answered = Consecutive(first, n)
         return first, now, answered, count
 
     @staticmethod
