@@ -132,6 +132,16 @@ class AgreeTests(SynchronousTestCase):
         self.assertEqual(outcome(_speedups.encode_batch, first, frames, skip),
                          outcome(segment.encode_batch_py, first, frames, skip))
 
+    def test_parse_publish_run_many_topics(self):
+        # More topics than the compiled twin's table of a run's topics
+        # holds (128), in turn, with names that differ in one byte.
+        names = [f"t.{i}" for i in range(300)] + ["t.\u00e9", "t.\u00e8"]
+        data = b"".join(codec.frame(codec.Publish(0, names[i % len(names)], b"%d" % i).encode())
+                        for i in range(3 * len(names)))
+        result = _speedups.parse_publish_run(data, 0, len(data), 1 << 20)
+        self.assertEqual(result, codec.parse_publish_run_py(data, 0, len(data), 1 << 20))
+        self.assertEqual((len(result[0]), result[1]), (len(names), 3 * len(names)))
+
     @SETTINGS
     @given(st.lists(st.tuples(keys, values), max_size=8))
     def test_encode_records(self, entries):
