@@ -61,6 +61,21 @@ def run(requests: List, one_read: bool, runs: bool, **limits) -> Tuple[list, lis
     return in_order(publisher.replies()), subscriber.replies(), offsets
 
 
+def per_topic(result: Tuple[list, list, dict]) -> Tuple[list, dict, dict]:
+    """
+    C{run}'s result with the subscriber's messages by topic: the protocol
+    orders messages per topic only, and how a read's deliveries to
+    different topics interleave follows the order the topics were first
+    stored to in it, which a run changes when a topic's first message in
+    it is refused and a later one stored (found by the property below).
+    """
+    replies, messages, offsets = result
+    topics: dict = {}
+    for message in messages:
+        topics.setdefault(message.topic, []).append(message)
+    return replies, topics, offsets
+
+
 def in_order(replies: list) -> list:
     """
     The replies, each stretch of rid-0 ERRORs sorted: a run's refusals come
@@ -159,9 +174,23 @@ if given is not None:
         def test_same_as_one_by_one(self, requests: list) -> None:
             """
             Whatever the mix, the same with runs as without, in one read
-            and in a read per frame (the two differ in how deliveries to
-            different topics interleave: once per topic per read).
+            and in a read per frame: replies, offsets, and each topic's
+            messages (see L{per_topic}).
             """
             for one_read in (True, False):
-                self.assertEqual(run(requests, one_read, runs=True, max_compaction_keys=2),
-                                 run(requests, one_read, runs=False, max_compaction_keys=2))
+                self.assertEqual(per_topic(run(requests, one_read, runs=True, max_compaction_keys=2)),
+                                 per_topic(run(requests, one_read, runs=False, max_compaction_keys=2)))
+
+    class PublishRunExamplesTests(SynchronousTestCase):
+        def test_refused_first_in_a_run(self) -> None:
+            """
+            Hypothesis' example: a topic's first message in the run refused
+            ("kept", key too long), a later one stored.  Per topic the same;
+            across topics the deliveries of the read interleave otherwise.
+            """
+            requests = [Publish(0, "keyed", b""), Ping(9), Publish(0, "kept", b"", b"k" * 9),
+                        Publish(0, "keyed", b""), Publish(0, "keyed", b""), Publish(0, "kept", b"")]
+            with_runs = run(requests, True, runs=True)
+            self.assertEqual(per_topic(with_runs), per_topic(run(requests, True, runs=False)))
+            self.assertEqual([(m.topic, m.offset) for m in with_runs[1]],
+                             [("keyed", 0), ("kept", 0), ("keyed", 1), ("keyed", 2)])

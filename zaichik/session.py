@@ -271,7 +271,11 @@ class Session:
         rather than a call through this module per message, which was most
         of the broker's time per message (cProfile, 1 -> 1 and 100 topics).
         The same as publishing them one by one: offsets, timestamps and
-        deliveries are per topic and per unit of work, and a group that
+        deliveries are per topic and per unit of work (the read's
+        deliveries to different topics go in the order the topics were
+        first stored to, which a run changes only when a topic's first
+        message in it is refused and a later one stored: the protocol
+        orders messages per topic), and a group that
         breaks a limit (refused whole, before anything is stored) is
         published one by one, each refused or not on its own.  Only for a
         connection that may do anything (L{may_publish_runs}); under the
