@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik import codec, speedups
+from zaichik.edge import websocket
 from zaichik.storage import redis, segment
 
 try:
@@ -131,6 +132,22 @@ class AgreeTests(SynchronousTestCase):
             skip = 4 + len(prefix)  # what the disk log leaves out
         self.assertEqual(outcome(_speedups.encode_batch, first, frames, skip),
                          outcome(segment.encode_batch_py, first, frames, skip))
+
+    @SETTINGS
+    @given(st.lists(st.tuples(st.one_of(publish_bodies(), batch_bodies()), st.binary(min_size=4, max_size=4),
+                              st.sampled_from([0x82, 0x82, 0x82, 0x02, 0x81, 0x88])), max_size=6),
+           st.integers(0, 8), st.integers(0, 12), st.sampled_from([0, 5, 40, 1 << 20]), st.booleans())
+    def test_parse_ws_publish_run(self, messages, at, cut, limit, damage):
+        # WebSocket messages (mostly final binary PUBLISHes, some not final,
+        # text or control), masked; the read cut short; a byte changed.
+        data = b"".join(bytes((first,)) + websocket.encode_frame(2, body, mask)[1:]
+                        for body, mask, first in messages)
+        end = max(0, len(data) - cut)
+        if damage and data:
+            i = len(data) // 2
+            data = data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1:]
+        self.assertEqual(outcome(_speedups.parse_ws_publish_run, data, at, end, limit),
+                         outcome(websocket.parse_ws_publish_run_py, data, at, end, limit))
 
     def test_parse_publish_run_many_topics(self):
         # More topics than the compiled twin's table of a run's topics

@@ -9,6 +9,7 @@ peer that never reads, and the slow-consumer policy.
 from __future__ import annotations
 
 import base64
+from unittest import mock
 from typing import List, Optional, Sequence
 
 from twisted.internet.task import Clock
@@ -22,6 +23,7 @@ from zaichik.edge.tcp import BrokerFactory
 from zaichik.edge.websocket import (BINARY, CLOSE, CONTINUATION, HANDSHAKE_TIMEOUT, PING, PONG, SUBPROTOCOL, TEXT,
                                     WebSocketFactory, accept_key, encode_frame, parse_messages, unmask)
 from zaichik.service import BrokerService, Limits
+from zaichik.session import Session
 from zaichik.testing import parse_frames
 
 try:
@@ -233,6 +235,37 @@ class MessageTests(WebSocketTestCase):
         publisher = self.connect()
         publisher.send(*[codec.Publish(0, "t", b"x" * 200) for _ in range(50)])
         self.assertEqual([m.offset for m in subscriber.received()], list(range(50)))
+
+    def test_runs_of_publishes_as_one_by_one(self):
+        """
+        Fire-and-forget PUBLISHes interleaved over two topics with a text
+        message, a PUBLISH with a rid, a fragmented message and a refused
+        one, in one read: read as runs (Session.publish_run) the replies
+        and each topic's messages are those of a message at a time.
+        """
+        frames = [message(codec.Publish(0, "a" if i % 2 else "b", b"%d" % i)) for i in range(10)]
+        frames[3] = encode_frame(TEXT, b"hello", MASK)
+        frames[5] = message(codec.Publish(7, "a", b"seven"))
+        fragmented = codec.Publish(0, "b", b"frag").encode()
+        frames[6] = (bytes((BINARY, 0x80 | 5)) + MASK + unmask(fragmented[:5], MASK)
+                     + encode_frame(CONTINUATION, fragmented[5:], MASK))
+        frames[8] = message(codec.Publish(0, "", b"v"))  # (no such topic name: BAD_TOPIC)
+        outcomes = []
+        for runs in (True, False):
+            self.setUp()
+            subscriber = self.connect()
+            subscriber.send(codec.Subscribe(1, "a", Start.LATEST), codec.Subscribe(2, "b", Start.LATEST))
+            subscriber.received()
+            publisher = self.connect()
+            with mock.patch.object(Session, "may_publish_runs", runs):
+                publisher.feed(b"".join(frames))
+            got = subscriber.received()
+            outcomes.append((publisher.received(), sorted((m.topic, m.offset, m.value) for m in got)))
+        self.assertEqual(outcomes[0], outcomes[1])
+        replies, messages = outcomes[0]
+        self.assertEqual([(type(r), r.rid) for r in replies],
+                         [(codec.Error, 0), (codec.Published, 7), (codec.Error, 0)])
+        self.assertEqual(len(messages), 8)
 
     def test_text_message_is_bad_frame_and_the_connection_goes_on(self):
         conn = self.connect()

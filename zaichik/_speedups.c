@@ -284,6 +284,67 @@ static PyObject *run_entries(PyObject *groups, struct run_slot *table, Py_ssize_
     return entries;
 }
 
+/* One rid-0 PUBLISH body (as parse_publish reads it) into its topic's
+ * entries: 1, 0 when it is not one (the run ends there), -1 on error.  The
+ * body must stay where it is until the run is read (the table points into it). */
+static int run_add(PyObject *groups, struct run_slot *table, Py_ssize_t *used, const unsigned char *body,
+                   Py_ssize_t length)
+{
+    PyObject *key = NULL, *value = NULL, *entries, *pair;
+    Py_ssize_t n, pos;
+    int ok;
+    if (length < 7 || body[0] != OP_PUBLISH)
+        return 0;
+    /* The head as read_head reads it (rid 0 only), the topic looked up only
+     * once the entry is known whole. */
+    n = (Py_ssize_t)be_read(body + 5, 2);
+    pos = 7 + n;
+    if (be_read(body + 1, 4) != 0 || pos + 2 > length)
+        return 0;
+    ok = read_entry(body, length, &pos, &key, &value);
+    if (ok > 0 && pos != length)
+        ok = 0;
+    if (ok <= 0) {
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        return ok;
+    }
+    entries = run_entries(groups, table, used, body + 7, n);
+    if (entries == NULL || entries == Py_None) {
+        Py_DECREF(key);
+        Py_DECREF(value);
+        return entries == NULL ? -1 : 0;
+    }
+    pair = PyTuple_Pack(2, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    if (pair == NULL)
+        return -1;
+    ok = PyList_Append(entries, pair);
+    Py_DECREF(pair);
+    return ok < 0 ? -1 : 1;
+}
+
+/* The arguments both run readers take: (data, at, end, limit). */
+static int run_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_buffer *view, Py_ssize_t *at,
+                    Py_ssize_t *end, Py_ssize_t *limit)
+{
+    if (wrong_nargs(name, nargs, 4))
+        return -1;
+    *at = PyLong_AsSsize_t(args[1]);
+    *end = PyLong_AsSsize_t(args[2]);
+    *limit = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (*end > view->len)
+        *end = view->len;
+    if (*at < 0)
+        *at = 0;
+    return 0;
+}
+
 /* The run of fire-and-forget PUBLISH frames at the start of data[at:end]:
  * (entries by topic, count, where the run ends).  The specification is
  * zaichik.codec.parse_publish_run_py. */
@@ -291,72 +352,103 @@ static PyObject *parse_publish_run(PyObject *self, PyObject *const *args, Py_ssi
 {
     Py_buffer view;
     Py_ssize_t at, end, limit, count = 0, used = 0;
-    PyObject *groups = NULL;
+    PyObject *groups;
     struct run_slot table[RUN_SLOTS];
-    if (wrong_nargs("parse_publish_run", nargs, 4))
+    if (run_args(args, nargs, "parse_publish_run", &view, &at, &end, &limit) < 0)
         return NULL;
-    at = PyLong_AsSsize_t(args[1]);
-    end = PyLong_AsSsize_t(args[2]);
-    limit = PyLong_AsSsize_t(args[3]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (end > view.len)
-        end = view.len;
-    if (at < 0)
-        at = 0;
     memset(table, 0, sizeof(table));
     groups = PyDict_New();
     if (groups == NULL)
         goto error;
     const unsigned char *b = view.buf;
     while (end - at >= 4) {
-        Py_ssize_t length = (Py_ssize_t)be_read(b + at, 4), n, pos;
-        const unsigned char *body = b + at + 4;
-        PyObject *key = NULL, *value = NULL, *entries, *pair;
-        int ok;
-        if (length > limit || length > end - at - 4 || length < 7 || body[0] != OP_PUBLISH)
+        Py_ssize_t length = (Py_ssize_t)be_read(b + at, 4);
+        if (length > limit || length > end - at - 4)
             break;
-        /* The head as read_head reads it (rid 0 only), the topic looked up
-         * only once the entry is known whole. */
-        n = (Py_ssize_t)be_read(body + 5, 2);
-        pos = 7 + n;
-        if (be_read(body + 1, 4) != 0 || pos + 2 > length)
-            break;
-        ok = read_entry(body, length, &pos, &key, &value);
-        if (ok > 0 && pos != length)
-            ok = 0;
-        if (ok <= 0) {
-            Py_XDECREF(key);
-            Py_XDECREF(value);
-            if (ok < 0)
-                goto error;
-            break;
-        }
-        entries = run_entries(groups, table, &used, body + 7, n);
-        if (entries == NULL || entries == Py_None) {
-            Py_DECREF(key);
-            Py_DECREF(value);
-            if (entries == NULL)
-                goto error;
-            break;
-        }
-        pair = PyTuple_Pack(2, key, value);
-        Py_DECREF(key);
-        Py_DECREF(value);
-        if (pair == NULL)
-            goto error;
-        ok = PyList_Append(entries, pair);
-        Py_DECREF(pair);
+        int ok = run_add(groups, table, &used, b + at + 4, length);
         if (ok < 0)
             goto error;
+        if (ok == 0)
+            break;
         at += 4 + length;
         count++;
     }
     PyBuffer_Release(&view);
     return Py_BuildValue("(Nnn)", groups, count, at);
 error:
+    Py_XDECREF(groups);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* The same for WebSocket messages from a client: whole, final, masked
+ * binary frames (0x82) of at most limit bytes, each a rid-0 PUBLISH body.
+ * The specification is zaichik.edge.websocket.parse_ws_publish_run_py. */
+static PyObject *parse_ws_publish_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t at, end, limit, count = 0, used = 0, filled = 0;
+    PyObject *groups = NULL;
+    unsigned char *plain = NULL;
+    struct run_slot table[RUN_SLOTS];
+    if (run_args(args, nargs, "parse_ws_publish_run", &view, &at, &end, &limit) < 0)
+        return NULL;
+    memset(table, 0, sizeof(table));
+    groups = PyDict_New();
+    /* The unmasked bodies, one after another: they stay for the whole call. */
+    plain = PyMem_Malloc(end > at ? (size_t)(end - at) : 1);
+    if (groups == NULL || plain == NULL) {
+        if (plain == NULL)
+            PyErr_NoMemory();
+        goto error;
+    }
+    const unsigned char *b = view.buf;
+    while (end - at >= 2) {
+        unsigned char first = b[at], second = b[at + 1];
+        unsigned long long n = second & 0x7F;
+        Py_ssize_t start = at + 6, i;
+        if (first != 0x82 || !(second & 0x80))
+            break;
+        if (n == 126) {
+            if (end - at < 4)
+                break;
+            n = be_read(b + at + 2, 2);
+            start = at + 8;
+        } else if (n == 127) {
+            if (end - at < 10)
+                break;
+            n = be_read(b + at + 2, 8);
+            start = at + 14;
+        }
+        if (n > (unsigned long long)limit || start > end || (Py_ssize_t)n > end - start)
+            break;
+        const unsigned char *src = b + start, *mask = b + start - 4;
+        unsigned char *body = plain + filled;
+        unsigned long long m8;
+        memcpy(&m8, mask, 4);
+        memcpy((unsigned char *)&m8 + 4, mask, 4);
+        for (i = 0; i + 8 <= (Py_ssize_t)n; i += 8) {
+            unsigned long long w;
+            memcpy(&w, src + i, 8);
+            w ^= m8;
+            memcpy(body + i, &w, 8);
+        }
+        for (; i < (Py_ssize_t)n; i++)
+            body[i] = src[i] ^ mask[i & 3];
+        int ok = run_add(groups, table, &used, body, (Py_ssize_t)n);
+        if (ok < 0)
+            goto error;
+        if (ok == 0)
+            break;
+        filled += (Py_ssize_t)n;
+        at = start + (Py_ssize_t)n;
+        count++;
+    }
+    PyMem_Free(plain);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(Nnn)", groups, count, at);
+error:
+    PyMem_Free(plain);
     Py_XDECREF(groups);
     PyBuffer_Release(&view);
     return NULL;
@@ -706,6 +798,8 @@ static PyMethodDef methods[] = {
      "A PUBLISH_BATCH body as (rid, topic, entries), or None: see zaichik.codec.parse_publish_batch_py."},
     {"parse_publish_run", (PyCFunction)(void (*)(void))parse_publish_run, METH_FASTCALL,
      "The run of rid-0 PUBLISH frames at data[at:end]: see zaichik.codec.parse_publish_run_py."},
+    {"parse_ws_publish_run", (PyCFunction)(void (*)(void))parse_ws_publish_run, METH_FASTCALL,
+     "The run of rid-0 PUBLISH WebSocket messages at data[at:end]: see zaichik.edge.websocket."},
     {"message_frames", (PyCFunction)(void (*)(void))message_frames, METH_FASTCALL,
      "MESSAGE frames for (key, value) entries from one offset on: see zaichik.codec.message_frames_py."},
     {"message_frame", (PyCFunction)(void (*)(void))message_frame, METH_FASTCALL,

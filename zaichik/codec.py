@@ -561,6 +561,25 @@ def parse_publish_py(body: bytes) -> Optional[Tuple[int, str, Optional[bytes], b
     return rid, topic, key, body[at:]
 
 
+def add_to_run(groups: Dict[str, List[Tuple[Optional[bytes], bytes]]], body: bytes) -> bool:
+    """
+    A run's next frame body: if a perfectly formed PUBLISH with rid 0, its
+    C{(key, value)} added to its topic's entries in C{groups}, and True.
+    """
+    fields = parse_publish_py(body) if body[:1] == _PUBLISH_OPCODE else None
+    if fields is None or fields[0]:
+        return False
+    _, topic, key, value = fields
+    entries = groups.get(topic)
+    if entries is None:
+        groups[topic] = entries = []
+    entries.append((key, value))
+    return True
+
+
+_PUBLISH_OPCODE = bytes((Opcode.PUBLISH,))
+
+
 def parse_publish_run_py(
     data: bytes, at: int, end: int, limit: int
 ) -> Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]:
@@ -582,16 +601,8 @@ def parse_publish_run_py(
     while end - at >= 4:
         (length,) = unpack(data, at)
         start = at + 4
-        if length > limit or start + length > end or not length or data[start] != Opcode.PUBLISH:
+        if length > limit or start + length > end or not add_to_run(groups, data[start : start + length]):
             break
-        fields = parse_publish_py(data[start : start + length])
-        if fields is None or fields[0]:
-            break
-        _, topic, key, value = fields
-        entries = groups.get(topic)
-        if entries is None:
-            groups[topic] = entries = []
-        entries.append((key, value))
         at = start + length
         count += 1
     return groups, count, at

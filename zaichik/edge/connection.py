@@ -14,7 +14,7 @@ and says how a frame goes out (L{BrokerConnection.writeFrames}).
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -310,6 +310,21 @@ class BrokerConnection(Protocol):
                 return
             waiting = self.session.handle(request)
         self.held(waiting)
+
+    def publishRun(self, run: Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]) -> Optional[int]:
+        """
+        A framer's run of fire-and-forget PUBLISHes (C{codec.parse_publish_run}'s
+        answer): published, and where the framer goes on; None if there was
+        no run or the session declined it (then frame by frame).
+        """
+        groups, count, after = run
+        if not count:
+            return None
+        waiting = self.session.publish_run(groups, count)
+        if waiting is False:
+            return None
+        self.held(waiting)
+        return after
 
     def held(self, waiting: Optional[Deferred]) -> None:
         """Read nothing more until C{waiting} (a request's answer still to come, if any) fires."""

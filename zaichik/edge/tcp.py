@@ -78,8 +78,7 @@ class BrokerProtocol(BrokerConnection):
         limit = self.MAX_LENGTH
         unpack = _length.unpack_from
         handle = self.frameReceived
-        session = self.session
-        runs = session.may_publish_runs
+        runs = self.session.may_publish_runs
         run = codec.parse_publish_run
         with self.service.work:
             while end - at >= 4 and not self.paused:
@@ -92,13 +91,10 @@ class BrokerProtocol(BrokerConnection):
                 if runs and length and start + length <= end and data[start] == PUBLISH:
                     # Fire-and-forget PUBLISHes, one after another: the
                     # whole run in one call (Session.publish_run says why).
-                    groups, count, after = run(data, at, end, limit)
-                    if count:
-                        waiting = session.publish_run(groups, count)
-                        if waiting is not False:
-                            at = after
-                            self.held(waiting)
-                            continue
+                    after = self.publishRun(run(data, at, end, limit))
+                    if after is not None:
+                        at = after
+                        continue
                 at = start + length
                 if at > end:
                     at = start - 4
