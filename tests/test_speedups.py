@@ -208,6 +208,35 @@ class ChoiceTests(SynchronousTestCase):
         self.assertEqual(out.stdout.split(), ["True", "True", "True"])
 
 
+class TuneGCTests(SynchronousTestCase):
+    """L{speedups.tune_gc}, in a new interpreter each time (it sets the process's collector)."""
+
+    def tuned(self, **env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if k != "ZAICHIK_GC_THRESHOLD"}
+        code = "import gc; from zaichik import speedups; speedups.tune_gc(); print(gc.get_threshold())"
+        return subprocess.run([sys.executable, "-c", code], env=dict(clean, **env), capture_output=True, text=True)
+
+    def test_thresholds(self):
+        self.assertEqual(self.tuned().stdout.strip(), str(speedups.GC_THRESHOLD))
+        self.assertNotEqual(speedups.GC_THRESHOLD, (700, 10, 10))
+
+    def test_operator_wins(self):
+        self.assertEqual(self.tuned(ZAICHIK_GC_THRESHOLD="700,10,10").stdout.strip(), "(700, 10, 10)")
+
+    def test_not_three_numbers(self):
+        """Refused with the variable's name, at the command line too (an option error, exit 1)."""
+        self.assertIn("ZAICHIK_GC_THRESHOLD is three whole numbers", self.tuned(ZAICHIK_GC_THRESHOLD="700").stderr)
+        from twisted.python import usage
+
+        from zaichik.tap import Options
+
+        os.environ["ZAICHIK_GC_THRESHOLD"] = "a,b,c"
+        self.addCleanup(os.environ.pop, "ZAICHIK_GC_THRESHOLD")
+        with self.assertRaises((usage.UsageError, SystemExit)) as caught:
+            Options().parseOptions([])
+        self.assertIn("ZAICHIK_GC_THRESHOLD", str(caught.exception))
+
+
 class TuneMallocTests(SynchronousTestCase):
     """L{speedups.tune_malloc}, in a new interpreter each time (it sets the process's malloc)."""
 

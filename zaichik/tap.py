@@ -241,6 +241,10 @@ class Options(usage.Options):
             raise usage.UsageError("--fsync is always, interval or never")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
+        try:
+            speedups.gc_threshold()
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         self.authenticator = None
         if self["auth"]:
             from zaichik.auth import CredentialsFileError, PortalAuthenticator
@@ -324,6 +328,7 @@ for _handler in (Options.opt_port, Options.opt_websocket_port, Options.opt_webso
 
 def makeService(config: Options) -> MultiService:
     speedups.tune_malloc()  # large messages' buffers reused, not mapped afresh (see there)
+    speedups.tune_gc()  # cycles looked for less often (see there)
     limits = Limits(
         max_connections=config["max-connections"],
         max_topics=config["max-topics"],
