@@ -149,6 +149,15 @@ class AgreeTests(SynchronousTestCase):
         self.assertEqual(outcome(_speedups.parse_ws_publish_run, data, at, end, limit),
                          outcome(websocket.parse_ws_publish_run_py, data, at, end, limit))
 
+    @SETTINGS
+    @given(st.lists(st.binary(max_size=300), max_size=5), st.sampled_from([0, 0, 1, 3, 70_000]),
+           st.integers(0, 6))
+    def test_ws_frames(self, bodies, big, cut):
+        # Frames as a subscription writes them (a large one too), or cut.
+        data = b"".join(codec.frame(body) for body in bodies + ([b"z" * big] if big else []))
+        data = data[: len(data) - cut] if cut < len(data) else data
+        self.assertEqual(outcome(_speedups.ws_frames, data), outcome(websocket.ws_frames_py, data))
+
     def test_parse_publish_run_many_topics(self):
         # More topics than the compiled twin's table of a run's topics
         # holds (128), in turn, with names that differ in one byte.

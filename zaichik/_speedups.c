@@ -454,6 +454,62 @@ error:
     return NULL;
 }
 
+/* Length-prefixed frames as WebSocket binary messages from the server (not
+ * masked), one after another.  The specification is
+ * zaichik.edge.websocket.ws_frames_py (which raises struct.error for a cut
+ * length and slices short a cut frame). */
+static PyObject *ws_frames(PyObject *self, PyObject *data)
+{
+    Py_buffer view;
+    PyObject *out = NULL;
+    Py_ssize_t at = 0, size = 0, n;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    n = view.len;
+    for (int pass = 0; pass < 2; pass++) {
+        unsigned char *p = pass ? (unsigned char *)PyBytes_AS_STRING(out) : NULL;
+        at = 0;
+        while (at < n) {
+            if (n - at < 4) {
+                PyErr_Format(struct_error, "unpack_from requires a buffer of at least %zd bytes for unpacking 4 "
+                             "bytes at offset %zd (actual buffer size is %zd)", at + 4, at, n);
+                goto done;
+            }
+            unsigned long long length = be_read(b + at, 4);
+            Py_ssize_t start = at + 4, take = (Py_ssize_t)length < n - start ? (Py_ssize_t)length : n - start;
+            int head = length < 126 ? 2 : length < 65536 ? 4 : 10;
+            if (pass) {
+                p[0] = 0x82;
+                if (head == 2) {
+                    p[1] = (unsigned char)length;
+                } else if (head == 4) {
+                    p[1] = 126;
+                    be_write(p + 2, length, 2);
+                } else {
+                    p[1] = 127;
+                    be_write(p + 2, length, 8);
+                }
+                memcpy(p + head, b + start, take);
+                p += head + take;
+            } else {
+                size += head + take;
+            }
+            at = start + (Py_ssize_t)length;
+        }
+        if (!pass) {
+            out = PyBytes_FromStringAndSize(NULL, size);
+            if (out == NULL)
+                goto done;
+        }
+    }
+done:
+    if (PyErr_Occurred())
+        Py_CLEAR(out);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* -- message_frame ----------------------------------------------------------- */
 
 /* One MESSAGE frame (a new bytes), or NULL with struct.error set, as
@@ -800,6 +856,8 @@ static PyMethodDef methods[] = {
      "The run of rid-0 PUBLISH frames at data[at:end]: see zaichik.codec.parse_publish_run_py."},
     {"parse_ws_publish_run", (PyCFunction)(void (*)(void))parse_ws_publish_run, METH_FASTCALL,
      "The run of rid-0 PUBLISH WebSocket messages at data[at:end]: see zaichik.edge.websocket."},
+    {"ws_frames", (PyCFunction)ws_frames, METH_O,
+     "Length-prefixed frames as WebSocket binary messages: see zaichik.edge.websocket.ws_frames_py."},
     {"message_frames", (PyCFunction)(void (*)(void))message_frames, METH_FASTCALL,
      "MESSAGE frames for (key, value) entries from one offset on: see zaichik.codec.message_frames_py."},
     {"message_frame", (PyCFunction)(void (*)(void))message_frame, METH_FASTCALL,
