@@ -12,9 +12,11 @@ from unittest import mock
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from zaichik import codec
-from zaichik.codec import CreateTopic, Error, ErrorCode, Ok, Ping, Publish, Published, Start, Subscribe
+from zaichik.codec import CreateTopic, Error, ErrorCode, Hello, Ok, Ping, Publish, Published, Start, Subscribe
+from zaichik.auth import ALLOW_ALL, IAuthenticator, Permissions
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
 from zaichik.session import Session
@@ -33,24 +35,37 @@ MAX_FRAME = 400
 TOPICS = ["keyed", "kept", "auto", "", "n" * 300]
 
 
+@implementer(IAuthenticator)
+class Limited:
+    """HELLO with the token "all" may do anything (ALLOW_ALL); any other, publish to "kept" only."""
+
+    requires_hello = False
+
+    def authenticate(self, client_id: str, token: str, peer: str = "") -> object:
+        return ALLOW_ALL if token == "all" else Permissions(["kept"], ["#"], ["#"], ["*"])
+
+
 def broker(**limits) -> Tuple[BrokerService, BrokerFactory]:
     clock = Clock()
     clock.advance(NOW)
-    service = BrokerService(clock=clock, limits=Limits(max_frame_size=MAX_FRAME, max_key_size=8, **limits))
+    service = BrokerService(clock=clock, limits=Limits(max_frame_size=MAX_FRAME, max_key_size=8, **limits),
+                            authenticator=Limited())
     return service, BrokerFactory(service, MAX_FRAME)
 
 
-def run(requests: List, one_read: bool, runs: bool, **limits) -> Tuple[list, list, dict]:
+def run(requests: List, one_read: bool, runs: bool, token: str = "all", **limits) -> Tuple[list, list, dict]:
     """
-    C{requests} from one publisher, in one read or a read each, with runs
-    or without: what the publisher and a subscriber of every topic read, and
-    each topic's next offset.
+    C{requests} from one publisher (after a HELLO with C{token}), in one
+    read or a read each, with runs or without: what the publisher and a
+    subscriber of every topic read, and each topic's next offset.
     """
     service, factory = broker(**limits)
     subscriber = Connection(factory)
-    subscriber.request(CreateTopic(1, "keyed", 60_000, 10_000), CreateTopic(2, "kept", 60_000, 0),
+    subscriber.request(Hello(0, token="all"), CreateTopic(1, "keyed", 60_000, 10_000),
+                       CreateTopic(2, "kept", 60_000, 0),
                        Subscribe(3, "keyed", Start.EARLIEST), Subscribe(4, "kept", Start.EARLIEST))
     publisher = Connection(factory)
+    publisher.request(Hello(0, token=token))
     with mock.patch.object(Session, "may_publish_runs", runs):
         if one_read:
             publisher.send(*requests)
@@ -146,6 +161,15 @@ class PublishRunTests(SynchronousTestCase):
         self.assertEqual((replies, messages, offsets),
                          run(requests, one_read=True, runs=False, max_compaction_keys=3))
 
+    def test_permissions(self) -> None:
+        """A connection that may publish to some topics only: each other one refused, as one by one."""
+        requests = [Publish(0, name, b"%d" % i) for i in range(6) for name in ("kept", "keyed", "auto")]
+        replies, messages, offsets = run(requests, one_read=True, runs=True, token="some")
+        self.assertEqual([(r.rid, r.code) for r in replies], [(0, ErrorCode.NOT_AUTHORIZED)] * 12)
+        self.assertEqual([m.value for m in messages], [b"%d" % i for i in range(6)])
+        self.assertNotIn("auto", offsets)
+        self.assertEqual((replies, messages, offsets), run(requests, one_read=True, runs=False, token="some"))
+
     def test_parse_publish_run_stops(self) -> None:
         """A run ends at a frame that is not a whole, well-formed rid-0 PUBLISH within the limit."""
         good = codec.frame(Publish(0, "t", b"v").encode())
@@ -177,9 +201,9 @@ if given is not None:
             and in a read per frame: replies, offsets, and each topic's
             messages (see L{per_topic}).
             """
-            for one_read in (True, False):
-                self.assertEqual(per_topic(run(requests, one_read, runs=True, max_compaction_keys=2)),
-                                 per_topic(run(requests, one_read, runs=False, max_compaction_keys=2)))
+            for one_read, token in ((True, "all"), (False, "all"), (True, "some")):
+                self.assertEqual(per_topic(run(requests, one_read, True, token, max_compaction_keys=2)),
+                                 per_topic(run(requests, one_read, False, token, max_compaction_keys=2)))
 
     class PublishRunExamplesTests(SynchronousTestCase):
         def test_refused_first_in_a_run(self) -> None:

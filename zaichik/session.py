@@ -277,8 +277,9 @@ class Session:
         message in it is refused and a later one stored: the protocol
         orders messages per topic), and a group that
         breaks a limit (refused whole, before anything is stored) is
-        published one by one, each refused or not on its own.  Only for a
-        connection that may do anything (L{may_publish_runs}); under the
+        published one by one, each refused or not on its own (a topic the
+        connection may not publish to, too: its permissions are asked once
+        a group).  Only once HELLO is answered (L{may_publish_runs}); under the
         block policy a held topic holds the reading after the run, where one
         by one it would after its message.  With an engine, a run naming a
         topic this broker does not know yet is declined (False): the framer
@@ -294,8 +295,8 @@ class Session:
         for name, entries in groups.items():
             topic = topics.get(name)
             try:
-                if topic is None:
-                    topic = self._topic(name)
+                if topic is None or self.permissions is not ALLOW_ALL:
+                    topic = self._topic(name)  # (created, or permissions asked: once a group)
                 if topic.answers_late:
                     topic.publish_all(entries)  # (staged: the engine decides offsets and duplicates)
                 elif len(entries) == 1:
@@ -330,7 +331,7 @@ class Session:
     @property
     def may_publish_runs(self) -> bool:
         """May the framer hand this connection's fire-and-forget PUBLISHes over as runs (L{publish_run})?"""
-        return self.permissions is ALLOW_ALL and not self.ended
+        return self.permissions is not None and not self.ended  # (before HELLO, each is refused)
 
     _told = None
 
