@@ -1062,11 +1062,23 @@ class ReadAndWriteMarksTests(BrokerTestCase):
         self.protocol.makeConnection(self.transport)
 
     def test_output_mark(self) -> None:
-        self.assertEqual(self.transport.SEND_LIMIT, 2 * tcp_edge.OUTPUT_HIGH)
+        self.assertEqual(self.transport.SEND_LIMIT, tcp_edge.SEND_LIMIT)
         self.transport.write(b"x" * (tcp_edge.OUTPUT_HIGH - 1))
         self.assertFalse(self.protocol.session.output.paused)
         self.transport.write(b"x" * 2)
         self.assertTrue(self.protocol.session.output.paused)
+
+    def test_no_cycle_left_behind(self) -> None:
+        """The full-buffer test refers to its transport: dropped when the connection is lost."""
+        self.assertIn("_isSendBufferFull", self.transport.__dict__)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNotIn("_isSendBufferFull", self.transport.__dict__)
+
+    def test_a_released_hold_is_not_a_small_read(self) -> None:
+        """readHeld calls dataReceived(b""): that must not halve the read size."""
+        self.transport.bufferSize = tcp_edge.READ_MAX
+        self.protocol.dataReceived(b"")
+        self.assertEqual(self.transport.bufferSize, tcp_edge.READ_MAX)
 
     def test_read_size_follows_the_reads(self) -> None:
         self.assertEqual(self.transport.bufferSize, tcp_edge.READ_MIN)

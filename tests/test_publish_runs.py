@@ -170,6 +170,31 @@ class PublishRunTests(SynchronousTestCase):
         self.assertNotIn("auto", offsets)
         self.assertEqual((replies, messages, offsets), run(requests, one_read=True, runs=False, token="some"))
 
+    def test_a_declined_run_is_not_read_again_frame_after_frame(self) -> None:
+        """
+        With an engine, a run naming a topic the broker does not know is
+        declined and its frames handled one by one; the framer must not read
+        the rest of the run again at each of them (a review found 16,000
+        frames took 6 s: quadratic).  Counted: reads of a run, for 2,000
+        frames to a known topic and one to a name never learnt.
+        """
+        service, factory = broker()
+        publisher = Connection(factory)
+        publisher.request(Hello(0, token="all"), CreateTopic(1, "kept", 60_000, 0))
+        service.engine = object()  # (only publish_run's "is there an engine" is asked of it here)
+        calls = []
+        real = codec.parse_publish_run
+
+        def counting(*args):
+            calls.append(args[1])
+            return real(*args)
+
+        with mock.patch.object(codec, "parse_publish_run", counting):
+            publisher.send(*[Publish(0, "kept", b"v")] * 2000, Publish(0, "", b"x"))
+        self.assertLessEqual(len(calls), 3)
+        self.assertEqual(service.topics["kept"].next_offset, 2000)
+        self.assertEqual([(r.rid, r.code) for r in publisher.replies()], [(0, ErrorCode.BAD_TOPIC)])
+
     def test_parse_publish_run_stops(self) -> None:
         """A run ends at a frame that is not a whole, well-formed rid-0 PUBLISH within the limit."""
         good = codec.frame(Publish(0, "t", b"v").encode())

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik import codec
 from zaichik.codec import ErrorCode, Start
+from zaichik.edge import websocket as websocket_edge
 from zaichik.edge.connection import CLOSE_GRACE
 from zaichik.edge.tcp import BrokerFactory
 from zaichik.edge.websocket import (BINARY, CLOSE, CONTINUATION, HANDSHAKE_TIMEOUT, PING, PONG, SUBPROTOCOL, TEXT,
@@ -266,6 +267,25 @@ class MessageTests(WebSocketTestCase):
         self.assertEqual([(type(r), r.rid) for r in replies],
                          [(codec.Error, 0), (codec.Published, 7), (codec.Error, 0)])
         self.assertEqual(len(messages), 8)
+
+    def test_a_declined_run_is_not_read_again_message_after_message(self):
+        """As over TCP (tests/test_publish_runs.py): a run declined is read once, not once a message."""
+        publisher = self.connect()
+        publisher.send(codec.CreateTopic(1, "t", 60_000, 0))
+        publisher.received()
+        self.service.engine = object()  # (only publish_run's "is there an engine" is asked of it here)
+        calls = []
+        real = websocket_edge.parse_ws_publish_run
+
+        def counting(*args):
+            calls.append(args[1])
+            return real(*args)
+
+        with mock.patch.object(websocket_edge, "parse_ws_publish_run", counting):
+            publisher.send(*[codec.Publish(0, "t", b"v")] * 2000, codec.Publish(0, "", b"x"))
+        self.assertLessEqual(len(calls), 3)
+        self.assertEqual(self.service.topics["t"].next_offset, 2000)
+        self.assertEqual([(r.rid, r.code) for r in publisher.received()], [(0, ErrorCode.BAD_TOPIC)])
 
     def test_text_message_is_bad_frame_and_the_connection_goes_on(self):
         conn = self.connect()

@@ -311,20 +311,22 @@ class BrokerConnection(Protocol):
             waiting = self.session.handle(request)
         self.held(waiting)
 
-    def publishRun(self, run: Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]) -> Optional[int]:
+    def publishRun(self, run: Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]) -> Tuple[int, bool]:
         """
         A framer's run of fire-and-forget PUBLISHes (C{codec.parse_publish_run}'s
-        answer): published, and where the framer goes on; None if there was
-        no run or the session declined it (then frame by frame).
+        answer): published, or not (no run there, or the session declined
+        it), and where the run ends.  Not published, the framer reads its
+        frames one by one, and looks for a run again only past its end (not
+        at each of its frames: that read the rest again each time).
         """
         groups, count, after = run
         if not count:
-            return None
+            return after, False
         waiting = self.session.publish_run(groups, count)
         if waiting is False:
-            return None
+            return after, False
         self.held(waiting)
-        return after
+        return after, True
 
     def held(self, waiting: Optional[Deferred]) -> None:
         """Read nothing more until C{waiting} (a request's answer still to come, if any) fires."""

@@ -10,7 +10,7 @@ import struct
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 
 from zaichik import codec
 from zaichik.edge.connection import CLOSE_GRACE, PUBLISH, BrokerConnection, _OutputProducer
@@ -38,13 +38,18 @@ _length = struct.Struct(">I")
 READ_MIN = 1 << 16
 READ_MAX = 1 << 20
 OUTPUT_HIGH = 4 << 20
+# Twice the largest read, as Twisted's 128 KiB is twice its 64 KiB read: not
+# all of OUTPUT_HIGH, because Twisted copies what is left of its buffer
+# into a new one at each write event while less than SEND_LIMIT is left (a
+# slow reader taking 64 KiB an event would cost 4 MiB of copying an event).
+SEND_LIMIT = 2 * READ_MAX
 
 
 def _tune(transport) -> None:
     """Give a TCP (or unix socket) transport the marks above; others keep theirs."""
     if not isinstance(transport, tcp.Connection):
         return
-    transport.SEND_LIMIT = 2 * OUTPUT_HIGH
+    transport.SEND_LIMIT = SEND_LIMIT
 
     # Twisted's own test of a full buffer, with OUTPUT_HIGH for bufferSize
     # (which stays the read size).  tests/test_protocol.py checks the mark.
@@ -52,6 +57,11 @@ def _tune(transport) -> None:
         return len(transport.dataBuffer) + transport._tempDataLen > OUTPUT_HIGH
 
     transport._isSendBufferFull = full  # type: ignore[method-assign]
+
+
+def _untune(transport) -> None:
+    """Drop L{_tune}'s test of a full buffer: it refers to the transport, which would wait for a cyclic collection."""
+    transport.__dict__.pop("_isSendBufferFull", None)
 
 
 class BrokerProtocol(BrokerConnection):
@@ -67,7 +77,7 @@ class BrokerProtocol(BrokerConnection):
         if len(data) >= size:
             if size < READ_MAX:
                 transport.bufferSize = size * 2
-        elif len(data) < size >> 3 and size > READ_MIN:
+        elif data and len(data) < size >> 3 and size > READ_MIN:  # (b"": a released hold, not a read)
             transport.bufferSize = size >> 1
         joined = self.buffered(data)
         if joined is None:
@@ -80,6 +90,7 @@ class BrokerProtocol(BrokerConnection):
         handle = self.frameReceived
         runs = self.session.may_publish_runs
         run = codec.parse_publish_run
+        no_run_before = 0
         with self.service.work:
             while end - at >= 4 and not self.paused:
                 (length,) = unpack(data, at)
@@ -88,13 +99,14 @@ class BrokerProtocol(BrokerConnection):
                     self.frameTooLarge(length)
                     return
                 start = at + 4
-                if runs and length and start + length <= end and data[start] == PUBLISH:
+                if runs and at >= no_run_before and length and start + length <= end and data[start] == PUBLISH:
                     # Fire-and-forget PUBLISHes, one after another: the
                     # whole run in one call (Session.publish_run says why).
-                    after = self.publishRun(run(data, at, end, limit))
-                    if after is not None:
+                    after, published = self.publishRun(run(data, at, end, limit))
+                    if published:
                         at = after
                         continue
+                    no_run_before = after
                 at = start + length
                 if at > end:
                     at = start - 4
@@ -109,6 +121,10 @@ class BrokerProtocol(BrokerConnection):
     def connectionMade(self) -> None:
         _tune(self.transport)
         super().connectionMade()
+
+    def connectionLost(self, reason=connectionDone) -> None:
+        _untune(self.transport)
+        super().connectionLost(reason)
 
     def writeFrames(self, data: bytes) -> None:
         self.transport.write(data)

@@ -370,18 +370,20 @@ class WebSocketProtocol(BrokerConnection):
         handle = self.frameReceived
         needed = 0
         runs = self.session.may_publish_runs
+        no_run_before = 0
         with self.service.work:
             while end - at >= 2 and not self.paused:
                 first, second = data[at], data[at + 1]
-                if runs and first == 0x82 and self._message is None:
+                if runs and first == 0x82 and at >= no_run_before and self._message is None:
                     # Fire-and-forget PUBLISHes, one message after another:
                     # the run in one call, as the TCP framer does (unmasked
                     # and read in C where built: this loop per message kept
                     # a WebSocket at a quarter of TCP's rate).
-                    after = self.publishRun(parse_ws_publish_run(data, at, end, limit))
-                    if after is not None:
+                    after, published = self.publishRun(parse_ws_publish_run(data, at, end, limit))
+                    if published:
                         at = after
                         continue
+                    no_run_before = after
                 head = masked_head(data, at, end)
                 if head is None:
                     break
