@@ -7,7 +7,8 @@ deliveries, refusals and replies as when each frame is handled on its own.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Tuple
 from unittest import mock
 
 from twisted.internet.task import Clock
@@ -89,6 +90,20 @@ def per_topic(result: Tuple[list, list, dict]) -> Tuple[list, dict, dict]:
     for message in messages:
         topics.setdefault(message.topic, []).append(message)
     return replies, topics, offsets
+
+
+@contextmanager
+def counted(module, name: str) -> Iterator[list]:
+    """C{module.name} replaced, while in the block, by a wrapper that records each call's arguments."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    with mock.patch.object(module, name, counting):
+        yield calls
 
 
 def in_order(replies: list) -> list:
@@ -182,14 +197,7 @@ class PublishRunTests(SynchronousTestCase):
         publisher = Connection(factory)
         publisher.request(Hello(0, token="all"), CreateTopic(1, "kept", 60_000, 0))
         service.engine = object()  # (only publish_run's "is there an engine" is asked of it here)
-        calls = []
-        real = codec.parse_publish_run
-
-        def counting(*args):
-            calls.append(args[1])
-            return real(*args)
-
-        with mock.patch.object(codec, "parse_publish_run", counting):
+        with counted(codec, "parse_publish_run") as calls:
             publisher.send(*[Publish(0, "kept", b"v")] * 2000, Publish(0, "", b"x"))
         self.assertLessEqual(len(calls), 3)
         self.assertEqual(service.topics["kept"].next_offset, 2000)

@@ -27,6 +27,8 @@ from zaichik.service import BrokerService, Limits
 from zaichik.session import Session
 from zaichik.testing import parse_frames
 
+from tests.test_publish_runs import counted
+
 try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -274,14 +276,7 @@ class MessageTests(WebSocketTestCase):
         publisher.send(codec.CreateTopic(1, "t", 60_000, 0))
         publisher.received()
         self.service.engine = object()  # (only publish_run's "is there an engine" is asked of it here)
-        calls = []
-        real = websocket_edge.parse_ws_publish_run
-
-        def counting(*args):
-            calls.append(args[1])
-            return real(*args)
-
-        with mock.patch.object(websocket_edge, "parse_ws_publish_run", counting):
+        with counted(websocket_edge, "parse_ws_publish_run") as calls:
             publisher.send(*[codec.Publish(0, "t", b"v")] * 2000, codec.Publish(0, "", b"x"))
         self.assertLessEqual(len(calls), 3)
         self.assertEqual(self.service.topics["t"].next_offset, 2000)
