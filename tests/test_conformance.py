@@ -1629,10 +1629,12 @@ class WildcardTests(QuickQuietTests):
         self.subscribe(other, p + ".sub")  # made by SUBSCRIBE
         self.publish(pub, p + ".sub", b"3")
         self.publish(pub, p, b"not matched")
-        msgs = c.messages_n(3)
-        self.assertEqual(self.pairs(msgs), [(p + ".new", 0), (p + ".made.here", 0), (p + ".sub", 0)])
-        self.assertEqual([m.value for m in msgs], [b"1", b"2", b"3"])
+        self.assertArrived(c.messages_n(3), [(p + ".new", 0, b"1"), (p + ".made.here", 0, b"2"), (p + ".sub", 0, b"3")])
         self.assertNoMessages(c)
+
+    def assertArrived(self, msgs, expected):
+        """C{msgs} are the C{(topic, offset, value)} of C{expected}, in its order."""
+        self.assertEqual([(m.topic, m.offset, m.value) for m in msgs], expected)
 
     def test_commit_and_max_inflight_per_topic(self):
         p = self.prefix()

@@ -92,25 +92,11 @@ class TopicsInAnyOrder(object):
     and no sequencer orders them).  The protocol orders MESSAGE frames by
     offset, per topic; the single-broker test also checks publish order
     across topics, which only one process can give.  Here: the same
-    messages, each topic's in offset order.
+    messages (each topic's has one, at offset 0), in any order.
     """
 
-    def test_topics_created_later_from_their_first_message(self):
-        p = self.prefix()
-        c = self.connect()
-        self.subscribe(c, p + ".>", conformance.wire.START_LATEST)
-        pub = self.connect()
-        self.publish(pub, p + ".new", b"1")  # made by PUBLISH
-        self.create(pub, p + ".made.here", 60000, 0)  # made by CREATE_TOPIC
-        self.publish(pub, p + ".made.here", b"2")
-        other = self.connect()
-        self.subscribe(other, p + ".sub")  # made by SUBSCRIBE
-        self.publish(pub, p + ".sub", b"3")
-        self.publish(pub, p, b"not matched")
-        msgs = c.messages_n(3)
-        self.assertEqual(sorted((m.topic, m.offset, m.value) for m in msgs),
-                         sorted([(p + ".new", 0, b"1"), (p + ".made.here", 0, b"2"), (p + ".sub", 0, b"3")]))
-        self.assertNoMessages(c)
+    def assertArrived(self, msgs, expected):
+        self.assertEqual(sorted((m.topic, m.offset, m.value) for m in msgs), sorted(expected))
 
 
 def _across(cls):
