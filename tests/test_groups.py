@@ -566,6 +566,25 @@ class DelayedReadTests(SynchronousTestCase):
             d, result = self.held.pop(0)
             d.callback(result)
 
+    def test_delivered_while_reading(self):
+        """
+        A message stored while the subscription's read of the log is under
+        way is sent even when that read (asked before it was stored) comes
+        back without it: the subscription reads again.  (Found when replies
+        began reaching clients sooner: a SUBSCRIBE answered, then a publish,
+        lost to a subscriber whose first read of a Redis-backed topic was
+        still out.)
+        """
+        pub = Conn(self.service)
+        pub.send(CreateTopic(1, "news", HOUR, 0))
+        c = Conn(self.service)
+        self.assertEqual(c.send(Subscribe(1, "news", Start.EARLIEST)), [Ok(1)])
+        self.assertEqual(len(self.held), 1)  # (the read from EARLIEST: nothing there yet)
+        pub.send(Publish(0, "news", b"a"))
+        self.answer()  # (the read comes back empty)
+        self.answer()  # (the read asked again)
+        self.assertEqual([(m.offset, m.value) for m in c.new()], [(0, b"a")])
+
     def test_backlog_and_redelivery_read_later(self):
         pub = Conn(self.service)
         pub.send(CreateTopic(1, "jobs", HOUR, 0))

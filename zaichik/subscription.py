@@ -143,7 +143,12 @@ class Subscription:
             if first == self.next and not self._reading and len(frames) <= self._room():
                 self._send(first, frames)
             else:
-                self.drain()  # behind, or out of room: the log has them
+                # Behind, or out of room: the log has them.  A read under
+                # way may have been asked before they were stored: read
+                # again after it (_readLater).
+                if self._reading:
+                    self._missed = True
+                self.drain()
             return
         if not self._pending and len(frames) <= self._room():
             self._send(first, frames)
@@ -214,9 +219,12 @@ class Subscription:
         self._send(first, frames)
         return True
 
+    _missed = False  # messages were delivered while a read was under way
+
     def _readLater(self, _: object, got: list) -> None:
         self._reading = False
-        if self._sendRead(*got[0]):
+        missed, self._missed = self._missed, False
+        if self._sendRead(*got[0]) or missed:
             self.drain()
 
     def _readFailed(self, failure) -> None:
