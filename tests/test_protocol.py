@@ -1097,6 +1097,144 @@ class ReadAndWriteMarksTests(BrokerTestCase):
         self.assertEqual(sizes[6:], [tcp_edge.READ_MAX >> i for i in range(1, 5)] + [tcp_edge.READ_MIN] * 2)
 
 
+class _CountingSocket:
+    """A socket's stand-in that counts its sends (and may take at most C{take} bytes of each)."""
+
+    def __init__(self, sock: socket.socket, take: Optional[int] = None) -> None:
+        self.sock = sock
+        self.take = take
+        self.sends: List[int] = []
+
+    def send(self, data) -> int:
+        self.sends.append(len(data))
+        return self.sock.send(data if self.take is None else data[: self.take])
+
+
+class OutputGatheringTests(BrokerTestCase):
+    """
+    Inside a unit of work a TCP connection's frames are gathered and written
+    once, at its end, straight to the socket when Twisted's buffer is empty
+    (zaichik/edge/tcp.py, "output", says why); what the socket does not take
+    goes to Twisted's buffer, behind which nothing overtakes.  On real
+    L{tcp.Server} transports over loopback sockets, with a L{MemoryReactorClock}
+    (so Twisted's own sends happen only when a test calls doWrite).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        self.publisher = self.connect()
+        self.publisher.request(Hello(0))
+
+    def subscriber(self, *topics: str, take: Optional[int] = None):
+        """A subscriber on a real socket: (protocol, transport, counting socket, client socket)."""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            client = socket.create_connection(listening.getsockname())
+            server, _ = listening.accept()
+        self.addCleanup(server.close)
+        self.addCleanup(client.close)
+        client.settimeout(5)
+        protocol = self.factory.buildProtocol(None)
+        transport = tcp.Server(server, protocol, ("127.0.0.1", 1), None, 1, self.reactor)
+        protocol.makeConnection(transport)
+        counting = protocol._socket = _CountingSocket(server, take)
+        protocol.dataReceived(frames(Hello(0), *[Subscribe(i + 1, t, Start.LATEST) for i, t in enumerate(topics)]))
+        replies = read_frames(client, 1 + len(topics))
+        self.assertEqual(replies[1:], [Ok(i + 1) for i in range(len(topics))])
+        counting.sends.clear()
+        return protocol, transport, counting, client
+
+    def test_one_send_per_read(self) -> None:
+        """A read publishing to three topics a connection reads: one send, every frame in order."""
+        _, transport, counting, client = self.subscriber("a", "b", "c")
+        self.publisher.send(*[Publish(0, t, b"%s%d" % (t.encode(), i)) for i in range(3) for t in "abc"],
+                            Publish(7, "a", b"last"))
+        self.assertEqual(len(counting.sends), 1)
+        got = read_frames(client, 10)
+        by_topic = {t: [m.value for m in got if m.topic == t] for t in "abc"}
+        self.assertEqual(by_topic, {"a": [b"a0", b"a1", b"a2", b"last"], "b": [b"b0", b"b1", b"b2"],
+                                    "c": [b"c0", b"c1", b"c2"]})
+        # Nothing left for Twisted to send, so nothing watched for.
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+        self.assertNotIn(transport, self.reactor.getWriters())
+
+    def test_what_the_socket_does_not_take_is_buffered(self) -> None:
+        """The socket takes part: the rest waits in Twisted's buffer, and arrives after it in order."""
+        protocol, transport, counting, client = self.subscriber("a", take=1000)
+        values = [bytes([65 + i]) * 700 for i in range(5)]
+        self.publisher.send(*[Publish(0, "a", v) for v in values])
+        self.assertEqual(counting.sends, [sum(len(v) + 30 for v in values)])  # (30: a MESSAGE frame's overhead on "a")
+        self.assertEqual(transport._tempDataLen, counting.sends[0] - 1000)
+        self.assertIn(transport, self.reactor.getWriters())
+        # Later output queues behind what waits: not sent past it.
+        self.publisher.send(Publish(0, "a", b"after"))
+        self.assertEqual(len(counting.sends), 1)
+        counting.take = None
+        transport.doWrite()
+        self.assertEqual([m.value for m in read_frames(client, 6)], values + [b"after"])
+
+    def test_output_before_a_close(self) -> None:
+        """An ERROR that closes the connection is written (and sent) before the close."""
+        protocol, transport, counting, client = self.subscriber()
+        protocol.dataReceived(struct.pack(">I", self.max_frame_size + 1))
+        self.assertTrue(transport.disconnecting)
+        [error] = read_frames(client, 1)
+        self.assertEqual(error.code, ErrorCode.FRAME_TOO_LARGE)
+
+    def test_outside_a_unit_to_twisted(self) -> None:
+        """A write outside any unit of work (a timer's, a storage callback's) goes to Twisted's buffer."""
+        protocol, transport, counting, _ = self.subscriber()
+        protocol.writeFrames(b"\x00\x00\x00\x01x")
+        self.assertEqual((counting.sends, transport._tempDataLen), ([], 5))
+
+    def test_a_full_sends_worth_handed_over_at_once(self) -> None:
+        """Once SEND_LIMIT bytes are gathered they are written without waiting for the unit's end."""
+        protocol, transport, counting, client = self.subscriber()
+        counting.take = 0  # (a reader that takes nothing)
+        with self.service.work:
+            protocol.writeFrames(b"x" * (tcp_edge.SEND_LIMIT - 1))
+            self.assertEqual(counting.sends, [])
+            protocol.writeFrames(b"y")
+            self.assertEqual(counting.sends, [tcp_edge.SEND_LIMIT])
+            self.assertFalse(protocol.session.output.paused)
+            protocol.writeFrames(b"z" * tcp_edge.OUTPUT_HIGH)
+            self.assertEqual(len(counting.sends), 1)  # (behind Twisted's buffer now: to it)
+            self.assertTrue(protocol.session.output.paused)
+
+    def test_tls_and_others_write_through_twisted(self) -> None:
+        """A transport that is not a plain socket's (TLS, a test's) gets the gathered frames as one write."""
+        sub = self.connect()
+        sub.request(Hello(0), Subscribe(1, "a", Start.LATEST))
+        writes = []
+        real = sub.transport.write
+        sub.transport.write = lambda data: (writes.append(data), real(data))  # type: ignore[method-assign]
+        self.publisher.send(Publish(0, "a", b"1"), Publish(0, "a", b"2"), Ping(3))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([m.value for m in sub.replies()], [b"1", b"2"])
+
+
+def read_frames(client: socket.socket, count: int) -> list:
+    """C{count} frames from C{client} (blocking, with its timeout)."""
+    data = b""
+    got: list = []
+    while len(got) < count:
+        chunk = client.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+        got = []
+        at = 0
+        while len(data) - at >= 4:
+            n = struct.unpack_from(">I", data, at)[0]
+            if len(data) - at - 4 < n:
+                break
+            got.append(codec.decode_reply(data[at + 4 : at + 4 + n]))
+            at += 4 + n
+    return got
+
+
 class LargeFrameTests(BrokerTestCase):
     """
     Values of several KB (the accelerator's parser and frame builder, where

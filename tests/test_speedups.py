@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from typing import Callable
 
 from hypothesis import HealthCheck, given, settings
@@ -116,6 +117,18 @@ class AgreeTests(SynchronousTestCase):
                          outcome(codec.message_frames_py, prefix, first, timestamp, entries))
 
     @SETTINGS
+    @given(st.binary(max_size=10), any_ints, any_ints,
+           st.lists(st.one_of(st.tuples(st.one_of(keys, st.just(b""), st.binary(min_size=65535, max_size=65537)),
+                                        values),
+                              st.tuples(st.none(), values), st.lists(values, min_size=1, max_size=3)), max_size=5),
+           st.integers(0, 400))
+    def test_plain_message_frames(self, prefix, first, timestamp, entries, max_body):
+        # (Unkeyed entries drawn often: the result is then the frames, or
+        # None when one is over max_body.)
+        self.assertEqual(outcome(_speedups.plain_message_frames, prefix, first, timestamp, entries, max_body),
+                         outcome(codec.plain_message_frames_py, prefix, first, timestamp, entries, max_body))
+
+    @SETTINGS
     @given(st.binary(max_size=10), any_ints, any_ints, st.one_of(keys, st.binary(min_size=65530, max_size=65540)),
            values)
     def test_message_frame(self, prefix, offset, timestamp, key, value):
@@ -184,6 +197,28 @@ class AgreeTests(SynchronousTestCase):
             self.assertEqual(outcome(_speedups.decode_records, prefix, first, timestamp, blob),
                              outcome(redis.decode_records_py, prefix, first, timestamp, blob))
 
+    @SETTINGS
+    @given(st.binary(max_size=5000), st.integers(0, 2**32 - 1))
+    def test_crc32(self, data, start):
+        """The storage's CRC (zlib-ng's where installed) is zlib's."""
+        self.assertEqual(speedups.crc32(data, start), zlib.crc32(data, start))
+
+    def test_encode_batch_uses_the_chosen_crc(self):
+        """encode_batch's CRC is speedups.crc32's (use_crc32), the same as the Python twin's."""
+        calls = []
+
+        def crc32(data, start=0):
+            calls.append(len(data))
+            return zlib.crc32(data, start)
+
+        frames = [codec.message_frame_py(b"\x00\x01t", i, 7, None, b"v" * i) for i in range(3)]
+        _speedups.use_crc32(crc32)
+        try:
+            self.assertEqual(_speedups.encode_batch(5, frames, 7), segment.encode_batch_py(5, frames, 7))
+        finally:
+            _speedups.use_crc32(speedups.crc32)
+        self.assertEqual(len(calls), 1)
+
     def test_short_frames(self):
         """Frames too short for a timestamp: both refuse with struct.error."""
         for frames in ([b"abc"], [b"x" * 40, b"y"]):
@@ -198,12 +233,14 @@ class ChoiceTests(SynchronousTestCase):
             self.assertIs(codec.parse_publish, codec.parse_publish_py)
             self.assertIs(codec.message_frame, codec.message_frame_py)
             self.assertIs(codec.message_frames, codec.message_frames_py)
+            self.assertIs(codec.plain_message_frames, codec.plain_message_frames_py)
             self.assertIs(codec.parse_publish_batch, codec.parse_publish_batch_py)
             self.assertIs(segment.encode_batch, segment.encode_batch_py)
         else:
             self.assertIs(codec.parse_publish, speedups.compiled.parse_publish)
             self.assertIs(codec.message_frame, speedups.compiled.message_frame)
             self.assertIs(codec.message_frames, speedups.compiled.message_frames)
+            self.assertIs(codec.plain_message_frames, speedups.compiled.plain_message_frames)
             self.assertIs(codec.parse_publish_batch, speedups.compiled.parse_publish_batch)
             self.assertIs(segment.encode_batch, speedups.compiled.encode_batch)
 

@@ -823,6 +823,22 @@ def message_frames_py(prefix: bytes, first: int, timestamp: int,
     return [message_frame_py(prefix, first + i, timestamp, key, value) for i, (key, value) in enumerate(entries)]
 
 
+def plain_message_frames_py(prefix: bytes, first: int, timestamp: int,
+                            entries: List[Tuple[Optional[bytes], bytes]], max_body: int) -> Optional[List[bytes]]:
+    """
+    L{message_frames_py}'s result when no entry has a key (None or empty)
+    and no frame's body is over C{max_body} bytes; else None, for the
+    caller to take its careful path (L{zaichik.topic.Topic.publish_all}).
+    The specification of L{plain_message_frames}, compiled where built.
+    """
+    if any(key for key, _ in entries):
+        return None
+    frames = message_frames_py(prefix, first, timestamp, entries)
+    if frames and max(map(len, frames)) - 4 > max_body:
+        return None
+    return frames
+
+
 # The broker calls these once per published message (or batch): the
 # compiled twins (zaichik/_speedups.c) when built, else the Python
 # functions above, which specify them.
@@ -833,12 +849,15 @@ parse_publish_run: Callable[[bytes, int, int, int],
                             Tuple[Dict[str, List[Tuple[Optional[bytes], bytes]]], int, int]] = parse_publish_run_py
 message_frame: Callable[[bytes, int, int, Optional[bytes], bytes], bytes] = message_frame_py
 message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]]], List[bytes]] = message_frames_py
+plain_message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]], int],
+                               Optional[List[bytes]]] = plain_message_frames_py
 if speedups.compiled is not None:
     parse_publish = speedups.compiled.parse_publish
     parse_publish_batch = speedups.compiled.parse_publish_batch
     parse_publish_run = speedups.compiled.parse_publish_run
     message_frame = speedups.compiled.message_frame
     message_frames = speedups.compiled.message_frames
+    plain_message_frames = speedups.compiled.plain_message_frames
 
 
 def message_body(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:

@@ -8,7 +8,8 @@ C{storage.segment.encode_batch_py}), which are the specification.
 Set C{ZAICHIK_PURE=1} in the environment to use the pure-Python path even
 where the accelerator is built (CI runs the suite both ways).
 
-And L{tune_malloc} and L{tune_gc}, which the broker calls once at start.
+And L{crc32}, the checksum of the storage's batches, and L{tune_malloc}
+and L{tune_gc}, which the broker calls once at start.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _load() -> Optional[ModuleType]:
 
 #: The compiled module, or None when the pure-Python path runs.
 compiled = _load()
+
+# The CRC-32 of every batch written to or read from disk (zlib's polynomial:
+# the same values either way).  zlib-ng's uses the CPU's carry-less
+# multiply: 0.017 ms a MiB here against 0.154 for the zlib Python is built
+# with, which was 40% of the disk's cost per message with --fsync never.
+try:
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover (a platform without its wheels)
+    from zlib import crc32
+
+if compiled is not None:
+    compiled.use_crc32(crc32)
 
 
 # glibc's mallopt parameters (malloc.h).

@@ -252,9 +252,18 @@ class Topic:
         them cost as much as the rest of the batch (cProfile).
         """
         now = self.now()
-        entries = list(entries)
+        if type(entries) is not list:
+            entries = list(entries)
         if self.reject_over_bytes:
             self._check_room(now, entries)
+        first = self.next_offset
+        frames = codec.plain_message_frames(self._prefix, first, now, entries, self.max_frame_size)
+        if frames:
+            # No key and no frame too large (as a run's or a batch's entries
+            # almost always are): staged at once, in one call per topic.
+            self._stage_frames(now, first, frames)
+            self._stored()
+            return None
         keyed = list(filter(None, map(_key_of, entries)))  # (no Python code per entry)
         if keyed:
             self._check_keys(now, keyed)

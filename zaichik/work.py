@@ -13,13 +13,21 @@ then are the messages delivered.  So whoever drives the broker (a TCP
 connection, a WebSocket, a test calling a L{Session} directly) gets the
 same order and durability: a reply before the messages its request
 released, and nothing delivered or acknowledged before storage has it.
+
+A connection may hold its output back until the unit ends (L{gather}):
+the TCP edge then writes each connection's replies and messages of the
+unit at once.
 """
 
 from __future__ import annotations
 
 from typing import Callable, List, Optional
 
+from twisted.logger import Logger
+
 from zaichik.errors import ZaichikError
+
+_log = Logger()
 
 
 class Pending:
@@ -86,11 +94,27 @@ class UnitOfWork:
         self.depth = 0
         self.now = 0  # the time in ms, read once per unit (see Topic.now)
         self._dirty: List = []
+        self._writers: List = []
         self._sync = sync
 
     def dirty(self, topic) -> None:
         """C{topic} staged messages in this unit: append them at its end."""
         self._dirty.append(topic)
+
+    # True while flush appends and delivers: what it writes is gathered too.
+    ending = False
+
+    @property
+    def gathering(self) -> bool:
+        """Is output held back until this unit ends (L{gather})?"""
+        return bool(self.depth) or self.ending
+
+    def gather(self, writer) -> None:
+        """
+        C{writer} holds output back until this unit ends: call its
+        C{flushOutput()} then (see L{zaichik.edge.tcp.BrokerProtocol}).
+        """
+        self._writers.append(writer)
 
     def __enter__(self) -> "UnitOfWork":
         if not self.depth:
@@ -109,8 +133,21 @@ class UnitOfWork:
         (an UNSUBSCRIBE or a closing connection calls this so that what was
         published before it is delivered first).
         """
-        while self._dirty:
-            dirty, self._dirty = self._dirty, []
-            for topic in dirty:
-                topic.commit()
-        self._sync()
+        ending, self.ending = self.ending, True
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for topic in dirty:
+                    topic.commit()
+            self._sync()
+        finally:
+            self.ending = ending
+        # Then the output the unit made (replies and deliveries), one write
+        # per connection.
+        while self._writers:
+            writers, self._writers = self._writers, []
+            for writer in writers:
+                try:
+                    writer.flushOutput()
+                except Exception:
+                    _log.failure("Writing to {writer} failed", writer=writer)

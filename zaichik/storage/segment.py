@@ -42,11 +42,11 @@ makes a MESSAGE frame from it by putting the topic in front.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from zaichik import speedups
+from zaichik.speedups import crc32
 
 SEGMENT_MAGIC = b"ZKSG"
 BATCH_MAGIC = b"ZKB2"
@@ -67,7 +67,7 @@ MIN_RECORD = 4 + 8 + 8 + 2 + 4
 
 
 def crc(data) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    return crc32(data) & 0xFFFFFFFF
 
 
 def encode_segment_header(base: int) -> bytes:
@@ -87,7 +87,7 @@ def encode_batch_py(first: int, frames: List[bytes], skip: int) -> bytes:
     first_ts = u64.unpack_from(frames[0], skip + 8)[0]
     last_ts = u64.unpack_from(frames[-1], skip + 8)[0]
     rest = _batch_rest.pack(first, count, first_ts, last_ts)
-    checksum = zlib.crc32(records, zlib.crc32(sizes, zlib.crc32(rest))) & 0xFFFFFFFF
+    checksum = crc32(records, crc32(sizes, crc32(rest))) & 0xFFFFFFFF
     return b"".join((BATCH_MAGIC, u32.pack(len(rest) + len(sizes) + len(records)), u32.pack(checksum),
                      rest, sizes, records))
 
