@@ -42,7 +42,28 @@ def run_now(f, *args):
     return maybeDeferred(f, *args)
 
 
+class WaitingDiskStorage(DiskStorage):
+    """
+    Appends written by the writer thread (C{--fsync never} and
+    C{interval}), whose outcomes are booked when each unit of work ends
+    (while C{wait_at_sync}) rather than through a reactor.
+    """
+
+    wait_at_sync = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, call_from_thread=lambda f: None, **kwargs)
+
+    def sync(self) -> None:
+        super().sync()
+        if self.writer is not None and self.wait_at_sync:
+            self.writer.wait()
+
+
 class DiskTestCase(SynchronousTestCase):
+    storage_class = DiskStorage
+    storage_options: dict = {}
+
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="zaichik-data-")
         self.addCleanup(shutil.rmtree, self.dir, True)
@@ -55,7 +76,8 @@ class DiskTestCase(SynchronousTestCase):
     def start(self, fsync: str = "interval", limits=None, **options) -> BrokerService:
         """Start a broker on the data dir (a clean stop of the running one first)."""
         self.stop()
-        self.storage = DiskStorage(self.dir, fsync=fsync, clock=self.clock, run_blocking=run_now, **options)
+        options = {**self.storage_options, **options}
+        self.storage = self.storage_class(self.dir, fsync=fsync, clock=self.clock, run_blocking=run_now, **options)
         self.service = BrokerService(storage=self.storage, clock=self.clock, limits=limits)
         self.service.startService()
         self.assertTrue(self.service.ready.called)

@@ -619,6 +619,28 @@ class DiskSmallSegmentsContractTests(DiskContract, SynchronousTestCase):
         self.check(self.make_log("t"), expected)
 
 
+class DiskWriterThreadContractTests(DiskContract, SynchronousTestCase):
+    """
+    --fsync never with appends written by the writer thread: each fires
+    once written and booked (here when the unit of work ends).
+    """
+
+    options = dict(fsync="never")
+    fires_before_sync = False
+
+    def new_storage(self):
+        from tests.test_disk import WaitingDiskStorage
+
+        return WaitingDiskStorage(self.dir, clock=self.clock, run_blocking=run_now, **self.options)
+
+
+class DiskWriterThreadSmallSegmentsContractTests(DiskWriterThreadContractTests):
+    """The same with segments of ~600 bytes: rolls while writes are queued."""
+
+    options = dict(fsync="interval", segment_bytes=600)
+    test_runs_cross_segments = DiskSmallSegmentsContractTests.test_runs_cross_segments
+
+
 class DiskSmallCacheContractTests(DiskContract, SynchronousTestCase):
     """A cache of 500 bytes for all topics: reads come from the segments."""
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 from unittest import SkipTest
@@ -31,7 +32,7 @@ from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import wire
-from tests.test_disk import DiskTestCase
+from tests.test_disk import DiskTestCase, WaitingDiskStorage
 from zaichik import codec
 from zaichik.codec import ErrorCode, Start
 from zaichik.session import Session
@@ -584,6 +585,62 @@ def fill(path: str, limit: Optional[int] = None) -> int:
 
 def value_of(i: int, size: int) -> bytes:
     return (b"message %06d " % i).ljust(size, b".")
+
+
+class WriterThreadFailingWriteTests(FailingWriteTests):
+    """
+    The same with --fsync never and interval, whose appends the writer
+    thread writes (zaichik.storage.writer): booked here at each unit's end.
+    """
+
+    storage_class = WaitingDiskStorage
+
+    def test_failed_write_writer_thread(self):
+        for fsync, partial in (("never", False), ("never", True), ("interval", True)):
+            self.check_failed_publish(partial=partial, fsync=fsync)
+            self.stop()
+            shutil.rmtree(self.dir)
+            os.mkdir(self.dir)
+
+    def test_writes_queued_behind_a_failed_one_fail_too(self):
+        """
+        Three units' writes queued, the first fails: all three are refused
+        (their offsets follow the first's), the file is as before them, and
+        their offsets are given again from the first.
+        """
+        service, publisher, follower = self.setup_topic("never")
+        self.storage.wait_at_sync = False
+        log = self.storage._logs["t"]
+        size = os.path.getsize(log.segments[-1].path)
+        gate = threading.Event()
+        real = os.write
+        calls: List[int] = []
+
+        def write(fd, data):
+            if fd == log._fd:
+                calls.append(len(data))
+                if len(calls) == 1:
+                    gate.wait(10)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data)
+
+        patch = self.patch(disk.os, "write", write)
+        for rid in (30, 31, 32):
+            self.assertIsNone(publisher.request(codec.Publish(rid, "t", b"queued %d" % rid)))  # (not yet answered)
+        gate.set()
+        self.storage.writer.wait()
+        self.assertEqual(len(calls), 1)  # (only the first reached the file: the others failed unwritten)
+        self.assertEqual([(type(r), r.rid, r.code) for r in publisher.replies[-3:]],
+                         [(codec.Error, rid, ErrorCode.LIMIT) for rid in (30, 31, 32)])
+        self.assertEqual(os.path.getsize(log.segments[-1].path), size)
+        patch.restore()
+        self.storage.wait_at_sync = True
+        self.assertEqual(publisher.request(codec.Publish(33, "t", b"stored")), codec.Published(33, 3))
+        served = {0: b"ok 0", 1: b"ok 1", 2: b"ok 2", 3: b"stored"}
+        self.assertEqual({m.offset: m.value for m in follower.messages()}, served)
+        self.assert_others_work(service, served)
+        service = self.start(fsync="never")
+        self.assert_others_work(service, served)
 
 
 class DiskFullInProcessTests(DiskTestCase):

@@ -154,6 +154,11 @@ class BrokerService(Service):
         self.connections = 0
         self.connections_by_peer: Dict[str, int] = {}
         self.work = UnitOfWork(self.storage.sync)
+        if hasattr(self.storage, "unit_of_work"):
+            # Appends it finishes later, on its own (the disk's writer
+            # thread), are booked inside a unit of work: their deliveries
+            # go out together, as a read's do.
+            self.storage.unit_of_work = self.work
         limits = self.limits
         self.keys = KeyBudget(limits.max_compaction_keys, limits.max_compaction_keys_total, limits.max_key_size)
         self.topics: Dict[str, Topic] = {}

@@ -417,6 +417,7 @@ class Topic:
 
     def _appended(self, _, first: int, frames: List[bytes], pending: Pending) -> None:
         self._appending -= 1
+        self._given_again = None
         self._stored_end = first + len(frames)
         # Deliver, then settle: a connection whose reply waits on this
         # append queues its MESSAGE frames behind that reply (see Session),
@@ -463,10 +464,18 @@ class Topic:
             if seen is not None and seen >> _TIMESTAMP_BITS == offset:
                 del self._keys[key]
                 self.keys.used -= 1
+        # A storage that writes later (zaichik.storage.writer) fails every
+        # append queued after a failed one: the offsets of all of them are
+        # given again, from the first, once the last has failed.
         end = first + len(frames)
         if self.next_offset == end:
-            self.next_offset = first
+            self.next_offset = first if self._given_again is None else min(first, self._given_again)
+            self._given_again = None
+        elif self._appending:
+            self._given_again = first if self._given_again is None else min(first, self._given_again)
         pending.settle(error)
+
+    _given_again: Optional[int] = None  # the first offset of failed appends whose later ones are still out
 
     store_errors = 0
 

@@ -64,6 +64,7 @@ from zaichik.clock import wall_clock
 from zaichik.storage import IMessageLog, IStorage, StorageError, TopicState
 from zaichik.storage import segment as fmt
 from zaichik.storage.memory import MemoryLog
+from zaichik.storage.writer import Write, Writer, write_all
 
 _log = Logger()
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -221,6 +222,15 @@ class DiskLog:
         self.broken: Optional[str] = None
         self._unclean = False  # the newest segment had no index at start (a crash)
         self._reserved = 0  # offsets below this may be given without writing a reservation
+        # Writes queued for the writer thread (zaichik.storage.writer): how
+        # many, where the segment will end after them, the generation they
+        # belong to (a failed write ends one) and, in the writer thread, the
+        # generation that failed and why.
+        self._inflight = 0
+        self._planned = 0
+        self.gen = 0
+        self.failed_gen = -1
+        self.failure: Optional[OSError] = None
 
     def __repr__(self) -> str:
         return f"<DiskLog {self.topic} segments={len(self.segments)} next={self.next_offset}>"
@@ -590,6 +600,70 @@ class DiskLog:
     def append(self, first: int, frames: List[bytes]) -> Deferred:
         if self.broken:
             return fail(StorageError(f"storage failed: {self.broken}"))
+        writer = self._storage.writer
+        if writer is not None:
+            queued = self._queue_write(writer, first, frames)
+            if queued is not None:
+                return queued
+            if self._inflight:
+                # A segment to roll or a reservation to renew: here, once
+                # the queued writes are booked (and refused if one of them
+                # was: this append's offsets follow theirs).
+                gen = self.gen
+                writer.wait()
+                if self.gen != gen:
+                    return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
+            if self.broken:
+                return fail(StorageError(f"storage failed: {self.broken}"))
+        return self._append_now(first, frames)
+
+    def _queue_write(self, writer: Writer, first: int, frames: List[bytes]) -> Optional[Deferred]:
+        """
+        The append as a write for the writer thread (its Deferred fires once
+        it is written and booked), or None where it must be made here: a
+        segment to roll, a reservation to renew (L{_append_now}).
+        """
+        fd = self._fd
+        if fd is None:
+            return None
+        segment = self.segments[-1]
+        pos = self._planned if self._inflight else segment.size
+        reserve = self._storage.reserve
+        end = first + len(frames)
+        if (pos >= self._storage.segment_bytes or pos == fmt.SEGMENT_HEADER
+                or reserve and end > self._reserved - reserve // 2):
+            return None
+        data = fmt.encode_batch(first, frames, self._skip)
+        write = Write(self, fd, data, pos, first, frames, self.gen)
+        self._planned = pos + len(data)
+        self._inflight += 1
+        writer.submit(write)
+        return write.done
+
+    def written(self, write: Write) -> None:
+        """A queued write is done (on the reactor thread, in order): book it, or refuse it."""
+        self._inflight -= 1
+        if write.error is None:
+            self._book(write.first, write.frames, write.pos, len(write.data), 0)
+            self._storage.written(self, write.first + len(write.frames), write.pos)
+            write.done.callback(None)
+            return
+        if write.gen == self.gen:
+            # The file is cut back to this write: what is queued from now on
+            # is written from there (the writes queued before now fail).
+            self.gen += 1
+        write.done.errback(_storage_error(write.error, f"writing {self.topic}"))
+
+    def cut_failed_write(self, fd: int, pos: int) -> None:
+        """In the writer thread: a write failed; cut the file back to C{pos} (as L{_write} does)."""
+        try:
+            os.ftruncate(fd, pos)
+        except OSError as e:
+            self.broken = f"could not cut a failed write off {self.topic}'s newest segment: {e}"
+            _log.critical("{why}: refusing writes to {topic} until restarted", why=self.broken, topic=self.topic)
+
+    def _append_now(self, first: int, frames: List[bytes]) -> Deferred:
+        """L{append}, written on this thread."""
         data = fmt.encode_batch(first, frames, self._skip)
         end = first + len(frames)
         reserve = self._storage.reserve
@@ -609,11 +683,18 @@ class DiskLog:
                 marker_at = 0
         except OSError as e:
             return fail(_storage_error(e, f"writing {self.topic}"))
+        self._book(first, frames, pos, len(data), marker_at)
+        return self._storage.written(self, end, pos)
+
+    def _book(self, first: int, frames: List[bytes], pos: int, length: int, marker_at: int) -> None:
+        """A batch of C{length} bytes is written at C{pos} of the newest segment: keep its account."""
+        segment = self.segments[-1]
         batch = fmt.Batch(pos, first, len(frames), fmt.u64.unpack_from(frames[0], self._timestamp_at)[0],
-                          fmt.u64.unpack_from(frames[-1], self._timestamp_at)[0], pos + len(data))
+                          fmt.u64.unpack_from(frames[-1], self._timestamp_at)[0], pos + length)
         segment.add(batch)
         if marker_at:
             segment.size = marker_at + fmt.BATCH_HEADER
+        end = first + len(frames)
         self.next_offset = end
         if self.retains:
             if self._head is None or not self._count:
@@ -623,18 +704,13 @@ class DiskLog:
             self.nbytes += batch.record_bytes + len(frames) * len(self._prefix)
             self.cache.add(first, frames)
             self._storage.cached(self, batch.record_bytes + len(frames) * (len(self._prefix) + 64))
-        return self._storage.written(self, end, pos)
 
     def _write(self, data: bytes, pos: int) -> None:
         """Write C{data} at the end of the newest segment; on failure leave the file as it was."""
         fd = self._fd
         assert fd is not None
         try:
-            done = os.write(fd, data)
-            if done < len(data):
-                view = memoryview(data)[done:]
-                while view:
-                    view = view[os.write(fd, view):]
+            write_all(fd, data)
         except OSError as e:
             try:
                 os.ftruncate(fd, pos)
@@ -881,10 +957,16 @@ class DiskStorage:
     @param run_blocking: how to run blocking work (the fsyncs) off the
         reactor: C{f(*args) -> Deferred}.  The default is the reactor's
         thread pool; tests pass one that runs at once.
+    @param call_from_thread: with C{never} and C{interval}, appends are
+        written by a thread of their own (L{zaichik.storage.writer}), which
+        hands each outcome back through this (C{reactor.callFromThread} by
+        default).  Tests that pass C{run_blocking} write on the calling
+        thread unless they pass this too (and then call C{writer.wait()}).
     """
 
     def __init__(self, directory: str, fsync: str = "interval", clock=None, cache_size: int = DEFAULT_CACHE_SIZE,
-                 run_blocking: Optional[Callable[..., Deferred]] = None, segment_bytes: int = SEGMENT_BYTES) -> None:
+                 run_blocking: Optional[Callable[..., Deferred]] = None, segment_bytes: int = SEGMENT_BYTES,
+                 call_from_thread: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy is one of {FSYNC_POLICIES}")
         if clock is None:
@@ -894,9 +976,15 @@ class DiskStorage:
         # may be delivered before they are durable, that is without "always".
         self.reserve = 0 if fsync == "always" else RESERVE
         if run_blocking is None:
+            from twisted.internet import reactor
             from twisted.internet.threads import deferToThread
 
             run_blocking = deferToThread
+            if call_from_thread is None:
+                call_from_thread = reactor.callFromThread  # type: ignore[attr-defined]
+        self._call_from_thread = call_from_thread if fsync != "always" else None
+        self.writer: Optional[Writer] = None  # started once open
+        self.unit_of_work = None  # what the writer's outcomes are booked in (set by the broker service)
         self.directory = directory
         self.fsync_policy = fsync
         self.clock = clock
@@ -937,11 +1025,26 @@ class DiskStorage:
         os.makedirs(os.path.join(self.directory, "topics"), exist_ok=True)
         lock = self._lock = lock_data_dir(self.directory)
         try:
-            return self._recover()
+            states = self._recover()
         except BaseException:
             lock.close()  # refused or failed: the data dir is free again
             self._lock = None
             raise
+        if self._call_from_thread is not None:
+            self.writer = Writer(self._call_from_thread, self._writes_done)
+        return states
+
+    def _writes_done(self) -> None:
+        """The writer thread finished writes: book them (in the broker's unit of work, if any)."""
+        writer = self.writer
+        if writer is None:
+            return
+        work = self.unit_of_work
+        if work is None:
+            writer.complete()
+        else:
+            with work:
+                writer.complete()
 
     def _recover(self) -> List[TopicState]:
         upgrade = self._check_format()
@@ -1377,6 +1480,8 @@ class DiskStorage:
         self._closed = True
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        if self.writer is not None:
+            self.writer.stop()  # (what is queued is written and booked first)
         self.sync()
         if self._syncing:
             # An fsync runs in a thread on these files: close after it.
