@@ -1110,14 +1110,11 @@ class _CountingSocket:
         return self.sock.send(data if self.take is None else data[: self.take])
 
 
-class OutputGatheringTests(BrokerTestCase):
+class RealSocketTestCase(BrokerTestCase):
     """
-    Inside a unit of work a TCP connection's frames are gathered and written
-    once, at its end, straight to the socket when Twisted's buffer is empty
-    (zaichik/edge/tcp.py, "output", says why); what the socket does not take
-    goes to Twisted's buffer, behind which nothing overtakes.  On real
-    L{tcp.Server} transports over loopback sockets, with a L{MemoryReactorClock}
-    (so Twisted's own sends happen only when a test calls doWrite).
+    Connections on real L{tcp.Server} transports over loopback sockets, with a
+    L{MemoryReactorClock} (so Twisted's own sends happen only when a test
+    calls doWrite), and a publisher on a L{StringTransport}.
     """
 
     def setUp(self) -> None:
@@ -1145,6 +1142,15 @@ class OutputGatheringTests(BrokerTestCase):
         self.assertEqual(replies[1:], [Ok(i + 1) for i in range(len(topics))])
         counting.sends.clear()
         return protocol, transport, counting, client
+
+
+class OutputGatheringTests(RealSocketTestCase):
+    """
+    Inside a unit of work a TCP connection's frames are gathered and written
+    once, at its end, straight to the socket when Twisted's buffer is empty
+    (zaichik/edge/tcp.py, "output", says why); what the socket does not take
+    goes to Twisted's buffer, behind which nothing overtakes.
+    """
 
     def test_one_send_per_read(self) -> None:
         """A read publishing to three topics a connection reads: one send, every frame in order."""
@@ -1213,6 +1219,79 @@ class OutputGatheringTests(BrokerTestCase):
         self.publisher.send(Publish(0, "a", b"1"), Publish(0, "a", b"2"), Ping(3))
         self.assertEqual(len(writes), 1)
         self.assertEqual([m.value for m in sub.replies()], [b"1", b"2"])
+
+
+class ReadsPerUnitTests(RealSocketTestCase):
+    """
+    A full read spread over SPREAD topics or more is followed by more reads
+    in the same unit of work (tcp_edge.READS_PER_UNIT at most), so each
+    subscriber gets the messages of all of them in one write; a read to
+    fewer topics is a unit on its own.  The publisher on a real socket too,
+    whose later reads wait in the kernel.
+    """
+
+    def publisher_socket(self):
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            client = socket.create_connection(listening.getsockname())
+            server, _ = listening.accept()
+        self.addCleanup(server.close)
+        self.addCleanup(client.close)
+        protocol = self.factory.buildProtocol(None)
+        transport = tcp.Server(server, protocol, ("127.0.0.1", 1), None, 1, self.reactor)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(frames(Hello(0)))
+        return protocol, transport, server, client
+
+    def publish_reads(self, topics: List[str], reads: int):
+        """C{reads} full reads of rid-0 publishes round the topics; the first handed over as the reactor would."""
+        protocol, transport, server, client = self.publisher_socket()
+        size = transport.bufferSize
+        data = b""
+        i = 0
+        while len(data) < size * reads:
+            data += frames(Publish(0, topics[i % len(topics)], b"%06d" % i))
+            i += 1
+        data = data[: size * reads]
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)  # (so that rest_of knows the end)
+        first = b""
+        while len(first) < size:
+            first += server.recv(size - len(first))
+        protocol.dataReceived(first)
+        return data, server
+
+    def test_reads_on_when_spread(self) -> None:
+        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
+        _, _, counting, client = self.subscriber(*topics)
+        data, server = self.publish_reads(topics, tcp_edge.READS_PER_UNIT + 1)
+        consumed = len(data) - len(rest_of(server))
+        # More than the first read was read (a read on stops at a short one:
+        # how much the kernel hands over at a time varies), never all.
+        self.assertGreater(consumed, len(data) // (tcp_edge.READS_PER_UNIT + 1))
+        self.assertLess(consumed, len(data))
+        # Every publish whole in what was read (all frames are the same
+        # size), delivered in one write.
+        self.assertEqual(len(counting.sends), 1)
+        expected = consumed // len(frames(Publish(0, "t00", b"000000")))
+        got = read_frames(client, expected)
+        self.assertEqual(sorted(int(m.value) for m in got), list(range(expected)))
+
+    def test_one_read_a_unit_for_few_topics(self) -> None:
+        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD - 1)]
+        self.subscriber(*topics)
+        data, server = self.publish_reads(topics, 2)
+        self.assertEqual(len(rest_of(server)), len(data) // 2)
+
+
+def rest_of(server: socket.socket) -> bytes:
+    """What is left to read on C{server}, whose peer has shut its side down."""
+    server.settimeout(5)
+    rest = b""
+    while True:
+        chunk = server.recv(1 << 20)
+        if not chunk:
+            return rest
+        rest += chunk
 
 
 def read_frames(client: socket.socket, count: int) -> list:
