@@ -1276,6 +1276,14 @@ class ReadsPerUnitTests(RealSocketTestCase):
         got = read_frames(client, expected)
         self.assertEqual(sorted(int(m.value) for m in got), list(range(expected)))
 
+    def test_no_more_reads_past_the_unit_time(self) -> None:
+        """A unit that has taken UNIT_TIME reads no more: the other connections wait no longer."""
+        self.patch(tcp_edge, "UNIT_TIME", 0)
+        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
+        self.subscriber(*topics)
+        data, server = self.publish_reads(topics, 2)
+        self.assertEqual(len(rest_of(server)), len(data) // 2)
+
     def test_one_read_a_unit_for_few_topics(self) -> None:
         topics = ["t%02d" % i for i in range(tcp_edge.SPREAD - 1)]
         self.subscriber(*topics)
