@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import struct
 from time import perf_counter
-from typing import Any, List, Optional
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Factory, connectionDone
 
 from zaichik import codec
-from zaichik.edge.connection import CLOSE_GRACE, PUBLISH, BrokerConnection, _OutputProducer
+from zaichik.edge.connection import CLOSE_GRACE, PUBLISH, SEND_LIMIT, BrokerConnection, _OutputProducer
 from zaichik.service import BrokerService
 
-__all__ = ["CLOSE_GRACE", "BrokerFactory", "BrokerProtocol", "_OutputProducer"]
+__all__ = ["CLOSE_GRACE", "SEND_LIMIT", "BrokerFactory", "BrokerProtocol", "_OutputProducer"]
 
 _length = struct.Struct(">I")
 
@@ -39,11 +39,7 @@ _length = struct.Struct(">I")
 READ_MIN = 1 << 16
 READ_MAX = 1 << 20
 OUTPUT_HIGH = 4 << 20
-# Twice the largest read, as Twisted's 128 KiB is twice its 64 KiB read: not
-# all of OUTPUT_HIGH, because Twisted copies what is left of its buffer
-# into a new one at each write event while less than SEND_LIMIT is left (a
-# slow reader taking 64 KiB an event would cost 4 MiB of copying an event).
-SEND_LIMIT = 2 * READ_MAX
+# SEND_LIMIT (zaichik.edge.connection): twice the largest read.
 
 # A full read whose publishes went to SPREAD topics or more is followed by
 # up to READS_PER_UNIT - 1 more reads in the same unit of work (when the
@@ -173,82 +169,15 @@ class BrokerProtocol(BrokerConnection):
         return spread
 
     def connectionMade(self) -> None:
-        if _tune(self.transport):
-            self._socket = self.transport.socket  # type: ignore[attr-defined]
+        _tune(self.transport)
         super().connectionMade()
 
     def connectionLost(self, reason=connectionDone) -> None:
-        self._out = None
-        self._socket = None
         _untune(self.transport)
         super().connectionLost(reason)
 
-    # -- output ----------------------------------------------------------------
-    #
-    # Inside a unit of work (a read's requests and the deliveries they
-    # release) the frames for this connection are gathered and written once,
-    # when the unit ends (UnitOfWork.flush calls flushOutput): a publisher
-    # spread over many topics makes one write per subscriber per read, not
-    # one per topic, and many replies one write.  That write goes straight to
-    # the socket when Twisted's buffer is empty, as it is for any reader
-    # that keeps up: Twisted would buffer it, ask epoll to watch for
-    # writability, send on the next reactor turn and stop watching again,
-    # two epoll changes and a pass through its write machinery per
-    # connection per read, most of the broker's time when each read
-    # delivers to thousands of connections (cProfile, 10,000 topics over
-    # 10,000 connections).  What the socket does not take goes to Twisted's
-    # buffer, whose marks and producer signals then apply as before.
-    # Outside a unit (timers, storage callbacks) writes go to Twisted.
-
-    _out: Optional[List[bytes]] = None
-    _outSize = 0
-    _socket: Any = None  # a plain TCP or unix socket's (not TLS): see flushOutput
-
-    def writeFrames(self, data: bytes) -> None:
-        work = self.service.work
-        if not (work.depth or work.ending):
-            self.transport.write(data)
-            return
-        out = self._out
-        if out is None:
-            out = self._out = []
-            self._outSize = 0
-            work.gather(self)
-        out.append(data)
-        self._outSize += len(data)
-        if self._outSize >= SEND_LIMIT:
-            # Enough to hand over now: so Twisted's marks see it, and a unit
-            # delivering much to a slow reader pauses its subscriptions.
-            self.flushOutput()
-
-    def sendFrame(self, body: bytes) -> None:
-        self.writeFrames(_length.pack(len(body)) + body)
-
-    def flushOutput(self) -> None:
-        """Write what the unit of work gathered for this connection."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        data = out[0] if len(out) == 1 else b"".join(out)
-        transport: Any = self.transport
-        sock = self._socket
-        if (sock is not None and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
-                and transport.connected and not transport.disconnecting):
-            try:
-                sent = sock.send(data)
-            except OSError:
-                # EAGAIN, or an error Twisted's own send will meet and report
-                # (connectionLost): either way, Twisted's buffer takes it.
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
-
-    def loseTransport(self) -> None:
-        self.flushOutput()  # (what the unit wrote goes before the close)
-        super().loseTransport()
+    def wire(self, data: bytes) -> bytes:
+        return data  # (length-prefixed frames are what goes on a stream)
 
 
 class BrokerFactory(Factory):

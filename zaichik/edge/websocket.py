@@ -442,6 +442,7 @@ class WebSocketProtocol(BrokerConnection):
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == PING:
+            self.flushOutput()  # (the PONG after what was answered before the PING)
             self.transport.write(encode_frame(PONG, payload))
         elif opcode == CLOSE:
             # The client closes: answer with its code, as RFC 6455 asks, and
@@ -464,14 +465,12 @@ class WebSocketProtocol(BrokerConnection):
 
     _close_payload = b"\x03\xe8"  # 1000: normal closure
 
-    def writeFrames(self, data: bytes) -> None:
-        """Each length-prefixed frame of C{data} as one binary message, in one write."""
-        self.transport.write(ws_frames(data))
-
-    def sendFrame(self, body: bytes) -> None:
-        self.transport.write(_binary_header(len(body)) + body)
+    def wire(self, data: bytes) -> bytes:
+        """Each length-prefixed frame of C{data} as one binary message."""
+        return ws_frames(data)
 
     def loseTransport(self) -> None:
+        self.flushOutput()
         if self._handshaken:
             self.transport.write(encode_frame(CLOSE, self._close_payload))
         self.transport.loseConnection()
