@@ -1037,14 +1037,20 @@ class DiskStorage:
     def _writes_done(self) -> None:
         """The writer thread finished writes: book them (in the broker's unit of work, if any)."""
         writer = self.writer
-        if writer is None:
-            return
+        if writer is not None:
+            self._in_unit(writer.complete)
+
+    def _in_unit(self, f, *args):
+        """
+        C{f(*args)} inside the broker's unit of work, if any: what it
+        delivers and answers goes out together, one write per connection,
+        as a read's does.
+        """
         work = self.unit_of_work
         if work is None:
-            writer.complete()
-        else:
-            with work:
-                writer.complete()
+            return f(*args)
+        with work:
+            return f(*args)
 
     def _recover(self) -> List[TopicState]:
         upgrade = self._check_format()
@@ -1387,7 +1393,7 @@ class DiskStorage:
         if any(entry[0] is None for entry in group):
             fds.add(self._commits_fd)
         self._syncing = True
-        self._run_blocking(_fsync_all, list(fds)).addBoth(self._synced, group)
+        self._run_blocking(_fsync_all, list(fds)).addBoth(lambda result: self._in_unit(self._synced, result, group))
 
     def _synced(self, result, group) -> None:
         self._syncing = False
