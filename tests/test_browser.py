@@ -123,9 +123,10 @@ class ConsoleTests(BrowserTestCase):
         client.send(codec.Hello(1, "console-test", ""), codec.CreateTopic(2, "console.demo", 60_000, 0),
                     *[codec.Publish(0, "console.demo", f"m{i}".encode()) for i in range(3)],
                     codec.Subscribe(3, "console.demo", codec.Start.EARLIEST), codec.Commit(4, "console.demo", 1))
-        replies = client.receive(6)
+        replies = client.receive(7)
         self.assertEqual([r for r in replies if not isinstance(r, codec.Message)],
                          [codec.Ok(1), codec.Ok(2), codec.Ok(3), codec.Ok(4)])
+        self.assertEqual([r.value for r in replies if isinstance(r, codec.Message)], [b"m0", b"m1", b"m2"])
 
         self.browser.navigate(f"http://127.0.0.1:{self.broker.http_port}/console/")
         row = self.browser.wait_for(

@@ -1166,6 +1166,19 @@ class OutputGatheringTests(RealSocketTestCase):
         self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
         self.assertNotIn(transport, self.reactor.getWriters())
 
+    def test_one_send_for_a_reads_requests(self) -> None:
+        """
+        Requests that end the unit early (a SUBSCRIBE, a PING: what was
+        published before them is stored first) still share the read's one
+        send.
+        """
+        protocol, _, counting, client = self.subscriber()
+        self.publisher.send(CreateTopic(9, "a", 60_000, 0), Publish(0, "a", b"before"))
+        protocol.dataReceived(frames(Ping(1), Subscribe(2, "a", Start.EARLIEST), Ping(3), Subscribe(4, "b", Start.LATEST)))
+        self.assertEqual(len(counting.sends), 1)
+        got = read_frames(client, 5)
+        self.assertEqual([type(r).__name__ for r in got], ["Ok", "Ok", "Message", "Ok", "Ok"])
+
     def test_what_the_socket_does_not_take_is_buffered(self) -> None:
         """The socket takes part: the rest waits in Twisted's buffer, and arrives after it in order."""
         protocol, transport, counting, client = self.subscriber("a", take=1000)

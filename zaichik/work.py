@@ -142,6 +142,8 @@ class UnitOfWork:
             self._sync()
         finally:
             self.ending = ending
+        if self.depth:
+            return  # (a request ending the unit early: the output waits for the unit's end)
         # Then the output the unit made (replies and deliveries), one write
         # per connection.
         while self._writers:
