@@ -1174,7 +1174,8 @@ class OutputGatheringTests(RealSocketTestCase):
         """
         protocol, _, counting, client = self.subscriber()
         self.publisher.send(CreateTopic(9, "a", 60_000, 0), Publish(0, "a", b"before"))
-        protocol.dataReceived(frames(Ping(1), Subscribe(2, "a", Start.EARLIEST), Ping(3), Subscribe(4, "b", Start.LATEST)))
+        protocol.dataReceived(frames(Ping(1), Subscribe(2, "a", Start.EARLIEST), Ping(3),
+                                     Subscribe(4, "b", Start.LATEST)))
         self.assertEqual(len(counting.sends), 1)
         got = read_frames(client, 5)
         self.assertEqual([type(r).__name__ for r in got], ["Ok", "Ok", "Message", "Ok", "Ok"])

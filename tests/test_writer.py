@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 import threading
 from typing import List, Tuple
 
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from zaichik import codec
 from zaichik.storage import writer as writer_module
+from zaichik.storage.disk import DiskStorage
 from zaichik.storage.writer import Write, Writer
+from zaichik.work import UnitOfWork
+
+DAY = 86_400_000
+NOW = 1_700_000_000_000
+
+
+def run_now(f, *args) -> Deferred:
+    return maybeDeferred(f, *args)
+
+
+def frame(name: str, offset: int, value: bytes) -> bytes:
+    return codec.message_frame(codec.topic_prefix(name), offset, NOW + offset, None, value)
 
 
 class Log:
@@ -128,3 +145,155 @@ class WriterTests(SynchronousTestCase):
         self.writer.stop()
         self.assertEqual(self.contents(), b"xxxxx")
         self.assertEqual(len(self.log.booked), 5)
+
+
+class DiskLogWriterTests(SynchronousTestCase):
+    """
+    The disk log with the writer thread, where the reactor (the test) books
+    a failed write while the writes queued behind it are still out (found
+    by a review: the next write was booked where it was not written, and a
+    later failed write cut the file at the wrong place).  The thread is held
+    after its first write until the test has booked it.
+    """
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="zaichik-writer-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.first_done = threading.Event()
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)  # (never leave the writer thread held)
+        calls = [0]
+
+        def call_from_thread(f) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                self.first_done.set()
+                self.gate.wait(10)
+
+        self.storage = self.open(call_from_thread)
+        self.log = self.storage.open_log("t", DAY, 0)
+        self.addCleanup(self.close)
+
+    def open(self, call_from_thread) -> DiskStorage:
+        storage = DiskStorage(self.dir, fsync="never", clock=Clock(), run_blocking=run_now,
+                              call_from_thread=call_from_thread)
+        self.successResultOf(storage.open())
+        return storage
+
+    def close(self) -> None:
+        self.gate.set()
+        if self.storage is not None:
+            self.successResultOf(self.storage.close())
+            self.storage = None
+
+    def fail_writes(self, count: int) -> List[int]:
+        real = writer_module.write_all
+        left = [count]
+
+        def write_all(fd, data):
+            if left[0]:
+                left[0] -= 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data)
+
+        self.patch(writer_module, "write_all", write_all)
+        return left
+
+    def test_an_append_made_while_failed_writes_are_out_fails_with_them(self) -> None:
+        log = self.log
+        self.successResultOf(log.append(0, [frame("t", 0, b"zero")]))  # (opens the segment: written here)
+        writer = self.storage.writer
+        left = self.fail_writes(1)
+        d1 = log.append(1, [frame("t", 1, b"one fails")])
+        d2 = log.append(2, [frame("t", 2, b"two, queued behind it")])
+        self.assertTrue(self.first_done.wait(10))
+        writer.complete()  # (the reactor books the first outcome only)
+        self.failureResultOf(d1)
+        self.assertNoResult(d2)
+        self.gate.set()
+        d3 = log.append(3, [frame("t", 3, b"three, its offsets follow theirs")])
+        for d in (d2, d3):
+            self.assertEqual(self.failureResultOf(d).value.code, codec.ErrorCode.LIMIT)
+        segment = log.segments[-1]
+        self.assertEqual(segment.size, os.path.getsize(segment.path))
+        # Their offsets are given again; the next write goes where the file ends.
+        d = log.append(1, [frame("t", 1, b"one")])
+        writer.wait()
+        self.successResultOf(d)
+        self.assertEqual(segment.size, os.path.getsize(segment.path))
+        # A later failed write is cut back to where it began.
+        left[0] = 1
+        d4 = log.append(2, [frame("t", 2, b"two fails")])
+        writer.wait()
+        self.failureResultOf(d4)
+        self.assertEqual(segment.size, os.path.getsize(segment.path))
+        d5 = log.append(2, [frame("t", 2, b"two")])
+        writer.wait()
+        self.successResultOf(d5)
+        # A clean stop and a start: what was acknowledged, nothing else.
+        self.close()
+        self.storage = self.open(lambda f: None)
+        first, frames = self.successResultOf(self.storage.open_log("t", DAY, 0).read(0, 10))
+        self.assertEqual([(codec.decode_reply(f[4:]).offset, codec.decode_reply(f[4:]).value) for f in frames],
+                         [(0, b"zero"), (1, b"one"), (2, b"two")])
+
+
+class AppendWhileClosingTests(SynchronousTestCase):
+    """
+    The storage's close stops the writer thread, then (--fsync interval)
+    waits for an fsync in flight while connections still publish: such an
+    append is written on the calling thread, as without the writer (it had
+    been queued for a thread that had ended, and never answered).
+    """
+
+    def test_append_while_close_waits_for_an_fsync(self) -> None:
+        tmp = tempfile.mkdtemp(prefix="zaichik-writer-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        clock = Clock()
+        fsyncs: list = []
+
+        def run_blocking(f, *args):
+            d: Deferred = Deferred()
+            fsyncs.append((d, f, args))
+            return d  # (the fsync "thread": answered when the test says)
+
+        storage = DiskStorage(tmp, fsync="interval", clock=clock, run_blocking=run_blocking,
+                              call_from_thread=lambda f: None)
+        self.successResultOf(storage.open())
+        log = storage.open_log("t", DAY, 0)
+        self.successResultOf(log.append(0, [frame("t", 0, b"zero")]))
+        d1 = log.append(1, [frame("t", 1, b"one")])
+        storage.writer.wait()
+        self.successResultOf(d1)
+        clock.advance(0.1)  # the interval's fsync starts
+        self.assertEqual(len(fsyncs), 1)
+        closed = storage.close()
+        self.assertNoResult(closed)
+        d2 = log.append(2, [frame("t", 2, b"two")])
+        self.successResultOf(d2)
+        d, f, args = fsyncs.pop()
+        f(*args)
+        d.callback(None)
+        self.successResultOf(closed)
+
+
+class UnitOfWorkFlushErrorTests(SynchronousTestCase):
+    def test_output_is_written_when_a_commit_raises(self) -> None:
+        """A commit that raises (a bug) does not keep the unit's gathered output from being written."""
+        work = UnitOfWork(lambda: None)
+        flushed: list = []
+
+        class Writer:
+            def flushOutput(self) -> None:
+                flushed.append(self)
+
+        class BadTopic:
+            def commit(self) -> None:
+                raise RuntimeError("a bug in a commit")
+
+        writer = Writer()
+        with self.assertRaises(RuntimeError):
+            with work:
+                work.gather(writer)
+                work.dirty(BadTopic())
+        self.assertEqual(flushed, [writer])

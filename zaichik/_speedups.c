@@ -681,7 +681,8 @@ static PyObject *plain_message_frames(PyObject *self, PyObject *const *args, Py_
     PyObject *frames = message_frames(self, args, 4);
     if (frames == NULL)
         return NULL;
-    for (i = 0; i < count; i++) {
+    /* (Its own length: a key's __bool__ above could have changed the entries.) */
+    for (i = 0; i < PyList_GET_SIZE(frames); i++) {
         if (PyBytes_GET_SIZE(PyList_GET_ITEM(frames, i)) - 4 > max_body) {
             Py_DECREF(frames);
             Py_RETURN_NONE;

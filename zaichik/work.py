@@ -142,10 +142,11 @@ class UnitOfWork:
             self._sync()
         finally:
             self.ending = ending
-        if self.depth:
-            return  # (a request ending the unit early: the output waits for the unit's end)
-        # Then the output the unit made (replies and deliveries), one write
-        # per connection.
+            if not self.depth:  # (a request ending the unit early: the output waits for the unit's end)
+                self._write_out()
+
+    def _write_out(self) -> None:
+        """The output the unit made (replies and deliveries), one write per connection."""
         while self._writers:
             writers, self._writers = self._writers, []
             for writer in writers:

@@ -227,6 +227,7 @@ class DiskLog:
         # belong to (a failed write ends one) and, in the writer thread, the
         # generation that failed and why.
         self._inflight = 0
+        self._stale = 0  # of those, queued behind a write that failed
         self._planned = 0
         self.gen = 0
         self.failed_gen = -1
@@ -602,6 +603,12 @@ class DiskLog:
             return fail(StorageError(f"storage failed: {self.broken}"))
         writer = self._storage.writer
         if writer is not None:
+            if self._stale:
+                # Writes queued behind a failed one are still out: they will
+                # fail, and this append's offsets follow theirs, so it fails
+                # with them (and the topic gives all their offsets again).
+                writer.wait()
+                return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
             queued = self._queue_write(writer, first, frames)
             if queued is not None:
                 return queued
@@ -643,6 +650,8 @@ class DiskLog:
     def written(self, write: Write) -> None:
         """A queued write is done (on the reactor thread, in order): book it, or refuse it."""
         self._inflight -= 1
+        if write.gen != self.gen:
+            self._stale -= 1  # (queued behind a failed write: failed unwritten)
         if write.error is None:
             self._book(write.first, write.frames, write.pos, len(write.data), 0)
             self._storage.written(self, write.first + len(write.frames), write.pos)
@@ -650,8 +659,11 @@ class DiskLog:
             return
         if write.gen == self.gen:
             # The file is cut back to this write: what is queued from now on
-            # is written from there (the writes queued before now fail).
+            # is written from there, and the writes still out (queued behind
+            # this one) fail.
             self.gen += 1
+            self._planned = write.pos
+            self._stale = self._inflight
         write.done.errback(_storage_error(write.error, f"writing {self.topic}"))
 
     def cut_failed_write(self, fd: int, pos: int) -> None:
@@ -1488,6 +1500,9 @@ class DiskStorage:
             self._ticker.stop()
         if self.writer is not None:
             self.writer.stop()  # (what is queued is written and booked first)
+            # Appends made while closing (connections publish until the
+            # reactor stops) are written here, as without the thread.
+            self.writer = None
         self.sync()
         if self._syncing:
             # An fsync runs in a thread on these files: close after it.
