@@ -172,6 +172,31 @@ class CollectorTests(SynchronousTestCase):
         self.assertGreater(value(metrics, "zaichik_storage_cache_bytes"), 0)
         self.assertEqual(value(metrics, "zaichik_messages_in_total", topic="orders"), 1)
         self.assertTrue(os.listdir(directory))
+        self.assertNotIn(("zaichik_write_queue_bytes", frozenset()), metrics)  # (written on the reactor thread)
+
+    def test_write_queue(self):
+        """With the disk's writer thread, the bytes waiting to be written."""
+        import shutil
+        import tempfile
+
+        from twisted.internet.defer import maybeDeferred
+
+        from zaichik.storage.disk import DiskStorage
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        storage = DiskStorage(directory, fsync="never", clock=Clock(), run_blocking=maybeDeferred,
+                              call_from_thread=lambda f: None)
+        service = BrokerService(storage=storage, clock=Clock())
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(service))
+        self.assertEqual(value(samples(generate_latest(registry).decode()), "zaichik_write_queue_bytes"), 0)
+        storage.writer.queued = 1234  # (as while the thread is behind)
+        self.assertEqual(value(samples(generate_latest(registry).decode()), "zaichik_write_queue_bytes"),
+                         1234)
+        storage.writer.queued = 0
 
 
     def test_groups_and_patterns(self):

@@ -87,6 +87,11 @@ class BrokerCollector:
                                   value=storage.torn)
         yield GaugeMetricFamily("zaichik_storage_cache_bytes",
                                 "Bytes of recent messages cached in memory by storage.", value=storage.cache_bytes)
+        writer = getattr(storage, "writer", None)  # (the disk's writer thread: --fsync never or interval)
+        if writer is not None:
+            yield GaugeMetricFamily("zaichik_write_queue_bytes",
+                                    "Bytes appended and waiting to be written to disk (at most 8 MiB: then "
+                                    "publishers wait for the disk).", value=writer.queued)
         engine = service.engine
         if engine is not None:
             yield CounterMetricFamily("zaichik_engine_offset_resets",
