@@ -468,11 +468,12 @@ class Topic:
         # append queued after a failed one: the offsets of all of them are
         # given again, from the first, once the last has failed.
         end = first + len(frames)
+        given = first if self._given_again is None else min(first, self._given_again)
         if self.next_offset == end:
-            self.next_offset = first if self._given_again is None else min(first, self._given_again)
+            self.next_offset = given
             self._given_again = None
         elif self._appending:
-            self._given_again = first if self._given_again is None else min(first, self._given_again)
+            self._given_again = given
         pending.settle(error)
 
     _given_again: Optional[int] = None  # the first offset of failed appends whose later ones are still out

@@ -15,8 +15,8 @@ same order and durability: a reply before the messages its request
 released, and nothing delivered or acknowledged before storage has it.
 
 A connection may hold its output back until the unit ends (L{gather}):
-the TCP edge then writes each connection's replies and messages of the
-unit at once.
+the edges then write each connection's replies and messages of the unit
+at once.
 """
 
 from __future__ import annotations
@@ -104,15 +104,10 @@ class UnitOfWork:
     # True while flush appends and delivers: what it writes is gathered too.
     ending = False
 
-    @property
-    def gathering(self) -> bool:
-        """Is output held back until this unit ends (L{gather})?"""
-        return bool(self.depth) or self.ending
-
     def gather(self, writer) -> None:
         """
         C{writer} holds output back until this unit ends: call its
-        C{flushOutput()} then (see L{zaichik.edge.tcp.BrokerProtocol}).
+        C{flushOutput()} then (see L{zaichik.edge.connection.BrokerConnection}).
         """
         self._writers.append(writer)
 

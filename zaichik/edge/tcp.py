@@ -66,10 +66,10 @@ READS_PER_UNIT = 8
 UNIT_TIME = 0.1
 
 
-def _tune(transport) -> bool:
-    """Give a TCP (or unix socket) transport the marks above (True); others keep theirs."""
+def _tune(transport) -> None:
+    """Give a TCP (or unix socket) transport the marks above; others keep theirs."""
     if not isinstance(transport, tcp.Connection):
-        return False
+        return
     transport.SEND_LIMIT = SEND_LIMIT
 
     # Twisted's own test of a full buffer, with OUTPUT_HIGH for bufferSize
@@ -78,7 +78,6 @@ def _tune(transport) -> bool:
         return len(transport.dataBuffer) + transport._tempDataLen > OUTPUT_HIGH
 
     transport._isSendBufferFull = full  # type: ignore[method-assign]
-    return True
 
 
 def _untune(transport) -> None:

@@ -608,7 +608,7 @@ class DiskLog:
                 # fail, and this append's offsets follow theirs, so it fails
                 # with them (and the topic gives all their offsets again).
                 writer.wait()
-                return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
+                return self._refused_with_queued()
             queued = self._queue_write(writer, first, frames)
             if queued is not None:
                 return queued
@@ -619,10 +619,14 @@ class DiskLog:
                 gen = self.gen
                 writer.wait()
                 if self.gen != gen:
-                    return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
+                    return self._refused_with_queued()
             if self.broken:
                 return fail(StorageError(f"storage failed: {self.broken}"))
         return self._append_now(first, frames)
+
+    def _refused_with_queued(self) -> Deferred:
+        """An append refused because a write queued before it failed (its offsets follow that one's)."""
+        return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
 
     def _queue_write(self, writer: Writer, first: int, frames: List[bytes]) -> Optional[Deferred]:
         """
@@ -667,7 +671,7 @@ class DiskLog:
         write.done.errback(_storage_error(write.error, f"writing {self.topic}"))
 
     def cut_failed_write(self, fd: int, pos: int) -> None:
-        """In the writer thread: a write failed; cut the file back to C{pos} (as L{_write} does)."""
+        """A write failed: cut the newest segment back to C{pos} (in either thread), or refuse writes until restart."""
         try:
             os.ftruncate(fd, pos)
         except OSError as e:
@@ -723,13 +727,9 @@ class DiskLog:
         assert fd is not None
         try:
             write_all(fd, data)
-        except OSError as e:
-            try:
-                os.ftruncate(fd, pos)
-            except OSError as e2:
-                self.broken = f"could not cut a failed write off {self.segments[-1].path}: {e2}"
-                _log.critical("{why}: refusing writes to {topic} until restarted", why=self.broken, topic=self.topic)
-            raise e
+        except OSError:
+            self.cut_failed_write(fd, pos)
+            raise
 
     def _segment_for(self, first: int) -> Segment:
         """The segment to append to: the newest, or a new one when that is full."""
