@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zaichik import codec
 from zaichik.storage import disk
+from zaichik.storage import segment
 from zaichik.codec import Start
 from zaichik.storage.disk import DataDirLocked, DiskStorage
 from zaichik.service import BrokerService
@@ -492,6 +493,41 @@ class UnitOfWorkTests(DiskTestCase):
         session.handle(codec.Publish(2, "t", b"v" * 100))
         self.assertEqual(replies, [codec.Ok(1), codec.Published(2, 0, False)])
         self.assertGreater(sizes[1], 100)  # the message was in the segment when PUBLISHED was sent
+
+
+class FrameBlockTests(DiskTestCase):
+    """A topic that retains nothing gives its log blocks of frames (codec.FrameBlock): the same batches on disk."""
+
+    def test_blocks_written_as_the_frames_would_be(self):
+        service = self.start(fsync="never")
+        topic = service.create_topic("t", 0, 0)
+        with service.work:
+            topic.publish_all([(None, b"a" * 10), (None, b"b" * 20)])
+            topic.publish_all([(None, b"c" * 30)])
+        self.clock.advance(0.005)
+        with service.work:
+            topic.publish_all([(None, b"d" * 40)])
+        if self.storage.writer is not None:
+            self.storage.writer.wait()
+        log = self.storage._logs["t"]
+        prefix = codec.topic_prefix("t")
+        frames = codec.message_frames_py(prefix, 0, T0 * 1000, [(None, b"a" * 10), (None, b"b" * 20),
+                                                                (None, b"c" * 30)])
+        later = codec.message_frames_py(prefix, 3, T0 * 1000 + 5, [(None, b"d" * 40)])
+        with open(log.segments[-1].path, "rb") as f:
+            data = f.read()
+        first = segment.encode_batch_py(0, frames, 4 + len(prefix))
+        second = segment.encode_batch_py(3, later, 4 + len(prefix))
+        self.assertIn(first, data)
+        self.assertIn(second, data)  # (after a reservation marker)
+        self.assertLess(data.index(first), data.index(second))
+        # Booked from the batches' headers: offsets, counts and timestamps.
+        batches = segment.scan(data, 0).batches
+        self.assertEqual([(b.first, b.count, b.first_ts, b.last_ts) for b in batches if b.count],
+                         [(0, 3, T0 * 1000, T0 * 1000), (3, 1, T0 * 1000 + 5, T0 * 1000 + 5)])
+        self.assertEqual(log.next_offset, 4)
+        service = self.start(fsync="never")
+        self.assertEqual(service.topics["t"].next_offset, 4)
 
 
 class ByteBoundTests(DiskTestCase):

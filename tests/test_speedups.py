@@ -129,6 +129,30 @@ class AgreeTests(SynchronousTestCase):
                          outcome(codec.plain_message_frames_py, prefix, first, timestamp, entries, max_body))
 
     @SETTINGS
+    @given(st.binary(max_size=10), any_ints, any_ints,
+           st.lists(st.one_of(st.tuples(st.one_of(st.none(), st.just(b"")), values), st.tuples(keys, values),
+                              st.tuples(st.none(), st.one_of(values, st.text(max_size=3))),
+                              st.lists(values, min_size=2, max_size=2)), max_size=5),
+           st.integers(0, 400))
+    def test_plain_message_block(self, prefix, first, timestamp, entries, max_body):
+        # (Unkeyed bytes entries drawn often: the result is then the joined
+        # frames, or None when one is over max_body; anything else, None.)
+        self.assertEqual(outcome(_speedups.plain_message_block, prefix, first, timestamp, entries, max_body),
+                         outcome(codec.plain_message_block_py, prefix, first, timestamp, entries, max_body))
+
+    @SETTINGS
+    @given(st.lists(st.tuples(u64s, u64s, keys, values), max_size=6), st.integers(0, 12), st.integers(0, 255),
+           st.booleans())
+    def test_split_frames(self, messages, cut, byte, damage):
+        # Whole frames, cut short, or with a byte changed (a length, maybe).
+        block = b"".join(codec.message_frame_py(b"\x82\x00\x01t", o, t, k, v) for o, t, k, v in messages)
+        block = block[: max(0, len(block) - cut)]
+        if damage and block:
+            i = byte % len(block)
+            block = block[:i] + bytes((byte,)) + block[i + 1 :]
+        self.assertEqual(outcome(_speedups.split_frames, block), outcome(codec.split_frames_py, block))
+
+    @SETTINGS
     @given(st.binary(max_size=10), any_ints, any_ints, st.one_of(keys, st.binary(min_size=65530, max_size=65540)),
            values)
     def test_message_frame(self, prefix, offset, timestamp, key, value):
@@ -144,6 +168,12 @@ class AgreeTests(SynchronousTestCase):
         if skip > 30:
             skip = 4 + len(prefix)  # what the disk log leaves out
         self.assertEqual(outcome(_speedups.encode_batch, first, frames, skip),
+                         outcome(segment.encode_batch_py, first, frames, skip))
+        # The same frames as a block (codec.FrameBlock's data): the same batch, both ways.
+        block = b"".join(frames)
+        self.assertEqual(outcome(_speedups.encode_batch, first, block, skip),
+                         outcome(segment.encode_batch_py, first, frames, skip))
+        self.assertEqual(outcome(segment.encode_batch_py, first, block, skip),
                          outcome(segment.encode_batch_py, first, frames, skip))
 
     @SETTINGS
@@ -220,10 +250,19 @@ class AgreeTests(SynchronousTestCase):
         self.assertEqual(len(calls), 1)
 
     def test_short_frames(self):
-        """Frames too short for a timestamp: both refuse with struct.error."""
+        """Frames too short for a timestamp: both refuse with struct.error, as a list or a block."""
         for frames in ([b"abc"], [b"x" * 40, b"y"]):
             self.assertIs(outcome(_speedups.encode_batch, 0, frames, 4), struct.error)
             self.assertIs(outcome(segment.encode_batch_py, 0, frames, 4), struct.error)
+        for block in (b"\x00\x00\x00\x03abc", b"\x00\x00\x00\x28" + b"x" * 40 + b"\x00\x00\x00\x01y"):
+            self.assertIs(outcome(_speedups.encode_batch, 0, block, 4), struct.error)
+            self.assertIs(outcome(segment.encode_batch_py, 0, block, 4), struct.error)
+
+    def test_block_not_whole_frames(self):
+        """A block that does not end with a whole frame, or is empty: both refuse alike."""
+        for block in (b"\x00\x00\x00\x20" + b"x" * 20, b"\x00\x00", b""):
+            self.assertIs(outcome(_speedups.encode_batch, 0, block, 4), outcome(segment.encode_batch_py, 0, block, 4))
+            self.assertIn(outcome(_speedups.encode_batch, 0, block, 4), (ValueError, IndexError))
 
 
 class ChoiceTests(SynchronousTestCase):
@@ -234,6 +273,8 @@ class ChoiceTests(SynchronousTestCase):
             self.assertIs(codec.message_frame, codec.message_frame_py)
             self.assertIs(codec.message_frames, codec.message_frames_py)
             self.assertIs(codec.plain_message_frames, codec.plain_message_frames_py)
+            self.assertIs(codec.plain_message_block, codec.plain_message_block_py)
+            self.assertIs(codec.split_frames, codec.split_frames_py)
             self.assertIs(codec.parse_publish_batch, codec.parse_publish_batch_py)
             self.assertIs(segment.encode_batch, segment.encode_batch_py)
         else:
@@ -241,6 +282,8 @@ class ChoiceTests(SynchronousTestCase):
             self.assertIs(codec.message_frame, speedups.compiled.message_frame)
             self.assertIs(codec.message_frames, speedups.compiled.message_frames)
             self.assertIs(codec.plain_message_frames, speedups.compiled.plain_message_frames)
+            self.assertIs(codec.plain_message_block, speedups.compiled.plain_message_block)
+            self.assertIs(codec.split_frames, speedups.compiled.split_frames)
             self.assertIs(codec.parse_publish_batch, speedups.compiled.parse_publish_batch)
             self.assertIs(segment.encode_batch, speedups.compiled.encode_batch)
 

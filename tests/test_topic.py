@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from zaichik import codec
 from zaichik.codec import ErrorCode, Start
+from zaichik.errors import ZaichikError
 from zaichik.storage import StorageError
 from zaichik.storage.memory import MemoryStorage
 from zaichik.subscription import Output, Subscription
@@ -637,3 +638,98 @@ class SubscriptionTests(TopicCase):
             topic.publish(None, b"2")
             self.assertEqual(offsets(written), [])
         self.assertEqual(offsets(written), [0, 1, 2])
+
+
+class FrameBlockTests(TopicCase):
+    """
+    A topic that retains nothing stages its fire-and-forget runs as blocks
+    of frames (codec.FrameBlock) and hands the unit's blocks to its log and
+    subscribers as one: the same frames, offsets and order as the list path.
+    """
+
+    def publish_in_one_unit(self, topic: Topic, *runs) -> None:
+        with topic._work:
+            for run in runs:
+                if callable(run):
+                    run()
+                else:
+                    topic.publish_all(run)
+
+    def test_a_units_runs_reach_subscribers_as_one_block(self):
+        topic = self.topic()
+        seen: list = []
+        recorder = Recorder()
+        topic.subscribe(recorder)
+        original = recorder.deliver
+        recorder.deliver = lambda first, frames: (seen.append(frames), original(first, frames))  # type: ignore
+        _, written, _ = self.follow(topic)
+        self.publish_in_one_unit(topic, [(None, b"a"), (None, b"b")], [(b"", b"c")])
+        self.assertEqual(len(seen), 1)
+        self.assertIsInstance(seen[0], codec.FrameBlock)
+        self.assertEqual(len(seen[0]), 3)
+        expected = codec.message_frames_py(topic._prefix, 0, T0_MS, [(None, b"a"), (None, b"b"), (None, b"c")])
+        self.assertEqual(seen[0].data, b"".join(expected))
+        self.assertEqual(recorder.calls, [(0, expected)])
+        # The subscription wrote the block as it is, in one write.
+        self.assertEqual(written, [b"".join(expected)])
+        self.assertEqual(topic.next_offset, 3)
+
+    def test_keyed_publish_after_a_block_keeps_the_order(self):
+        """A keyed message staged after a block: the block is split first, so offsets stay in order."""
+        topic = self.topic()
+        _, written, _ = self.follow(topic)
+        self.publish_in_one_unit(topic, [(None, b"a"), (None, b"b")], lambda: topic.publish(b"k", b"c"),
+                                 [(None, b"d")])
+        got = messages(written)
+        self.assertEqual([m.offset for m in got], [0, 1, 2, 3])
+        self.assertEqual([m.value for m in got], [b"a", b"b", b"c", b"d"])
+        self.assertEqual([m.key for m in got], [None, None, b"k", None])
+
+    def test_refused_run_after_a_block(self):
+        """A run refused whole (a frame too large) after a block in the same unit: the block is delivered."""
+        topic = self.topic()
+        topic.max_frame_size = 100
+        _, written, _ = self.follow(topic)
+
+        def too_large():
+            with self.assertRaises(ZaichikError) as raised:
+                topic.publish_all([(None, b"x"), (None, b"y" * 200)])
+            self.assertEqual(raised.exception.code, ErrorCode.LIMIT)
+
+        self.publish_in_one_unit(topic, [(None, b"a")], too_large, [(None, b"b")])
+        self.assertEqual([(m.offset, m.value) for m in messages(written)], [(0, b"a"), (1, b"b")])
+
+    def test_retaining_topic_stages_frames(self):
+        """A topic that retains keeps each frame for later readers: no block."""
+        topic = self.topic(ttl=60_000)
+        recorder = Recorder()
+        seen: list = []
+        recorder.deliver = lambda first, frames: seen.append(frames)  # type: ignore
+        topic.subscribe(recorder)
+        self.publish_in_one_unit(topic, [(None, b"a")], [(None, b"b")])
+        self.assertEqual([type(frames) for frames in seen], [list])
+        self.assertEqual(self.new_reader(topic), [0, 1])
+
+    def test_slow_subscriber_queues_a_blocks_frames(self):
+        """A subscriber without room (max_inflight) takes a block's frames one by one, in order."""
+        topic = self.topic()
+        subscription, written, _ = self.follow(topic, max_inflight=2)
+        self.publish_in_one_unit(topic, [(None, b"a"), (None, b"b"), (None, b"c")])
+        self.assertEqual(offsets(written), [0, 1])
+        subscription.acknowledge(1)
+        self.assertEqual(offsets(written), [0, 1, 2])
+
+
+class FrameBlockSequenceTests(SynchronousTestCase):
+    def test_reads_as_its_frames(self):
+        frames = codec.message_frames_py(codec.topic_prefix("t"), 5, 9, [(None, b"a"), (None, b"bb"), (None, b"")])
+        block = codec.FrameBlock(b"".join(frames), 3)
+        self.assertEqual(len(block), 3)
+        self.assertEqual(block[0], frames[0])
+        self.assertEqual(block[-1], frames[-1])
+        self.assertEqual(block[1:], frames[1:])
+        self.assertEqual(list(block), frames)
+        self.assertEqual(sum(map(len, block)), len(block.data))
+        self.assertIs(codec.joined(block), block.data)
+        self.assertEqual(codec.joined(frames), block.data)
+        self.assertIs(codec.joined(frames[:1]), frames[0])

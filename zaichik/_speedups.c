@@ -691,6 +691,118 @@ static PyObject *plain_message_frames(PyObject *self, PyObject *const *args, Py_
     return frames;
 }
 
+/* plain_message_block(prefix, first, timestamp, entries, max_body): the
+ * frames plain_message_frames would give, one after another in one bytes
+ * object (a block), or None unless every entry is a (None or b"", bytes)
+ * tuple, there is at least one, and no frame's body is over max_body.
+ * With many topics a read, each topic's frames lived as objects of their
+ * own until the unit of work ended (up to eight reads: several MB of
+ * small objects), fell out of the caches and were read again for the join
+ * that sent them; a block is written once, in order, and sent as it is.
+ * The specification is zaichik.codec.plain_message_block_py. */
+static PyObject *plain_message_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (wrong_nargs("plain_message_block", nargs, 5))
+        return NULL;
+    PyObject *entries = args[3];
+    if (!PyList_Check(entries)) {
+        PyErr_SetString(PyExc_TypeError, "entries must be a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(entries), i, total = 0;
+    if (count == 0)
+        Py_RETURN_NONE;
+    for (i = 0; i < count; i++) {
+        PyObject *entry = PyList_GET_ITEM(entries, i), *key;
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+            Py_RETURN_NONE;
+        key = PyTuple_GET_ITEM(entry, 0);
+        if (!(key == Py_None || (PyBytes_CheckExact(key) && PyBytes_GET_SIZE(key) == 0))
+                || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1)))
+            Py_RETURN_NONE;
+    }
+    /* (Checked in the order message_frames_py meets them.) */
+    Py_buffer prefix;
+    if (PyObject_GetBuffer(args[0], &prefix, PyBUF_SIMPLE) < 0)
+        return NULL;
+    unsigned long long first, timestamp;
+    PyObject *out = NULL;
+    if (as_u64(args[1], &first) < 0 || as_u64(args[2], &timestamp) < 0)
+        goto done;
+    if (first + (unsigned long long)(count - 1) < first) {
+        PyErr_SetString(struct_error, "argument out of range");
+        goto done;
+    }
+    Py_ssize_t max_body = PyLong_AsSsize_t(args[4]);
+    if (max_body == -1 && PyErr_Occurred())
+        goto done;
+    int over = 0;
+    for (i = 0; i < count; i++) {
+        Py_ssize_t body = prefix.len + 22 + PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(entries, i), 1));
+        if (body > 0xFFFFFFFFLL) {
+            PyErr_SetString(struct_error, "'I' format requires 0 <= number <= 4294967295");
+            goto done;
+        }
+        over |= body > max_body;
+        total += 4 + body;
+    }
+    if (over)
+        goto plain_none;
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        goto done;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    for (i = 0; i < count; i++) {
+        PyObject *value = PyTuple_GET_ITEM(PyList_GET_ITEM(entries, i), 1);
+        Py_ssize_t n = PyBytes_GET_SIZE(value);
+        be_write(p, (unsigned long long)(prefix.len + 22 + n), 4);
+        p += 4;
+        memcpy(p, prefix.buf, prefix.len);
+        p += prefix.len;
+        be_write(p, first + (unsigned long long)i, 8);
+        be_write(p + 8, timestamp, 8);
+        be_write(p + 16, 0, 2);
+        be_write(p + 18, (unsigned long long)n, 4);
+        memcpy(p + 22, PyBytes_AS_STRING(value), n);
+        p += 22 + n;
+    }
+    goto done;
+plain_none:
+    out = Py_None;
+    Py_INCREF(out);
+done:
+    PyBuffer_Release(&prefix);
+    return out;
+}
+
+/* The length-prefixed frames of a block, each with its prefix, as a list of
+ * bytes; ValueError if the block does not end with a whole frame.  The
+ * specification is zaichik.codec.split_frames_py. */
+static PyObject *split_frames(PyObject *self, PyObject *arg)
+{
+    Py_buffer block;
+    if (PyObject_GetBuffer(arg, &block, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = block.buf;
+    Py_ssize_t at = 0, end = block.len;
+    PyObject *out = PyList_New(0);
+    while (out != NULL && at < end) {
+        Py_ssize_t size;
+        if (end - at < 4 || (size = 4 + (Py_ssize_t)be_read(b + at, 4)) > end - at) {
+            PyErr_SetString(PyExc_ValueError, "not whole frames");
+            Py_CLEAR(out);
+            break;
+        }
+        PyObject *frame = PyBytes_FromStringAndSize((const char *)b + at, size);
+        if (frame == NULL || PyList_Append(out, frame) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(frame);
+        at += size;
+    }
+    PyBuffer_Release(&block);
+    return out;
+}
+
 /* -- Redis stream records ------------------------------------------------------- */
 
 /* The records of unkeyed entries: >II (0, value length), value each.  The
@@ -808,14 +920,99 @@ static PyObject *decode_records(PyObject *self, PyObject *const *args, Py_ssize_
 #define CRC_FROM 12
 #define REST 28  /* u64 first, u32 count, u64 first ts, u64 last ts */
 
+static PyObject *with_crc(PyObject *out, unsigned char *p, Py_ssize_t length);
+
+/* A batch of count records of total bytes, its header written but for the
+ * CRC; *p is where the CRC starts (the sizes follow the REST bytes). */
+static PyObject *new_batch(unsigned long long first, Py_ssize_t count, Py_ssize_t total,
+                           unsigned long long first_ts, unsigned long long last_ts, unsigned char **p)
+{
+    Py_ssize_t length = REST + 4 * count + total;
+    if (length > 0xFFFFFFFFLL) {
+        PyErr_SetString(struct_error, "'I' format requires 0 <= number <= 4294967295");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, CRC_FROM + length);
+    if (out == NULL)
+        return NULL;
+    unsigned char *base = (unsigned char *)PyBytes_AS_STRING(out);
+    memcpy(base, BATCH_MAGIC, 4);
+    be_write(base + 4, (unsigned long long)length, 4);
+    *p = base + CRC_FROM;
+    be_write(*p, first, 8);
+    be_write(*p + 8, (unsigned long long)count, 4);
+    be_write(*p + 12, first_ts, 8);
+    be_write(*p + 20, last_ts, 8);
+    return out;
+}
+
+/* encode_batch of a block (plain_message_block's frames one after another):
+ * the same batch as of its frames as a list. */
+static PyObject *encode_block(PyObject *first_obj, PyObject *block, PyObject *skip_obj)
+{
+    unsigned long long first;
+    if (as_u64(first_obj, &first) < 0)
+        return NULL;
+    Py_ssize_t skip = PyLong_AsSsize_t(skip_obj);
+    if (skip == -1 && PyErr_Occurred())
+        return NULL;
+    if (skip < 0) {
+        PyErr_SetString(PyExc_ValueError, "skip must not be negative");
+        return NULL;
+    }
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(block);
+    Py_ssize_t end = PyBytes_GET_SIZE(block), at = 0, count = 0, total = 0, last = 0;
+    while (at < end) {
+        Py_ssize_t size;
+        if (end - at < 4 || (size = 4 + (Py_ssize_t)be_read(b + at, 4)) > end - at) {
+            PyErr_SetString(PyExc_ValueError, "not whole frames");
+            return NULL;
+        }
+        last = at;
+        total += size > skip ? size - skip : 0;
+        count++;
+        at += size;
+    }
+    if (count == 0) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return NULL;
+    }
+    /* (As encode_batch reads the first and last frames' timestamps.) */
+    if (4 + (Py_ssize_t)be_read(b, 4) < skip + 16 || end - last < skip + 16) {
+        PyErr_SetString(struct_error, "unpack_from requires a buffer of at least 16 bytes");
+        return NULL;
+    }
+    if (count > 0xFFFFFFFFLL) {
+        PyErr_SetString(struct_error, "too many frames");
+        return NULL;
+    }
+    unsigned char *p;
+    PyObject *out = new_batch(first, count, total, be_read(b + skip + 8, 8), be_read(b + last + skip + 8, 8), &p);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t length = REST + 4 * count + total;
+    unsigned char *sizes = p + REST, *records = sizes + 4 * count;
+    for (at = 0; at < end;) {
+        Py_ssize_t size = 4 + (Py_ssize_t)be_read(b + at, 4), n = size > skip ? size - skip : 0;
+        be_write(sizes, (unsigned long long)n, 4);
+        sizes += 4;
+        memcpy(records, b + at + skip, n);
+        records += n;
+        at += size;
+    }
+    return with_crc(out, p, length);
+}
+
 static PyObject *encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (wrong_nargs("encode_batch", nargs, 3))
         return NULL;
     PyObject *frames = args[1];
     unsigned long long first;
+    if (PyBytes_Check(frames))
+        return encode_block(args[0], frames, args[2]);
     if (!PyList_Check(frames)) {
-        PyErr_SetString(PyExc_TypeError, "frames must be a list");
+        PyErr_SetString(PyExc_TypeError, "frames must be a list or a block");
         return NULL;
     }
     if (as_u64(args[0], &first) < 0)
@@ -854,22 +1051,11 @@ static PyObject *encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
         }
         ts[i] = be_read((const unsigned char *)PyBytes_AS_STRING(f) + skip + 8, 8);
     }
-    Py_ssize_t length = REST + 4 * count + total;
-    if (length > 0xFFFFFFFFLL) {
-        PyErr_SetString(struct_error, "'I' format requires 0 <= number <= 4294967295");
-        return NULL;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, CRC_FROM + length);
+    unsigned char *p;
+    PyObject *out = new_batch(first, count, total, ts[0], ts[1], &p);
     if (out == NULL)
         return NULL;
-    unsigned char *base = (unsigned char *)PyBytes_AS_STRING(out);
-    memcpy(base, BATCH_MAGIC, 4);
-    be_write(base + 4, (unsigned long long)length, 4);
-    unsigned char *p = base + CRC_FROM;
-    be_write(p, first, 8);
-    be_write(p + 8, (unsigned long long)count, 4);
-    be_write(p + 12, ts[0], 8);
-    be_write(p + 20, ts[1], 8);
+    Py_ssize_t length = REST + 4 * count + total;
     unsigned char *sizes = p + REST, *records = sizes + 4 * count;
     for (i = 0; i < count; i++) {
         PyObject *f = PyList_GET_ITEM(frames, i);
@@ -880,9 +1066,15 @@ static PyObject *encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
         memcpy(records, PyBytes_AS_STRING(f) + skip, n);
         records += n;
     }
-    /* The CRC by a Python crc32 (zlib's or zlib-ng's, see speedups.crc32),
-     * called on a view of the unfinished bytes, which nobody else can see
-     * yet: no zlib to link against. */
+    return with_crc(out, p, length);
+}
+
+/* The batch's CRC into its header: by a Python crc32 (zlib's or zlib-ng's,
+ * see speedups.crc32), called on a view of the unfinished bytes, which
+ * nobody else can see yet (no zlib to link against).  Steals out. */
+static PyObject *with_crc(PyObject *out, unsigned char *p, Py_ssize_t length)
+{
+    unsigned char *base = (unsigned char *)PyBytes_AS_STRING(out);
     PyObject *view = PyMemoryView_FromMemory((char *)p, length, PyBUF_READ);
     if (view == NULL) {
         Py_DECREF(out);
@@ -933,6 +1125,10 @@ static PyMethodDef methods[] = {
      "MESSAGE frames for (key, value) entries from one offset on: see zaichik.codec.message_frames_py."},
     {"plain_message_frames", (PyCFunction)(void (*)(void))plain_message_frames, METH_FASTCALL,
      "message_frames of unkeyed entries, none too large, else None: see zaichik.codec.plain_message_frames_py."},
+    {"plain_message_block", (PyCFunction)(void (*)(void))plain_message_block, METH_FASTCALL,
+     "plain_message_frames joined in one bytes, else None: see zaichik.codec.plain_message_block_py."},
+    {"split_frames", (PyCFunction)split_frames, METH_O,
+     "The length-prefixed frames of a block, as a list: see zaichik.codec.split_frames_py."},
     {"message_frame", (PyCFunction)(void (*)(void))message_frame, METH_FASTCALL,
      "A whole MESSAGE frame: see zaichik.codec.message_frame."},
     {"encode_records", (PyCFunction)encode_records, METH_O,

@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from zaichik import speedups
 
@@ -839,6 +839,39 @@ def plain_message_frames_py(prefix: bytes, first: int, timestamp: int,
     return frames
 
 
+def plain_message_block_py(prefix: bytes, first: int, timestamp: int,
+                           entries: List[Tuple[Optional[bytes], bytes]], max_body: int) -> Optional[bytes]:
+    """
+    L{plain_message_frames_py}'s frames one after another in one bytes (a
+    block: see L{FrameBlock}), when there is at least one entry and each
+    is a C{(None or b"", bytes)} tuple; else None (as for a key or a frame
+    over C{max_body}).  The specification of L{plain_message_block},
+    compiled where built.
+    """
+    if not entries or not all(type(entry) is tuple and len(entry) == 2 and type(entry[1]) is bytes
+                              and (entry[0] is None or (type(entry[0]) is bytes and not entry[0]))
+                              for entry in entries):
+        return None
+    frames = plain_message_frames_py(prefix, first, timestamp, entries, max_body)
+    return None if frames is None else b"".join(frames)
+
+
+def split_frames_py(block: bytes) -> List[bytes]:
+    """
+    The length-prefixed frames of C{block}, each with its prefix; ValueError
+    unless it is whole frames.  The specification of L{split_frames}.
+    """
+    frames = []
+    at, end = 0, len(block)
+    while at < end:
+        if end - at < 4 or 4 + _u32.unpack_from(block, at)[0] > end - at:
+            raise ValueError("not whole frames")
+        size = 4 + _u32.unpack_from(block, at)[0]
+        frames.append(block[at : at + size])
+        at += size
+    return frames
+
+
 # The broker calls these once per published message (or batch): the
 # compiled twins (zaichik/_speedups.c) when built, else the Python
 # functions above, which specify them.
@@ -851,6 +884,9 @@ message_frame: Callable[[bytes, int, int, Optional[bytes], bytes], bytes] = mess
 message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]]], List[bytes]] = message_frames_py
 plain_message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]], int],
                                Optional[List[bytes]]] = plain_message_frames_py
+plain_message_block: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]], int],
+                              Optional[bytes]] = plain_message_block_py
+split_frames: Callable[[bytes], List[bytes]] = split_frames_py
 if speedups.compiled is not None:
     parse_publish = speedups.compiled.parse_publish
     parse_publish_batch = speedups.compiled.parse_publish_batch
@@ -858,6 +894,58 @@ if speedups.compiled is not None:
     message_frame = speedups.compiled.message_frame
     message_frames = speedups.compiled.message_frames
     plain_message_frames = speedups.compiled.plain_message_frames
+    plain_message_block = speedups.compiled.plain_message_block
+    split_frames = speedups.compiled.split_frames
+
+
+class FrameBlock(Sequence[bytes]):
+    """
+    Consecutive MESSAGE frames (length prefixes included) as one bytes
+    object, C{data}, that reads as the sequence of its frames.
+
+    A topic that retains nothing stages a fire-and-forget run's frames as
+    one block (L{plain_message_block}) and hands the unit's blocks, joined,
+    to its log and subscribers: a subscriber with room writes C{data} as it
+    is (L{joined}), a log that takes blocks (C{takes_blocks}) encodes from
+    it.  Anything that wants the frames one by one (an index, a slice, a
+    loop, a consumer group) gets them, split once, on first use.  Why:
+    with many topics a read, the frames as objects of their own outlived
+    the caches before they were joined and sent (see
+    L{zaichik.edge.tcp.READS_PER_UNIT}).
+    """
+
+    __slots__ = ("data", "_count", "_frames")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self._count = count
+        self._frames: Optional[List[bytes]] = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def frames(self) -> List[bytes]:
+        """The frames, one bytes each (split on first use, then kept)."""
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = split_frames(self.data)
+        return frames
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.frames()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.frames())
+
+    def __repr__(self) -> str:
+        return f"<FrameBlock of {self._count} frames, {len(self.data)} bytes>"
+
+
+def joined(frames: Sequence[bytes]) -> bytes:
+    """C{frames} one after another: a L{FrameBlock}'s data as it is."""
+    if type(frames) is FrameBlock:
+        return frames.data
+    return frames[0] if len(frames) == 1 else b"".join(frames)
 
 
 def message_body(prefix: bytes, offset: int, timestamp: int, key: Optional[bytes], value: bytes) -> bytes:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from heapq import heappop, heappush
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -267,7 +267,7 @@ class Group:
 
     # -- ISubscriber ---------------------------------------------------------------------
 
-    def deliver(self, first: int, frames: List[bytes]) -> None:
+    def deliver(self, first: int, frames: Sequence[bytes]) -> None:
         """New messages on the topic: straight to members with room, when they are next in line."""
         if self._again or self._reading or self._pumping or first > self.next:
             self.dispatch()
@@ -307,7 +307,7 @@ class Group:
                 room += r
         return room
 
-    def _hand_out(self, first: int, frames: List[bytes], again: bool = False) -> int:
+    def _hand_out(self, first: int, frames: Sequence[bytes], again: bool = False) -> int:
         """
         Give messages with consecutive offsets from C{first} to members with
         room, round-robin; returns how many were given.  New messages (not
@@ -376,7 +376,7 @@ class Group:
             if given < 0 or (not got[3] and given >= room):
                 return  # stopped, or every member's room is taken
 
-    def _take(self, first: int, frames: List[bytes], offset: int, again: bool) -> int:
+    def _take(self, first: int, frames: Sequence[bytes], offset: int, again: bool) -> int:
         """
         Hand out what a read from C{offset} returned (C{again}: the one
         message at C{offset}, to send again): how many were given, or -1

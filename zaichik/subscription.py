@@ -6,11 +6,12 @@ C{max_inflight} window, and what has been sent.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, List, Optional, Sequence
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from zaichik.codec import joined
 from zaichik.topic import ISubscriber, Topic
 
 _log = Logger()
@@ -113,7 +114,7 @@ class Subscription:
             return 1 << 62
         return self.max_inflight - len(self._inflight)
 
-    def _send(self, first: int, frames: List[bytes]) -> None:
+    def _send(self, first: int, frames: Sequence[bytes]) -> None:
         count = len(frames)
         self.topic.messages_out += count
         self.next = first + count
@@ -123,12 +124,13 @@ class Subscription:
             self.last_sent = first + count - 1
         if self.max_inflight:
             self._inflight.extend(range(first, first + count))
-        # One write per batch; the transport may pause us inside it.
-        self._output.write(frames[0] if count == 1 else b"".join(frames))
+        # One write per batch (a FrameBlock's data as it is); the transport
+        # may pause us inside it.
+        self._output.write(joined(frames))
 
     # -- ISubscriber ---------------------------------------------------------------
 
-    def deliver(self, first: int, frames: List[bytes]) -> None:
+    def deliver(self, first: int, frames: Sequence[bytes]) -> None:
         if not self.active:
             return
         skip = self.next - first

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from operator import itemgetter
-from typing import Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -36,10 +36,11 @@ _key_of = itemgetter(0)  # of a (key, value) entry
 class ISubscriber(Interface):
     """Something that receives a topic's messages."""
 
-    def deliver(first_offset: int, frames: List[bytes]) -> object:
+    def deliver(first_offset: int, frames: Sequence[bytes]) -> object:
         """
         New messages, as encoded MESSAGE frames with consecutive offsets from
-        C{first_offset}.  May return a Deferred; a failure (raised or as a
+        C{first_offset}: a list, or a L{codec.FrameBlock} (whose C{data} is
+        them all, ready to write; see L{codec.joined}).  May return a Deferred; a failure (raised or as a
         Deferred) removes the subscriber from the topic, and then
         L{stopped} is called.
         """
@@ -104,6 +105,11 @@ class Topic:
         # added to the compaction state, and what waits on their append.
         self._unsent: List[bytes] = []
         self._unsent_first = 0
+        # ... or, on a topic that retains nothing and whose log takes them
+        # (codec.FrameBlock), as blocks of frames, C{_block_count} in all.
+        self._blocks: List[bytes] = []
+        self._block_count = 0
+        self._takes_blocks = bool(getattr(log, "takes_blocks", False))
         self._unsent_keys: List[Tuple[bytes, int]] = []
         self.pending: Optional[Pending] = None  # the newest unsettled append
         self._appending = 0  # appends made and not yet settled
@@ -257,6 +263,14 @@ class Topic:
         if self.reject_over_bytes:
             self._check_room(now, entries)
         first = self.next_offset
+        if self._takes_blocks and not self.retention_ttl and not self._unsent:
+            # Nothing to keep for later readers: the frames as one block
+            # (see codec.FrameBlock), with the same checks.
+            block = codec.plain_message_block(self._prefix, first, now, entries, self.max_frame_size)
+            if block is not None:
+                self._stage_block(now, first, block, len(entries))
+                self._stored()
+                return None
         frames = codec.plain_message_frames(self._prefix, first, now, entries, self.max_frame_size)
         if frames:
             # No key and no frame too large (as a run's or a batch's entries
@@ -334,6 +348,8 @@ class Topic:
                 elif now - (seen & _TIMESTAMP) < window:
                     self.duplicates += 1
                     return seen >> _TIMESTAMP_BITS, True
+        if self._blocks:
+            self._unblock()
         offset = self.next_offset
         frame = codec.message_frame(self._prefix, offset, now, key, value)
         if len(frame) - 4 > self.max_frame_size:
@@ -364,12 +380,30 @@ class Topic:
 
     def _stage_frames(self, now: int, first: int, frames: List[bytes]) -> None:
         """Stage C{frames}, stored at C{now} with offsets from C{first}, in the unit of work."""
+        if self._blocks:
+            self._unblock()
         self.next_offset = first + len(frames)
         self._last_timestamp = now
         if not self._unsent:
             self._unsent_first = first
             self.pending = Pending()
         self._unsent.extend(frames)
+
+    def _stage_block(self, now: int, first: int, block: bytes, count: int) -> None:
+        """Stage C{count} frames in one C{block}, as L{_stage_frames} (nothing staged as frames)."""
+        self.next_offset = first + count
+        self._last_timestamp = now
+        if not self._blocks:
+            self._unsent_first = first
+            self.pending = Pending()
+        self._blocks.append(block)
+        self._block_count += count
+
+    def _unblock(self) -> None:
+        """The staged blocks as frames, for frames staged after them (keyed or refused as a block)."""
+        self._unsent = codec.split_frames(b"".join(self._blocks))
+        self._blocks = []
+        self._block_count = 0
 
     _dirty = False
 
@@ -392,10 +426,16 @@ class Topic:
         stored, settle its L{Pending} (replies go out) and deliver it.
         """
         self._dirty = False
-        frames = self._unsent
-        if not frames:
+        frames: Sequence[bytes] = self._unsent
+        blocks = self._blocks
+        if blocks:
+            frames = codec.FrameBlock(b"".join(blocks), self._block_count)
+            self._blocks = []
+            self._block_count = 0
+        elif not frames:
             return
-        self._unsent = []
+        else:
+            self._unsent = []
         self._staged_bytes = 0
         first = self._unsent_first
         keys, self._unsent_keys = self._unsent_keys, []
@@ -415,7 +455,7 @@ class Topic:
             d.addCallbacks(self._appended, self._appendFailed, (first, frames, pending), {},
                            (first, frames, pending, keys))
 
-    def _appended(self, _, first: int, frames: List[bytes], pending: Pending) -> None:
+    def _appended(self, _, first: int, frames: Sequence[bytes], pending: Pending) -> None:
         self._appending -= 1
         self._given_again = None
         self._stored_end = first + len(frames)
@@ -430,7 +470,7 @@ class Topic:
         if self.max_retained_bytes and log.nbytes > self.max_retained_bytes:
             self.expired += log.trim(self.max_retained_bytes)
 
-    def _deliver(self, first: int, frames: List[bytes]) -> None:
+    def _deliver(self, first: int, frames: Sequence[bytes]) -> None:
         """
         Hand C{frames} to every subscriber.  A subscriber that raises, or
         returns a Deferred that fails, is dropped.  Called directly rather
@@ -447,7 +487,7 @@ class Topic:
                 if isinstance(result, Deferred):
                     result.addErrback(self._deliveryFailed, subscriber)
 
-    def _appendFailed(self, failure, first: int, frames: List[bytes], pending: Pending, keys) -> None:
+    def _appendFailed(self, failure, first: int, frames: Sequence[bytes], pending: Pending, keys) -> None:
         self._appending -= 1
         if failure.check(StorageError):
             error = failure.value

@@ -22,7 +22,7 @@ L{IMessageLog.read} says where what it returns begins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from zope.interface import Attribute, Interface
 
@@ -62,10 +62,12 @@ class IMessageLog(Interface):
     def first_offset() -> Optional[int]:
         """The offset of the oldest retained message, or None when none is."""
 
-    def append(first: int, frames: List[bytes]) -> "Deferred":
+    def append(first: int, frames: Sequence[bytes]) -> "Deferred":
         """
         Store C{frames}, whose offsets run from C{first} on, after every
-        message stored so far.  The Deferred fires (with None) once they are
+        message stored so far.  C{frames} is a list, unless the log has a
+        true C{takes_blocks} attribute: then a topic that retains nothing
+        may give a L{zaichik.codec.FrameBlock} (its fire-and-forget runs).  The Deferred fires (with None) once they are
         stored as the storage's durability policy promises, and only then
         may they be delivered or acknowledged; it fails with
         L{StorageError} if they could not be stored, and then nothing of

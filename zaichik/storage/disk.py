@@ -51,7 +51,7 @@ import json
 import os
 from bisect import bisect_right
 from collections import OrderedDict
-from typing import IO, Callable, Dict, List, Optional, Tuple
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
@@ -92,6 +92,13 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _encodable(frames: Sequence[bytes]) -> Union[List[bytes], bytes]:
+    """What encode_batch takes for C{frames}: a L{codec.FrameBlock}'s data as it is, else the list."""
+    if type(frames) is codec.FrameBlock:
+        return frames.data
+    return frames  # type: ignore[return-value]
 
 
 def _storage_error(e: OSError, what: str) -> StorageError:
@@ -196,6 +203,9 @@ class _Head:
 @implementer(IMessageLog)
 class DiskLog:
     """One topic's log: segments on disk, their index and a cache in memory."""
+
+    # append may be given a codec.FrameBlock (see IMessageLog.takes_blocks).
+    takes_blocks = True
 
     def __init__(self, storage: "DiskStorage", directory: str, topic: str, retention_ttl: int,
                  compaction_window: int) -> None:
@@ -598,7 +608,7 @@ class DiskLog:
         if len(hints) > 256:
             hints.popitem(last=False)
 
-    def append(self, first: int, frames: List[bytes]) -> Deferred:
+    def append(self, first: int, frames: Sequence[bytes]) -> Deferred:
         if self.broken:
             return fail(StorageError(f"storage failed: {self.broken}"))
         writer = self._storage.writer
@@ -628,7 +638,7 @@ class DiskLog:
         """An append refused because a write queued before it failed (its offsets follow that one's)."""
         return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
 
-    def _queue_write(self, writer: Writer, first: int, frames: List[bytes]) -> Optional[Deferred]:
+    def _queue_write(self, writer: Writer, first: int, frames: Sequence[bytes]) -> Optional[Deferred]:
         """
         The append as a write for the writer thread (its Deferred fires once
         it is written and booked), or None where it must be made here: a
@@ -644,7 +654,7 @@ class DiskLog:
         if (pos >= self._storage.segment_bytes or pos == fmt.SEGMENT_HEADER
                 or reserve and end > self._reserved - reserve // 2):
             return None
-        data = fmt.encode_batch(first, frames, self._skip)
+        data = fmt.encode_batch(first, _encodable(frames), self._skip)
         write = Write(self, fd, data, pos, first, frames, self.gen)
         self._planned = pos + len(data)
         self._inflight += 1
@@ -657,7 +667,7 @@ class DiskLog:
         if write.gen != self.gen:
             self._stale -= 1  # (queued behind a failed write: failed unwritten)
         if write.error is None:
-            self._book(write.first, write.frames, write.pos, len(write.data), 0)
+            self._book(write.first, write.frames, write.pos, write.data, 0)
             self._storage.written(self, write.first + len(write.frames), write.pos)
             write.done.callback(None)
             return
@@ -678,9 +688,9 @@ class DiskLog:
             self.broken = f"could not cut a failed write off {self.topic}'s newest segment: {e}"
             _log.critical("{why}: refusing writes to {topic} until restarted", why=self.broken, topic=self.topic)
 
-    def _append_now(self, first: int, frames: List[bytes]) -> Deferred:
+    def _append_now(self, first: int, frames: Sequence[bytes]) -> Deferred:
         """L{append}, written on this thread."""
-        data = fmt.encode_batch(first, frames, self._skip)
+        data = fmt.encode_batch(first, _encodable(frames), self._skip)
         end = first + len(frames)
         reserve = self._storage.reserve
         try:
@@ -699,14 +709,16 @@ class DiskLog:
                 marker_at = 0
         except OSError as e:
             return fail(_storage_error(e, f"writing {self.topic}"))
-        self._book(first, frames, pos, len(data), marker_at)
+        self._book(first, frames, pos, data, marker_at)
         return self._storage.written(self, end, pos)
 
-    def _book(self, first: int, frames: List[bytes], pos: int, length: int, marker_at: int) -> None:
-        """A batch of C{length} bytes is written at C{pos} of the newest segment: keep its account."""
+    def _book(self, first: int, frames: Sequence[bytes], pos: int, data: bytes, marker_at: int) -> None:
+        """The batch C{data} (of C{frames}) is written at C{pos} of the newest segment: keep its account."""
         segment = self.segments[-1]
-        batch = fmt.Batch(pos, first, len(frames), fmt.u64.unpack_from(frames[0], self._timestamp_at)[0],
-                          fmt.u64.unpack_from(frames[-1], self._timestamp_at)[0], pos + length)
+        # (Its timestamps from its header, not the frames: a FrameBlock's
+        # frames would be split for them.)
+        _, _, _, _, _, first_ts, last_ts = fmt.batch_header.unpack_from(data)
+        batch = fmt.Batch(pos, first, len(frames), first_ts, last_ts, pos + len(data))
         segment.add(batch)
         if marker_at:
             segment.size = marker_at + fmt.BATCH_HEADER

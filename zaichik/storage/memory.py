@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -44,6 +44,9 @@ class MemoryLog:
 
     _COMPACT_AT = 4096
 
+    # append may be given a codec.FrameBlock (see IMessageLog.takes_blocks).
+    takes_blocks = True
+
     def __init__(self, timestamp_at: int, retains: bool = True) -> None:
         self._runs: List[_Run] = []
         # A topic that retains nothing keeps nothing here.
@@ -66,7 +69,7 @@ class MemoryLog:
         """One past the newest retained offset, or None when empty."""
         return self._runs[-1].end if self._runs else None
 
-    def add(self, first: int, frames: List[bytes]) -> None:
+    def add(self, first: int, frames: Sequence[bytes]) -> None:
         """L{append} without the Deferred (the disk cache's entry point)."""
         if not frames or not self.retains:
             return
@@ -79,7 +82,7 @@ class MemoryLog:
         self._count += len(frames)
         self.nbytes += sum(map(len, frames))
 
-    def append(self, first: int, frames: List[bytes]) -> Deferred:
+    def append(self, first: int, frames: Sequence[bytes]) -> Deferred:
         self.add(first, frames)
         return succeed(None)
 

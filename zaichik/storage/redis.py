@@ -378,7 +378,7 @@ class RedisLog:
         # starts at the oldest message Redis still has.
         return self.oldest if self.oldest is not None else 0
 
-    def append(self, first: int, frames: List[bytes]) -> Deferred:
+    def append(self, first: int, frames: Sequence[bytes]) -> Deferred:
         raise NotImplementedError("a shared log assigns offsets itself: use publish()")
 
     def _remember(self, first: int, ts: int, frames: List[bytes]) -> None:

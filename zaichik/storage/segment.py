@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
-from zaichik import speedups
+from zaichik import codec, speedups
 from zaichik.speedups import crc32
 
 SEGMENT_MAGIC = b"ZKSG"
@@ -74,12 +74,15 @@ def encode_segment_header(base: int) -> bytes:
     return segment_header.pack(SEGMENT_MAGIC, FORMAT, 0, base)
 
 
-def encode_batch_py(first: int, frames: List[bytes], skip: int) -> bytes:
+def encode_batch_py(first: int, frames: Union[List[bytes], bytes], skip: int) -> bytes:
     """
     A batch of MESSAGE frames whose offsets run from C{first}: each
     frame's first C{skip} bytes (its length and topic) are left out.
+    C{frames} may be a block of them (L{codec.FrameBlock}'s C{data}).
     The specification of L{encode_batch}, compiled where built.
     """
+    if isinstance(frames, bytes):
+        frames = codec.split_frames_py(frames)
     count = len(frames)
     bodies = [frame[skip:] for frame in frames]
     sizes = sizes_struct(count).pack(*map(len, bodies))
@@ -95,7 +98,7 @@ def encode_batch_py(first: int, frames: List[bytes], skip: int) -> bytes:
 # Once per append on the disk path: the compiled twin (zaichik/_speedups.c)
 # writes the sizes and records straight into the result, one copy of each
 # record instead of a slice and a join.
-encode_batch: Callable[[int, List[bytes], int], bytes] = encode_batch_py
+encode_batch: Callable[[int, Union[List[bytes], bytes], int], bytes] = encode_batch_py
 if speedups.compiled is not None:
     encode_batch = speedups.compiled.encode_batch
 

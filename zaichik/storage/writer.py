@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Callable, Deque, Optional
+from typing import Callable, Deque, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -35,7 +35,7 @@ class Write:
 
     __slots__ = ("log", "fd", "data", "pos", "first", "frames", "gen", "error", "done")
 
-    def __init__(self, log, fd: int, data: bytes, pos: int, first: int, frames: list, gen: int) -> None:
+    def __init__(self, log, fd: int, data: bytes, pos: int, first: int, frames: Sequence[bytes], gen: int) -> None:
         self.log = log
         self.fd = fd
         self.data = data
