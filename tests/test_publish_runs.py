@@ -210,7 +210,8 @@ class PublishRunTests(SynchronousTestCase):
                       codec.frame(Publish(0, "t", b"v" * 50).encode()), good[:-1], codec.frame(b"\x05\x00")]:
             data = good * 2 + after
             groups, count, at = codec.parse_publish_run(data, 0, len(data), 40)
-            self.assertEqual((groups, count, at), ({"t": [(None, b"v")] * 2}, 2, 2 * len(good)))
+            self.assertEqual(({t: list(e) for t, e in groups.items()}, count, at),
+                             ({"t": [(None, b"v")] * 2}, 2, 2 * len(good)))
 
 
 if given is not None:

@@ -593,7 +593,10 @@ def parse_publish_run_py(
 
     The framer hands such a run to the session in one call
     (L{zaichik.session.Session.publish_run}).  This is the specification;
-    L{parse_publish_run} is the compiled twin when it is built.
+    L{parse_publish_run} is the compiled twin when it is built, whose
+    entries (from a C{bytes} C{data}) are an C{Entries} each: the same
+    pairs as a read-only sequence, kept as positions in C{data} (see
+    L{ENTRIES}).
     """
     groups: Dict[str, List[Tuple[Optional[bytes], bytes]]] = {}
     count = 0
@@ -840,7 +843,7 @@ def plain_message_frames_py(prefix: bytes, first: int, timestamp: int,
 
 
 def plain_message_block_py(prefix: bytes, first: int, timestamp: int,
-                           entries: List[Tuple[Optional[bytes], bytes]], max_body: int) -> Optional[bytes]:
+                           entries: Sequence[Tuple[Optional[bytes], bytes]], max_body: int) -> Optional[bytes]:
     """
     L{plain_message_frames_py}'s frames one after another in one bytes (a
     block: see L{FrameBlock}), when there is at least one entry and each
@@ -852,7 +855,7 @@ def plain_message_block_py(prefix: bytes, first: int, timestamp: int,
                               and (entry[0] is None or (type(entry[0]) is bytes and not entry[0]))
                               for entry in entries):
         return None
-    frames = plain_message_frames_py(prefix, first, timestamp, entries, max_body)
+    frames = plain_message_frames_py(prefix, first, timestamp, list(entries), max_body)
     return None if frames is None else b"".join(frames)
 
 
@@ -884,7 +887,7 @@ message_frame: Callable[[bytes, int, int, Optional[bytes], bytes], bytes] = mess
 message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]]], List[bytes]] = message_frames_py
 plain_message_frames: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]], int],
                                Optional[List[bytes]]] = plain_message_frames_py
-plain_message_block: Callable[[bytes, int, int, List[Tuple[Optional[bytes], bytes]], int],
+plain_message_block: Callable[[bytes, int, int, Sequence[Tuple[Optional[bytes], bytes]], int],
                               Optional[bytes]] = plain_message_block_py
 split_frames: Callable[[bytes], List[bytes]] = split_frames_py
 if speedups.compiled is not None:
@@ -896,6 +899,11 @@ if speedups.compiled is not None:
     plain_message_frames = speedups.compiled.plain_message_frames
     plain_message_block = speedups.compiled.plain_message_block
     split_frames = speedups.compiled.split_frames
+
+# What parse_publish_run gives for a topic's entries: a list, or (compiled,
+# from a bytes read) its Entries, a sequence of the same (key, value) pairs
+# kept as positions in the read, which plain_message_block takes as it is.
+ENTRIES: Tuple[type, ...] = (list,) if speedups.compiled is None else (list, speedups.compiled.Entries)
 
 
 class FrameBlock(Sequence[bytes]):

@@ -258,19 +258,23 @@ class Topic:
         them cost as much as the rest of the batch (cProfile).
         """
         now = self.now()
+        first = self.next_offset
+        if self._takes_blocks and not self.retention_ttl and not self._unsent:
+            # Nothing to keep for later readers: the frames as one block
+            # (see codec.FrameBlock), with the same checks, from a run's
+            # entries as they are (codec.parse_publish_run's Entries).
+            run: Sequence[Tuple[Optional[bytes], bytes]] = (
+                entries if type(entries) in codec.ENTRIES else list(entries))  # type: ignore[assignment]
+            block = codec.plain_message_block(self._prefix, first, now, run, self.max_frame_size)
+            if block is not None:
+                self._stage_block(now, first, block, len(run))
+                self._stored()
+                return None
+            entries = run
         if type(entries) is not list:
             entries = list(entries)
         if self.reject_over_bytes:
             self._check_room(now, entries)
-        first = self.next_offset
-        if self._takes_blocks and not self.retention_ttl and not self._unsent:
-            # Nothing to keep for later readers: the frames as one block
-            # (see codec.FrameBlock), with the same checks.
-            block = codec.plain_message_block(self._prefix, first, now, entries, self.max_frame_size)
-            if block is not None:
-                self._stage_block(now, first, block, len(entries))
-                self._stored()
-                return None
         frames = codec.plain_message_frames(self._prefix, first, now, entries, self.max_frame_size)
         if frames:
             # No key and no frame too large (as a run's or a batch's entries
