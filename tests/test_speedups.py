@@ -171,6 +171,39 @@ class AgreeTests(SynchronousTestCase):
                          outcome(codec.plain_message_block_py, prefix, first, timestamp, entries, max_body))
 
     @SETTINGS
+    @given(st.binary(max_size=40), st.lists(st.tuples(st.sampled_from(["a", "", "\u00e9"]),
+                                                        st.sampled_from([None, b"", b"k"]),
+                                                        st.binary(max_size=50)), min_size=1, max_size=6))
+    def test_run_from_an_offset(self, junk, messages):
+        # A run read from past another frame (the framer's case): Entries'
+        # positions are in the whole read.  (From a review.)
+        head = codec.frame(junk)
+        data = head + b"".join(codec.frame(codec.Publish(0, t, v, k).encode()) for t, k, v in messages)
+        compiled = _speedups.parse_publish_run(data, len(head), len(data), 1 << 20)
+        pure = codec.parse_publish_run_py(data, len(head), len(data), 1 << 20)
+        self.assertEqual(as_lists(compiled), pure)
+        for topic, entries in compiled[0].items():
+            listed = pure[0][topic]
+            self.assertEqual(_speedups.plain_message_block(b"\x82\x00\x01t", 5, 6, entries, 1 << 20),
+                             codec.plain_message_block_py(b"\x82\x00\x01t", 5, 6, listed, 1 << 20))
+            self.assertEqual([entries[i] for i in range(-len(entries), len(entries))],
+                             [listed[i] for i in range(-len(entries), len(entries))])
+
+    def test_non_utf8_topic_ends_the_run(self):
+        ok = codec.frame(codec.Publish(0, "a", b"v").encode())
+        bad = bytearray(codec.Publish(0, "ab", b"v").encode())
+        bad[7] = 0xFF
+        data = ok + codec.frame(bytes(bad)) + ok
+        self.assertEqual(as_lists(_speedups.parse_publish_run(data, 0, len(data), 1 << 20)),
+                         codec.parse_publish_run_py(data, 0, len(data), 1 << 20))
+
+    def test_block_prefix_not_bytes(self):
+        """A prefix that is not bytes-like is refused by both, whatever the entries."""
+        for entries in ([], [(b"k", b"v")], [(None, b"v")]):
+            self.assertIs(outcome(_speedups.plain_message_block, None, 0, 0, entries, 100), TypeError)
+            self.assertIs(outcome(codec.plain_message_block_py, None, 0, 0, entries, 100), TypeError)
+
+    @SETTINGS
     @given(st.lists(st.tuples(u64s, u64s, keys, values), max_size=6), st.integers(0, 12), st.integers(0, 255),
            st.booleans())
     def test_split_frames(self, messages, cut, byte, damage):
@@ -330,6 +363,28 @@ class ChoiceTests(SynchronousTestCase):
             self.assertIs(codec.split_frames, speedups.compiled.split_frames)
             self.assertIs(codec.parse_publish_batch, speedups.compiled.parse_publish_batch)
             self.assertIs(segment.encode_batch, speedups.compiled.encode_batch)
+
+    def test_stale_build_not_used(self):
+        """A compiled module from an older _speedups.c (a name missing): the pure-Python path, not a failure."""
+        if _speedups is None:
+            self.skipTest("the accelerator is not built here")
+        import types
+
+        stale = types.ModuleType("zaichik._speedups")
+        for name in speedups._NAMES[:-1]:
+            setattr(stale, name, getattr(_speedups, name))
+        import zaichik
+
+        self.patch(zaichik, "_speedups", stale)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "ZAICHIK_PURE"})
+        saved = sys.modules["zaichik._speedups"]
+        sys.modules["zaichik._speedups"] = stale
+        try:
+            self.assertIsNone(speedups._load())
+            stale.Entries = _speedups.Entries  # type: ignore[attr-defined]
+            self.assertIs(speedups._load(), stale)
+        finally:
+            sys.modules["zaichik._speedups"] = saved
 
     def test_pure_forced(self):
         """ZAICHIK_PURE=1 makes a new interpreter use the Python functions."""

@@ -148,3 +148,25 @@ class BlockDifferentialTests(SynchronousTestCase):
         _, used = run_units(True, False, 0, [[("many", [(None, b"a"), (None, b"b")]), ("publish", (b"k", b"c"))],
                                               [("batch", [(None, b"d")] * 3)]], None)
         self.assertTrue(used)
+
+
+def as_entries(entries):
+    """C{entries} as parse_publish_run gives them from a read (compiled: an Entries)."""
+    data = b"".join(codec.frame(codec.Publish(0, "t", v, k).encode()) for k, v in entries)
+    groups, count, _ = codec.parse_publish_run(data, 0, len(data), 1 << 20)
+    assert count == len(entries)
+    return groups["t"]
+
+
+class EntriesThroughTopicTests(SynchronousTestCase):
+    """The same units with each publish_many given a run's entries (Entries where compiled). (From a review.)"""
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(unit, max_size=4), st.booleans(), st.sampled_from([0, 1000]),
+           st.one_of(st.none(), st.integers(0, 3)))
+    def test_entries_same_as_lists(self, units, async_, window, fail_at):
+        listed = [[(k, [(key or None, v) for key, v in a]) if k == "many" else (k, a) for k, a in u] for u in units]
+        parsed = [[(k, as_entries(a)) if k == "many" and a else (k, a) for k, a in u] for u in listed]
+        a, _ = run_units(True, async_, window, parsed, fail_at)
+        b, _ = run_units(False, async_, window, listed, fail_at)
+        self.assertEqual(a, b)

@@ -851,6 +851,7 @@ def plain_message_block_py(prefix: bytes, first: int, timestamp: int,
     over C{max_body}).  The specification of L{plain_message_block},
     compiled where built.
     """
+    memoryview(prefix)  # (refused first unless bytes-like, as the compiled twin asks for its buffer first)
     if not entries or not all(type(entry) is tuple and len(entry) == 2 and type(entry[1]) is bytes
                               and (entry[0] is None or (type(entry[0]) is bytes and not entry[0]))
                               for entry in entries):

@@ -22,12 +22,22 @@ from types import ModuleType
 from typing import Optional, Tuple
 
 
+# What the rest of zaichik takes from the compiled module: one built from
+# an older _speedups.c (a checkout updated without rebuilding) lacks some,
+# and then the pure-Python path runs rather than an import failing.
+_NAMES = ("parse_publish", "parse_publish_batch", "parse_publish_run", "parse_ws_publish_run", "ws_frames",
+          "message_frame", "message_frames", "plain_message_frames", "plain_message_block", "split_frames",
+          "encode_records", "decode_records", "encode_batch", "use_crc32", "Entries")
+
+
 def _load() -> Optional[ModuleType]:
     if os.environ.get("ZAICHIK_PURE", "") not in ("", "0"):
         return None
     try:
         from zaichik import _speedups
     except ImportError:
+        return None
+    if not all(hasattr(_speedups, name) for name in _NAMES):
         return None
     return _speedups
 
