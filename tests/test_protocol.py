@@ -1275,6 +1275,7 @@ class ReadsPerUnitTests(RealSocketTestCase):
         return data, server
 
     def test_reads_on_when_spread(self) -> None:
+        self.patch(tcp_edge, "READ_ON", tcp_edge.READ_MIN)  # (each read on as large as the first)
         topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
         _, _, counting, client = self.subscriber(*topics)
         data, server = self.publish_reads(topics, tcp_edge.READS_PER_UNIT + 1)
@@ -1289,6 +1290,21 @@ class ReadsPerUnitTests(RealSocketTestCase):
         expected = consumed // len(frames(Publish(0, "t00", b"000000")))
         got = read_frames(client, expected)
         self.assertEqual(sorted(int(m.value) for m in got), list(range(expected)))
+
+    def test_reads_on_take_up_to_read_on(self) -> None:
+        """A read on takes up to READ_ON bytes, more than the first read's size: 3 reads, 5 reads' worth."""
+        self.patch(tcp_edge, "READ_ON", 2 * tcp_edge.READ_MIN)
+        self.patch(tcp_edge, "READS_PER_UNIT", 3)
+        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
+        _, _, counting, client = self.subscriber(*topics)
+        data, server = self.publish_reads(topics, 5)
+        consumed = len(data) - len(rest_of(server))
+        # (The kernel may hand over less than asked: more than three reads
+        # of the first one's size, not necessarily all.)
+        self.assertGreater(consumed, 3 * tcp_edge.READ_MIN)
+        self.assertEqual(len(counting.sends), 1)
+        expected = consumed // len(frames(Publish(0, "t00", b"000000")))
+        self.assertEqual(sorted(int(m.value) for m in read_frames(client, expected)), list(range(expected)))
 
     def test_no_more_reads_past_the_unit_time(self) -> None:
         """A unit that has taken UNIT_TIME reads no more: the other connections wait no longer."""

@@ -57,6 +57,18 @@ OUTPUT_HIGH = 4 << 20
 # for the others' reads before it is delivered.
 SPREAD = 16
 READS_PER_UNIT = 8
+# Those further reads take up to READ_ON bytes each: with blocks of frames
+# and Entries (no object a message), a larger read costs less per message
+# (each topic's calls and its block come once a read), and 3 MiB stays
+# below tune_malloc's 4 MiB mmap threshold (a read into fresh pages, which
+# fault in one by one, is slower).  long.py x5 (bench.py's scenarios, 5M
+# messages), alternating, msgs/s: 100 topics x 1 subscriber, reads on of
+# 1 MiB 7.52M/7.94M/6.84M, 2 MiB 8.16M/8.47M/7.46M, 4 MiB 4.04M/3.34M/3.47M;
+# again, 2 MiB 6.51M/9.38M/8.40M, 3 MiB 8.00M/9.95M/9.02M.  10,000 topics
+# over 10,000 connections, 1 MiB 163k/157k, 3 MiB 234k/232k.  Sixteen 3 MiB
+# reads a unit were slower again (6.0M): the unit's blocks and output no
+# longer stay in the caches.
+READ_ON = 3 << 20
 # ... and none once the unit has taken UNIT_TIME seconds: with 10,000
 # topics over 10,000 connections a 1 MiB read can take tens of ms (a write
 # to a subscriber for nearly every message), and every other connection
@@ -112,7 +124,7 @@ class BrokerProtocol(BrokerConnection):
                 # unit of work, so that each topic's delivery (and each
                 # subscriber's write) carries the messages of several reads.
                 try:
-                    data = transport.socket.recv(size)
+                    data = transport.socket.recv(READ_ON)
                 except OSError:  # (nothing more yet; or an error, which Twisted's next read meets)
                     break
                 if not data:
