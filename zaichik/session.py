@@ -299,6 +299,8 @@ class Session:
                     topic = self._topic(name)  # (created, or permissions asked: once a group)
                 if topic.answers_late:
                     topic.publish_all(entries)  # (staged: the engine decides offsets and duplicates)
+                elif topic.stage_run(entries):
+                    pass  # (as one block of frames: the common case, in one call)
                 elif len(entries) == 1:
                     topic.publish(*entries[0])  # (a batch of one costs more than one)
                 elif topic.compaction_window:

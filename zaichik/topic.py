@@ -257,20 +257,12 @@ class Topic:
         run of fire-and-forget publishes has no use for them, and making
         them cost as much as the rest of the batch (cProfile).
         """
+        if type(entries) not in codec.ENTRIES:
+            entries = list(entries)
+        if self.stage_run(entries):  # type: ignore[arg-type]
+            return None
         now = self.now()
         first = self.next_offset
-        if self._takes_blocks and not self.retention_ttl and not self._unsent:
-            # Nothing to keep for later readers: the frames as one block
-            # (see codec.FrameBlock), with the same checks, from a run's
-            # entries as they are (codec.parse_publish_run's Entries).
-            run: Sequence[Tuple[Optional[bytes], bytes]] = (
-                entries if type(entries) in codec.ENTRIES else list(entries))  # type: ignore[assignment]
-            block = codec.plain_message_block(self._prefix, first, now, run, self.max_frame_size)
-            if block is not None:
-                self._stage_block(now, first, block, len(run))
-                self._stored()
-                return None
-            entries = run
         if type(entries) is not list:
             entries = list(entries)
         if self.reject_over_bytes:
@@ -393,15 +385,37 @@ class Topic:
             self.pending = Pending()
         self._unsent.extend(frames)
 
-    def _stage_block(self, now: int, first: int, block: bytes, count: int) -> None:
-        """Stage C{count} frames in one C{block}, as L{_stage_frames} (nothing staged as frames)."""
+    def stage_run(self, entries: Sequence[Tuple[Optional[bytes], bytes]]) -> bool:
+        """
+        Stage C{entries} (a list, or a run's Entries: see
+        L{codec.parse_publish_run}) as one block of frames, if this topic
+        keeps nothing for later readers, its log takes blocks (see
+        L{codec.FrameBlock}) and none has a key or makes a frame too large;
+        else stage nothing and return False (L{publish_all} then takes
+        them).  In one call: a framer's run calls it for each topic of
+        each read.
+        """
+        if self._unsent or self.retention_ttl or not self._takes_blocks:
+            return False
+        now = self.now()
+        first = self.next_offset
+        block = codec.plain_message_block(self._prefix, first, now, entries, self.max_frame_size)
+        if block is None:
+            return False
+        count = len(entries)
         self.next_offset = first + count
         self._last_timestamp = now
-        if not self._blocks:
+        if self._blocks:
+            self._blocks.append(block)
+            self._block_count += count
+        else:
+            self._blocks = [block]
+            self._block_count = count
             self._unsent_first = first
             self.pending = Pending()
-        self._blocks.append(block)
-        self._block_count += count
+        if not self._dirty:
+            self._stored()
+        return True
 
     def _unblock(self) -> None:
         """The staged blocks as frames, for frames staged after them (keyed or refused as a block)."""
