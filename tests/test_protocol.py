@@ -1109,6 +1109,15 @@ class _CountingSocket:
         self.sends.append(len(data))
         return self.sock.send(data if self.take is None else data[: self.take])
 
+    # How many pieces each sendmsg was given (a send counts as one piece).
+    pieces: List[int] = []
+
+    def sendmsg(self, buffers) -> int:
+        self.pieces = self.pieces + [len(buffers)]
+        data = b"".join(buffers)
+        self.sends.append(len(data))
+        return self.sock.send(data if self.take is None else data[: self.take])
+
 
 class RealSocketTestCase(BrokerTestCase):
     """
@@ -1141,6 +1150,7 @@ class RealSocketTestCase(BrokerTestCase):
         replies = read_frames(client, 1 + len(topics))
         self.assertEqual(replies[1:], [Ok(i + 1) for i in range(len(topics))])
         counting.sends.clear()
+        counting.pieces = []
         return protocol, transport, counting, client
 
 
@@ -1179,6 +1189,35 @@ class OutputGatheringTests(RealSocketTestCase):
         self.assertEqual(len(counting.sends), 1)
         got = read_frames(client, 5)
         self.assertEqual([type(r).__name__ for r in got], ["Ok", "Ok", "Message", "Ok", "Ok"])
+
+    def test_a_units_blocks_in_one_sendmsg(self) -> None:
+        """
+        A topic that retains nothing, published to in two reads of one unit:
+        its two blocks go to the subscriber as they are, in one sendmsg (not
+        joined first), and arrive whole and in order.
+        """
+        _, transport, counting, client = self.subscriber("a")
+        with self.service.work:
+            self.publisher.send(*[Publish(0, "a", b"first%d" % i) for i in range(3)])
+            self.publisher.send(*[Publish(0, "a", b"second%d" % i) for i in range(2)])
+        self.assertEqual(counting.pieces, [2])
+        self.assertEqual(len(counting.sends), 1)
+        got = read_frames(client, 5)
+        self.assertEqual([(m.offset, m.value) for m in got],
+                         [(0, b"first0"), (1, b"first1"), (2, b"first2"), (3, b"second0"), (4, b"second1")])
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+
+    def test_pieces_the_socket_does_not_take_are_buffered(self) -> None:
+        """A sendmsg that sends part: the rest, joined, waits in Twisted's buffer, in order."""
+        _, transport, counting, client = self.subscriber("a", take=1000)
+        with self.service.work:
+            self.publisher.send(*[Publish(0, "a", bytes([65 + i]) * 300) for i in range(3)])
+            self.publisher.send(*[Publish(0, "a", bytes([70 + i]) * 300) for i in range(3)])
+        self.assertEqual(counting.pieces, [2])
+        self.assertEqual(transport._tempDataLen, counting.sends[0] - 1000)
+        counting.take = None
+        transport.doWrite()
+        self.assertEqual([m.value for m in read_frames(client, 6)], [bytes([c]) * 300 for c in b"ABCFGH"])
 
     def test_what_the_socket_does_not_take_is_buffered(self) -> None:
         """The socket takes part: the rest waits in Twisted's buffer, and arrives after it in order."""

@@ -913,22 +913,39 @@ class FrameBlock(Sequence[bytes]):
     object, C{data}, that reads as the sequence of its frames.
 
     A topic that retains nothing stages a fire-and-forget run's frames as
-    one block (L{plain_message_block}) and hands the unit's blocks, joined,
-    to its log and subscribers: a subscriber with room writes C{data} as it
-    is (L{joined}), a log that takes blocks (C{takes_blocks}) encodes from
-    it.  Anything that wants the frames one by one (an index, a slice, a
-    loop, a consumer group) gets them, split once, on first use.  Why:
+    one block (L{plain_message_block}) and hands the unit's blocks (its
+    C{chunks}) to its log and subscribers: a subscriber with room writes
+    them as they are (a TCP connection in one C{sendmsg}, see
+    L{zaichik.edge.connection.BrokerConnection.flushOutput}), a log that
+    takes blocks (C{takes_blocks}) encodes from C{data}, the chunks joined.
+    Anything that wants the frames one by one (an index, a slice, a loop,
+    a consumer group) gets them, split once, on first use.  Why:
     with many topics a read, the frames as objects of their own outlived
     the caches before they were joined and sent (see
     L{zaichik.edge.tcp.READS_PER_UNIT}).
     """
 
-    __slots__ = ("data", "_count", "_frames")
+    __slots__ = ("chunks", "_data", "_count", "_frames")
 
-    def __init__(self, data: bytes, count: int) -> None:
-        self.data = data
+    def __init__(self, data: Union[bytes, List[bytes]], count: int) -> None:
+        # C{data}: the frames in one bytes, or in several (each whole frames:
+        # a unit's blocks, one a read), joined only if C{data} is asked for.
+        if isinstance(data, bytes):
+            self.chunks = [data]
+            self._data: Optional[bytes] = data
+        else:
+            self.chunks = data
+            self._data = data[0] if len(data) == 1 else None
         self._count = count
         self._frames: Optional[List[bytes]] = None
+
+    @property
+    def data(self) -> bytes:
+        """The frames one after another, in one bytes."""
+        data = self._data
+        if data is None:
+            data = self._data = b"".join(self.chunks)
+        return data
 
     def __len__(self) -> int:
         return self._count

@@ -87,9 +87,10 @@ class Session:
         self,
         service: BrokerService,
         reply: Callable[[object], None],
-        write: Callable[[bytes], None],
+        write: Callable[[Union[bytes, List[bytes]]], None],
         disconnect: Callable[[], None],
         peer: str = "",
+        pieces: bool = False,
     ) -> None:
         self.service = service
         self.peer = peer
@@ -102,7 +103,8 @@ class Session:
         self.patterns: Dict[str, PatternSubscription] = {}
         self.groups: Dict[str, GroupMember] = {}
         self.ended = False
-        self.output = Output(self._write_ordered)
+        # (pieces: C{write} takes a list of bytes too: see Output.)
+        self.output = Output(self._write_ordered, pieces)
         self._send_reply = reply
         self._write = write
         # Once a reply must wait for storage (see L{zaichik.work}), what
@@ -374,8 +376,8 @@ class Session:
         elif reply.rid or type(reply) not in _SILENT_AT_RID_0:
             self._send_reply(reply)
 
-    def _write_ordered(self, frames: bytes) -> None:
-        """MESSAGE frames for a subscription: behind any reply still waiting."""
+    def _write_ordered(self, frames: Union[bytes, List[bytes]]) -> None:  # (see Output.pieces)
+        """MESSAGE frames for a subscription (in one bytes, or pieces): behind any reply still waiting."""
         if self._queue:
             self._queue.append((frames, None))
         else:
@@ -389,8 +391,8 @@ class Session:
             if pending is not None and not pending.done:
                 return
             queue.popleft()
-            if type(item) is bytes:
-                self._write(item)
+            if type(item) is bytes or type(item) is list:
+                self._write(item)  # type: ignore[arg-type]
             elif pending is not None and pending.error is not None:
                 if item.rid or pending.error is not self._told:
                     if not item.rid:

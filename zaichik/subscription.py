@@ -6,12 +6,12 @@ C{max_inflight} window, and what has been sent.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, List, Optional, Sequence
+from typing import Callable, Deque, List, Optional, Sequence, Union
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from zaichik.codec import joined
+from zaichik.codec import FrameBlock, joined
 from zaichik.topic import ISubscriber, Topic
 
 _log = Logger()
@@ -28,8 +28,11 @@ class Output:
     are written, and whether the connection's buffer is full (C{paused}).
     """
 
-    def __init__(self, write: Callable[[bytes], None]) -> None:
+    def __init__(self, write: Callable[[Union[bytes, List[bytes]]], None], pieces: bool = False) -> None:
         self.write = write
+        # C{write} also takes a list of pieces (each whole frames), which it
+        # writes without joining them (a connection's output: sendmsg).
+        self.pieces = pieces
         self.paused = False
         # Bytes queued by all of the connection's subscriptions (on topics
         # that retain nothing): the budget --max-output-buffer bounds.
@@ -124,9 +127,13 @@ class Subscription:
             self.last_sent = first + count - 1
         if self.max_inflight:
             self._inflight.extend(range(first, first + count))
-        # One write per batch (a FrameBlock's data as it is); the transport
-        # may pause us inside it.
-        self._output.write(joined(frames))
+        # One write per batch (a FrameBlock's blocks as they are); the
+        # transport may pause us inside it.
+        output = self._output
+        if output.pieces and type(frames) is FrameBlock and len(frames.chunks) > 1:
+            output.write(frames.chunks)
+        else:
+            output.write(joined(frames))
 
     # -- ISubscriber ---------------------------------------------------------------
 

@@ -447,7 +447,7 @@ class Topic:
         frames: Sequence[bytes] = self._unsent
         blocks = self._blocks
         if blocks:
-            frames = codec.FrameBlock(b"".join(blocks), self._block_count)
+            frames = codec.FrameBlock(blocks, self._block_count)  # (joined only where needed)
             self._blocks = []
             self._block_count = 0
         elif not frames:

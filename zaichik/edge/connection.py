@@ -14,7 +14,7 @@ and says how frames go out (L{BrokerConnection.wire}).
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
@@ -47,6 +47,8 @@ CLOSE_GRACE = 10.0
 # new one at each write event while less than SEND_LIMIT is left: a slow
 # reader taking 64 KiB an event would cost 4 MiB of copying an event).
 SEND_LIMIT = 2 << 20
+# The most pieces one sendmsg is given (Linux takes 1024, IOV_MAX); more are joined.
+MAX_PIECES = 512
 
 
 @implementer(IPushProducer)
@@ -135,7 +137,7 @@ class BrokerConnection(Protocol):
         if isinstance(self.transport, tcp.Connection):
             self._socket = self.transport.socket  # (see flushOutput)
         self._holds: set = set()
-        self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer)
+        self.session = Session(self.service, self._sendReply, self._write, self._disconnect, peer, pieces=True)
         self.transport.registerProducer(_OutputProducer(self), True)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
@@ -378,19 +380,23 @@ class BrokerConnection(Protocol):
     _outSize = 0
     _socket: Any = None  # a plain TCP or unix socket's (not TLS): see flushOutput
 
-    def writeFrames(self, data: bytes) -> None:
-        """Send C{data}, one or more frames (each with its 4-byte length)."""
+    def writeFrames(self, data: Union[bytes, List[bytes]]) -> None:
+        """Send C{data}, one or more frames (each with its 4-byte length), in one bytes or in pieces."""
         work = self.service.work
         if not (work.depth or work.ending):
-            self.transport.write(self.wire(data))
+            self.transport.write(self.wire(data if isinstance(data, bytes) else b"".join(data)))
             return
         out = self._out
         if out is None:
             out = self._out = []
             self._outSize = 0
             work.gather(self)
-        out.append(data)
-        self._outSize += len(data)
+        if isinstance(data, bytes):
+            out.append(data)
+            self._outSize += len(data)
+        else:
+            out.extend(data)
+            self._outSize += sum(map(len, data))
         if self._outSize >= SEND_LIMIT:
             # Enough to hand over now: so Twisted's marks see it, and a unit
             # delivering much to a slow reader pauses its subscriptions.
@@ -401,29 +407,42 @@ class BrokerConnection(Protocol):
         self.writeFrames(_length.pack(len(body)) + body)
 
     def flushOutput(self) -> None:
-        """Write what the unit of work gathered for this connection."""
+        """
+        Write what the unit of work gathered for this connection.  Straight
+        to the socket, the pieces as they are (one C{sendmsg}) where the
+        framer sends frames as they are (L{scatter}): a topic's blocks of a
+        unit's reads, to each of 100 subscribers, were otherwise joined (a
+        copy of every byte delivered) only to be sent.
+        """
         out = self._out
         if out is None:
             return
         self._out = None
-        data = self.wire(out[0] if len(out) == 1 else b"".join(out))
         transport: Any = self.transport
         sock = self._socket
         if (sock is not None and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
                 and transport.connected and not transport.disconnecting):
+            scatter = self.scatter and 1 < len(out) <= MAX_PIECES
+            data = b"" if scatter else self.wire(out[0] if len(out) == 1 else b"".join(out))
             try:
-                sent = sock.send(data)
+                sent = sock.sendmsg(out) if scatter else sock.send(data)
             except OSError:
                 # EAGAIN, or an error Twisted's own send will meet and report
                 # (connectionLost): either way, Twisted's buffer takes it.
                 sent = 0
-            if sent == len(data):
+            if sent == (self._outSize if scatter else len(data)):
                 return
-            data = data[sent:]
+            data = (b"".join(out) if scatter else data)[sent:]
+        else:
+            data = self.wire(out[0] if len(out) == 1 else b"".join(out))
         transport.write(data)
 
-    def _write(self, data: bytes) -> None:
-        self.service.stats.bytes_out += len(data)
+    # Does wire() leave frames as they are (so that pieces may be sent as
+    # they are)?  The TCP framer's does; a WebSocket's makes messages of them.
+    scatter = False
+
+    def _write(self, data: Union[bytes, List[bytes]]) -> None:
+        self.service.stats.bytes_out += len(data) if isinstance(data, bytes) else sum(map(len, data))
         self.writeFrames(data)
 
     def _sendReply(self, reply) -> None:

@@ -190,6 +190,8 @@ class BrokerProtocol(BrokerConnection):
     def wire(self, data: bytes) -> bytes:
         return data  # (length-prefixed frames are what goes on a stream)
 
+    scatter = True  # (so pieces go to the socket as they are: see flushOutput)
+
 
 class BrokerFactory(Factory):
     """Builds a L{BrokerProtocol} for each connection to one L{BrokerService}."""
