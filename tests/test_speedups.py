@@ -266,8 +266,25 @@ class AgreeTests(SynchronousTestCase):
         if damage and data:
             i = len(data) // 2
             data = data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1:]
-        self.assertEqual(outcome(_speedups.parse_ws_publish_run, data, at, end, limit),
+        self.assertEqual(as_lists(outcome(_speedups.parse_ws_publish_run, data, at, end, limit)),
                          outcome(websocket.parse_ws_publish_run_py, data, at, end, limit))
+
+    @SETTINGS
+    @given(st.lists(st.tuples(st.sampled_from(["a", "b", ""]), st.sampled_from([None, b"", b"k"]), values,
+                              st.binary(min_size=4, max_size=4)), min_size=1, max_size=6))
+    def test_ws_run_entries(self, messages):
+        """A WebSocket run's entries (Entries, in the unmasked bodies) read as the Python twin's lists."""
+        data = b"".join(websocket.encode_frame(2, codec.Publish(0, t, v, k).encode(), mask)
+                        for t, k, v, mask in messages)
+        compiled = _speedups.parse_ws_publish_run(data, 0, len(data), 1 << 20)
+        self.assertEqual(compiled[1], len(messages))
+        for entries in compiled[0].values():
+            self.assertIsInstance(entries, _speedups.Entries)
+        self.assertEqual(as_lists(compiled), websocket.parse_ws_publish_run_py(data, 0, len(data), 1 << 20))
+        for topic, entries in compiled[0].items():
+            prefix = codec.topic_prefix(topic)
+            self.assertEqual(_speedups.plain_message_block(prefix, 3, 4, entries, 1 << 20),
+                             codec.plain_message_block_py(prefix, 3, 4, list(entries), 1 << 20))
 
     @SETTINGS
     @given(st.lists(st.binary(max_size=300), max_size=5), st.sampled_from([0, 0, 1, 3, 70_000]),

@@ -504,20 +504,21 @@ static PyObject *parse_ws_publish_run(PyObject *self, PyObject *const *args, Py_
 {
     Py_buffer view;
     Py_ssize_t at, end, limit, count = 0, used = 0, filled = 0;
-    PyObject *groups = NULL;
-    unsigned char *plain = NULL;
+    PyObject *groups = NULL, *unmasked = NULL;
+    unsigned char *plain;
     struct run_slot table[RUN_SLOTS];
     if (run_args(args, nargs, "parse_ws_publish_run", &view, &at, &end, &limit) < 0)
         return NULL;
     memset(table, 0, sizeof(table));
     groups = PyDict_New();
-    /* The unmasked bodies, one after another: they stay for the whole call. */
-    plain = PyMem_Malloc(end > at ? (size_t)(end - at) : 1);
-    if (groups == NULL || plain == NULL) {
-        if (plain == NULL)
-            PyErr_NoMemory();
+    /* The unmasked bodies, one after another, in a bytes object that the
+     * run's Entries point into (and keep), as parse_publish_run's point
+     * into the read. */
+    unmasked = PyBytes_FromStringAndSize(NULL, end > at ? end - at : 0);
+    if (groups == NULL || unmasked == NULL)
         goto error;
-    }
+    plain = (unsigned char *)PyBytes_AS_STRING(unmasked);
+    PyObject *lazy = PyBytes_GET_SIZE(unmasked) <= 0xFFFFFFFFLL ? unmasked : NULL;
     const unsigned char *b = view.buf;
     while (end - at >= 2) {
         unsigned char first = b[at], second = b[at + 1];
@@ -551,7 +552,7 @@ static PyObject *parse_ws_publish_run(PyObject *self, PyObject *const *args, Py_
         }
         for (; i < (Py_ssize_t)n; i++)
             body[i] = src[i] ^ mask[i & 3];
-        int ok = run_add(groups, table, &used, body, (Py_ssize_t)n, NULL);
+        int ok = run_add(groups, table, &used, body, (Py_ssize_t)n, lazy);
         if (ok < 0)
             goto error;
         if (ok == 0)
@@ -560,11 +561,11 @@ static PyObject *parse_ws_publish_run(PyObject *self, PyObject *const *args, Py_
         at = start + (Py_ssize_t)n;
         count++;
     }
-    PyMem_Free(plain);
+    Py_DECREF(unmasked); /* (the Entries hold it where they need it) */
     PyBuffer_Release(&view);
     return Py_BuildValue("(Nnn)", groups, count, at);
 error:
-    PyMem_Free(plain);
+    Py_XDECREF(unmasked);
     Py_XDECREF(groups);
     PyBuffer_Release(&view);
     return NULL;
