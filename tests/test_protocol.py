@@ -57,6 +57,7 @@ from zaichik.codec import (
     Unsubscribe,
 )
 from zaichik.errors import ZaichikError
+from zaichik.edge import connection as connection_edge
 from zaichik.edge import tcp as tcp_edge
 from zaichik.protocol import CLOSE_GRACE, BrokerFactory
 from zaichik.service import BrokerService, Limits
@@ -1114,9 +1115,10 @@ class _CountingSocket:
 
     def sendmsg(self, buffers) -> int:
         self.pieces = self.pieces + [len(buffers)]
-        data = b"".join(buffers)
-        self.sends.append(len(data))
-        return self.sock.send(data if self.take is None else data[: self.take])
+        self.sends.append(sum(map(len, buffers)))
+        if self.take is None:
+            return self.sock.sendmsg(buffers)  # (the real one)
+        return self.sock.send(b"".join(buffers)[: self.take])
 
 
 class RealSocketTestCase(BrokerTestCase):
@@ -1198,26 +1200,58 @@ class OutputGatheringTests(RealSocketTestCase):
         """
         _, transport, counting, client = self.subscriber("a")
         with self.service.work:
-            self.publisher.send(*[Publish(0, "a", b"first%d" % i) for i in range(3)])
-            self.publisher.send(*[Publish(0, "a", b"second%d" % i) for i in range(2)])
+            self.publisher.send(*[Publish(0, "a", b"first%d" % i * 200) for i in range(3)])
+            self.publisher.send(*[Publish(0, "a", b"second%d" % i * 200) for i in range(2)])
         self.assertEqual(counting.pieces, [2])
         self.assertEqual(len(counting.sends), 1)
         got = read_frames(client, 5)
-        self.assertEqual([(m.offset, m.value) for m in got],
-                         [(0, b"first0"), (1, b"first1"), (2, b"first2"), (3, b"second0"), (4, b"second1")])
+        self.assertEqual([(m.offset, m.value[:7]) for m in got],
+                         [(0, b"first0f"), (1, b"first1f"), (2, b"first2f"), (3, b"second0"), (4, b"second1")])
         self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+
+    def test_a_units_blocks_counted_out(self) -> None:
+        """The bytes sent in pieces are the bytes counted out (the metrics' bytes_out)."""
+        _, _, counting, client = self.subscriber("a")
+        before = self.service.stats.bytes_out
+        with self.service.work:
+            for i in range(3):
+                self.publisher.send(*[Publish(0, "a", b"%d" % i * 400) for _ in range(4)])
+        self.assertEqual(counting.pieces, [3])
+        self.assertEqual(self.service.stats.bytes_out - before, counting.sends[0])
+        self.assertEqual(len(read_frames(client, 12)), 12)
+
+    def test_many_pieces_by_the_real_sendmsg(self) -> None:
+        """MAX_PIECES blocks of a unit, by the socket's own sendmsg: all of them, in order. (From a review.)"""
+        _, transport, counting, client = self.subscriber("a")
+        n = connection_edge.MAX_PIECES
+        with self.service.work:
+            for i in range(n):
+                self.publisher.send(Publish(0, "a", b"%04d" % i + b"x" * 1100))
+        self.assertEqual(counting.pieces, [n])
+        while transport._tempDataLen or transport.dataBuffer:  # (what the socket did not take at once)
+            transport.doWrite()
+        self.assertEqual([m.value[:4] for m in read_frames(client, n)], [b"%04d" % i for i in range(n)])
+
+    def test_small_pieces_joined(self) -> None:
+        """Many small writes of a unit (replies, single frames to many topics): one plain send, not sendmsg."""
+        protocol, _, counting, client = self.subscriber(*["t%d" % i for i in range(100)])
+        self.publisher.send(*[Publish(0, "t%d" % i, b"v") for i in range(100)])
+        self.assertEqual((counting.pieces, len(counting.sends)), ([], 1))
+        protocol.dataReceived(frames(*[Publish(i + 1, "r", b"v") for i in range(200)]))
+        self.assertEqual((counting.pieces, len(counting.sends)), ([], 2))
+        self.assertEqual(len(read_frames(client, 300)), 300)
 
     def test_pieces_the_socket_does_not_take_are_buffered(self) -> None:
         """A sendmsg that sends part: the rest, joined, waits in Twisted's buffer, in order."""
         _, transport, counting, client = self.subscriber("a", take=1000)
         with self.service.work:
-            self.publisher.send(*[Publish(0, "a", bytes([65 + i]) * 300) for i in range(3)])
-            self.publisher.send(*[Publish(0, "a", bytes([70 + i]) * 300) for i in range(3)])
+            self.publisher.send(*[Publish(0, "a", bytes([65 + i]) * 400) for i in range(3)])
+            self.publisher.send(*[Publish(0, "a", bytes([70 + i]) * 400) for i in range(3)])
         self.assertEqual(counting.pieces, [2])
         self.assertEqual(transport._tempDataLen, counting.sends[0] - 1000)
         counting.take = None
         transport.doWrite()
-        self.assertEqual([m.value for m in read_frames(client, 6)], [bytes([c]) * 300 for c in b"ABCFGH"])
+        self.assertEqual([m.value for m in read_frames(client, 6)], [bytes([c]) * 400 for c in b"ABCFGH"])
 
     def test_what_the_socket_does_not_take_is_buffered(self) -> None:
         """The socket takes part: the rest waits in Twisted's buffer, and arrives after it in order."""

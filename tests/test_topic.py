@@ -733,3 +733,14 @@ class FrameBlockSequenceTests(SynchronousTestCase):
         self.assertIs(codec.joined(block), block.data)
         self.assertEqual(codec.joined(frames), block.data)
         self.assertIs(codec.joined(frames[:1]), frames[0])
+
+    def test_chunks(self):
+        """Several blocks (a unit's reads): the same frames; joined only when data is asked for, then kept once."""
+        frames = codec.message_frames_py(codec.topic_prefix("t"), 5, 9, [(None, b"a"), (None, b"bb"), (None, b"")])
+        first, rest = b"".join(frames[:1]), b"".join(frames[1:])
+        block = codec.FrameBlock([first, rest], 3)
+        self.assertEqual(block.chunks, [first, rest])
+        self.assertEqual(list(block), frames)
+        self.assertEqual(block.data, first + rest)
+        self.assertEqual(block.chunks, [block.data])
+        self.assertIs(codec.FrameBlock([first], 1).data, first)

@@ -596,3 +596,17 @@ class ChunkingTests(WebSocketTestCase):
             whole = self.converse([CONVERSATION])
             points = [0] + sorted(cuts) + [len(CONVERSATION)]
             self.assertEqual(self.converse([CONVERSATION[a:b] for a, b in zip(points, points[1:])]), whole)
+
+
+class BlocksTests(WebSocketTestCase):
+    def test_a_units_blocks_to_a_websocket_subscriber(self):
+        """A topic's blocks of two reads in one unit reach a WebSocket subscriber, in order. (From a review.)"""
+        sub = self.connect()
+        sub.send(codec.Subscribe(1, "t", Start.LATEST))
+        sub.received()
+        pub = self.connect()
+        with self.service.work:
+            pub.send(*[codec.Publish(0, "t", b"a%d" % i) for i in range(3)])
+            pub.send(*[codec.Publish(0, "t", b"b%d" % i * 500) for i in range(3)])
+        self.assertEqual([m.value for m in sub.received()],
+                         [b"a0", b"a1", b"a2", b"b0" * 500, b"b1" * 500, b"b2" * 500])

@@ -945,6 +945,7 @@ class FrameBlock(Sequence[bytes]):
         data = self._data
         if data is None:
             data = self._data = b"".join(self.chunks)
+            self.chunks = [data]  # (the pieces go: one copy of the frames is kept, not two)
         return data
 
     def __len__(self) -> int:

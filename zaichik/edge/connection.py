@@ -13,6 +13,7 @@ and says how frames go out (L{BrokerConnection.wire}).
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, Dict, List, Optional, Tuple, Union
 from typing import Protocol as TypingProtocol
@@ -48,7 +49,15 @@ CLOSE_GRACE = 10.0
 # reader taking 64 KiB an event would cost 4 MiB of copying an event).
 SEND_LIMIT = 2 << 20
 # The most pieces one sendmsg is given (Linux takes 1024, IOV_MAX); more are joined.
-MAX_PIECES = 512
+def _iov_max() -> int:
+    try:
+        found = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        found = -1
+    return found if found > 0 else 16  # (POSIX's least)
+
+
+MAX_PIECES = min(512, _iov_max())
 
 
 @implementer(IPushProducer)
@@ -384,19 +393,19 @@ class BrokerConnection(Protocol):
         """Send C{data}, one or more frames (each with its 4-byte length), in one bytes or in pieces."""
         work = self.service.work
         if not (work.depth or work.ending):
-            self.transport.write(self.wire(data if isinstance(data, bytes) else b"".join(data)))
+            self.transport.write(self.wire(b"".join(data) if type(data) is list else data))  # type: ignore[arg-type]
             return
         out = self._out
         if out is None:
             out = self._out = []
             self._outSize = 0
             work.gather(self)
-        if isinstance(data, bytes):
-            out.append(data)
-            self._outSize += len(data)
-        else:
+        if type(data) is list:
             out.extend(data)
             self._outSize += sum(map(len, data))
+        else:
+            out.append(data)  # type: ignore[arg-type]
+            self._outSize += len(data)
         if self._outSize >= SEND_LIMIT:
             # Enough to hand over now: so Twisted's marks see it, and a unit
             # delivering much to a slow reader pauses its subscriptions.
@@ -422,7 +431,10 @@ class BrokerConnection(Protocol):
         sock = self._socket
         if (sock is not None and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
                 and transport.connected and not transport.disconnecting):
-            scatter = self.scatter and 1 < len(out) <= MAX_PIECES
+            # (Pieces of 1 KiB or more on average: a topic's blocks.  Many
+            # small ones, replies or single frames, are cheaper joined: 50
+            # pieces of 21 bytes, 4.5 us by sendmsg against 1.4 joined.)
+            scatter = self.scatter and 1 < len(out) <= MAX_PIECES and self._outSize >= len(out) << 10
             data = b"" if scatter else self.wire(out[0] if len(out) == 1 else b"".join(out))
             try:
                 sent = sock.sendmsg(out) if scatter else sock.send(data)
@@ -442,7 +454,7 @@ class BrokerConnection(Protocol):
     scatter = False
 
     def _write(self, data: Union[bytes, List[bytes]]) -> None:
-        self.service.stats.bytes_out += len(data) if isinstance(data, bytes) else sum(map(len, data))
+        self.service.stats.bytes_out += sum(map(len, data)) if type(data) is list else len(data)
         self.writeFrames(data)
 
     def _sendReply(self, reply) -> None:
