@@ -1379,6 +1379,17 @@ class ReadsPerUnitTests(RealSocketTestCase):
         expected = consumed // len(frames(Publish(0, "t00", b"000000")))
         self.assertEqual(sorted(int(m.value) for m in read_frames(client, expected)), list(range(expected)))
 
+    def test_no_more_than_unit_bytes(self) -> None:
+        """A unit reads on no further than UNIT_BYTES in all: what it reads it delivers at once. (From a review.)"""
+        self.patch(tcp_edge, "READ_ON", 2 * tcp_edge.READ_MIN)
+        self.patch(tcp_edge, "UNIT_BYTES", 3 * tcp_edge.READ_MIN)
+        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
+        self.subscriber(*topics)
+        data, server = self.publish_reads(topics, 6)
+        consumed = len(data) - len(rest_of(server))
+        self.assertGreater(consumed, tcp_edge.READ_MIN)
+        self.assertLessEqual(consumed, tcp_edge.UNIT_BYTES)
+
     def test_no_more_reads_past_the_unit_time(self) -> None:
         """A unit that has taken UNIT_TIME reads no more: the other connections wait no longer."""
         self.patch(tcp_edge, "UNIT_TIME", 0)

@@ -69,6 +69,14 @@ READS_PER_UNIT = 8
 # reads a unit were slower again (6.0M): the unit's blocks and output no
 # longer stay in the caches.
 READ_ON = 3 << 20
+# ... and no more than UNIT_BYTES in all: what a unit reads it delivers at
+# its end, in one burst, and a subscriber of all those topics is given
+# about 1.5x that as MESSAGE frames at once, which must stay under
+# --max-output-buffer (16 MiB by default) plus the output mark, or a
+# subscriber that keeps up is dropped as a slow consumer (a review found
+# 1 + 7 x 3 MiB did that).  8 MiB: as much as 8 reads of READ_MAX took
+# before READ_ON.
+UNIT_BYTES = 8 << 20
 # ... and none once the unit has taken UNIT_TIME seconds: with 10,000
 # topics over 10,000 connections a 1 MiB read can take tens of ms (a write
 # to a subscriber for nearly every message), and every other connection
@@ -116,20 +124,22 @@ class BrokerProtocol(BrokerConnection):
         with self.service.work:
             spread = self._frames(data)
             reads = 1
+            taken = len(data)
             until = perf_counter() + UNIT_TIME
-            while (spread >= SPREAD and len(data) >= size and reads < READS_PER_UNIT and not self.paused
-                   and self._socket is not None and perf_counter() < until):
+            while (spread >= SPREAD and len(data) >= size and reads < READS_PER_UNIT and taken < UNIT_BYTES
+                   and not self.paused and self._socket is not None and perf_counter() < until):
                 # A full read spread over many topics: more is waiting, and
                 # each topic had a few of its messages.  Read on in the same
                 # unit of work, so that each topic's delivery (and each
                 # subscriber's write) carries the messages of several reads.
                 try:
-                    data = transport.socket.recv(READ_ON)
+                    data = transport.socket.recv(min(READ_ON, UNIT_BYTES - taken))
                 except OSError:  # (nothing more yet; or an error, which Twisted's next read meets)
                     break
                 if not data:
                     break  # (the end: Twisted's next read meets it too)
                 reads += 1
+                taken += len(data)
                 spread = self._frames(data)
 
     def _frames(self, data: bytes) -> int:
