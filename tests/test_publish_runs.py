@@ -8,7 +8,8 @@ deliveries, refusals and replies as when each frame is handled on its own.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple
+from operator import attrgetter
+from typing import Callable, Iterator, List, Sequence, Tuple
 from unittest import mock
 
 from twisted.internet.task import Clock
@@ -21,6 +22,7 @@ from zaichik.auth import ALLOW_ALL, IAuthenticator, Permissions
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService, Limits
 from zaichik.session import Session
+from zaichik.topic import Topic
 
 from tests.test_protocol import NOW, Connection
 
@@ -54,17 +56,22 @@ def broker(**limits) -> Tuple[BrokerService, BrokerFactory]:
     return service, BrokerFactory(service, MAX_FRAME)
 
 
-def run(requests: List, one_read: bool, runs: bool, token: str = "all", **limits) -> Tuple[list, list, dict]:
+# The topics run() makes, and its subscriber's subscriptions to them.
+SETUP = (CreateTopic(1, "keyed", 60_000, 10_000), CreateTopic(2, "kept", 60_000, 0),
+         Subscribe(3, "keyed", Start.EARLIEST), Subscribe(4, "kept", Start.EARLIEST))
+
+
+def run(requests: List, one_read: bool, runs: bool, token: str = "all", setup: Sequence = SETUP,
+        counts: Callable[[Topic], object] = attrgetter("next_offset"), **limits) -> Tuple[list, list, dict]:
     """
     C{requests} from one publisher (after a HELLO with C{token}), in one
     read or a read each, with runs or without: what the publisher and a
-    subscriber of every topic read, and each topic's next offset.
+    subscriber of every topic (made and subscribed to by C{setup}) read,
+    and C{counts} of each topic (its next offset).
     """
     service, factory = broker(**limits)
     subscriber = Connection(factory)
-    subscriber.request(Hello(0, token="all"), CreateTopic(1, "keyed", 60_000, 10_000),
-                       CreateTopic(2, "kept", 60_000, 0),
-                       Subscribe(3, "keyed", Start.EARLIEST), Subscribe(4, "kept", Start.EARLIEST))
+    subscriber.request(Hello(0, token="all"), *setup)
     publisher = Connection(factory)
     publisher.request(Hello(0, token=token))
     with mock.patch.object(Session, "may_publish_runs", runs):
@@ -73,7 +80,7 @@ def run(requests: List, one_read: bool, runs: bool, token: str = "all", **limits
         else:
             for request in requests:
                 publisher.send(request)
-    offsets = {name: topic.next_offset for name, topic in service.topics.items()}
+    offsets = {name: counts(topic) for name, topic in service.topics.items()}
     return in_order(publisher.replies()), subscriber.replies(), offsets
 
 

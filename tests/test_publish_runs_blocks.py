@@ -5,40 +5,27 @@ one: the same replies, deliveries, offsets and duplicates.  (From a review.)
 """
 from __future__ import annotations
 
-from unittest import mock
+from operator import attrgetter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from zaichik.codec import CreateTopic, Hello, Ping, Publish, Start, Subscribe
-from zaichik.session import Session
+from zaichik.codec import CreateTopic, Ping, Publish, Start, Subscribe
 
 import tests.test_publish_runs as pr
-from tests.test_protocol import Connection
 
 # Topics that retain nothing, so stage_run applies: compaction without retention,
 # plain, and one made by its first message.
 TOPICS = ["dedup", "plain", "auto", "kept", ""]
 
 
-def run_requests(requests, one_read, runs, token="all", **limits):
-    service, factory = pr.broker(**limits)
-    subscriber = Connection(factory)
-    subscriber.request(Hello(0, token="all"), CreateTopic(1, "dedup", 0, 10_000), CreateTopic(2, "plain", 0, 0),
-                       CreateTopic(5, "kept", 60_000, 0),
-                       Subscribe(3, "dedup", Start.LATEST), Subscribe(4, "plain", Start.LATEST),
-                       Subscribe(6, "kept", Start.LATEST))
-    publisher = Connection(factory)
-    publisher.request(Hello(0, token=token))
-    with mock.patch.object(Session, "may_publish_runs", runs):
-        if one_read:
-            publisher.send(*requests)
-        else:
-            for request in requests:
-                publisher.send(request)
-    offsets = {name: (topic.next_offset, topic.duplicates) for name, topic in service.topics.items()}
-    return pr.in_order(publisher.replies()), subscriber.replies(), offsets
+# Topics that retain nothing (so stage_run applies: compaction without
+# retention, and plain), one that retains, all subscribed from the latest.
+SETUP = (CreateTopic(1, "dedup", 0, 10_000), CreateTopic(2, "plain", 0, 0), CreateTopic(5, "kept", 60_000, 0),
+         Subscribe(3, "dedup", Start.LATEST), Subscribe(4, "plain", Start.LATEST), Subscribe(6, "kept", Start.LATEST))
+# Each topic's next offset and duplicates dropped.
+COUNTS = attrgetter("next_offset", "duplicates")
 
 
 strategy = st.lists(
@@ -57,5 +44,6 @@ class NonRetainingRunTests(SynchronousTestCase):
     @given(strategy)
     def test_same_as_one_by_one(self, requests) -> None:
         for one_read, token in ((True, "all"), (False, "all"), (True, "some")):
-            self.assertEqual(pr.per_topic(run_requests(requests, one_read, True, token, max_compaction_keys=2)),
-                             pr.per_topic(run_requests(requests, one_read, False, token, max_compaction_keys=2)))
+            with_runs, one_by_one = (pr.run(requests, one_read, runs, token, SETUP, COUNTS, max_compaction_keys=2)
+                                     for runs in (True, False))
+            self.assertEqual(pr.per_topic(with_runs), pr.per_topic(one_by_one))

@@ -965,7 +965,7 @@ class FrameBlock(Sequence[bytes]):
         return iter(self.frames())
 
     def __repr__(self) -> str:
-        return f"<FrameBlock of {self._count} frames, {len(self.data)} bytes>"
+        return f"<FrameBlock of {self._count} frames, {sum(map(len, self.chunks))} bytes>"  # (not joined for it)
 
 
 def joined(frames: Sequence[bytes]) -> bytes:

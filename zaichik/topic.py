@@ -40,9 +40,9 @@ class ISubscriber(Interface):
         """
         New messages, as encoded MESSAGE frames with consecutive offsets from
         C{first_offset}: a list, or a L{codec.FrameBlock} (whose C{data} is
-        them all, ready to write; see L{codec.joined}).  May return a Deferred; a failure (raised or as a
-        Deferred) removes the subscriber from the topic, and then
-        L{stopped} is called.
+        them all, ready to write; see L{codec.joined}).  May return a
+        Deferred; a failure (raised or as a Deferred) removes the subscriber
+        from the topic, and then L{stopped} is called.
         """
 
     def stopped(why: str) -> None:

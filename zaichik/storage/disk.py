@@ -204,7 +204,7 @@ class _Head:
 class DiskLog:
     """One topic's log: segments on disk, their index and a cache in memory."""
 
-    # append may be given a codec.FrameBlock (see IMessageLog.takes_blocks).
+    # append may be given a codec.FrameBlock (see IMessageLog.append).
     takes_blocks = True
 
     def __init__(self, storage: "DiskStorage", directory: str, topic: str, retention_ttl: int,

@@ -44,7 +44,7 @@ class MemoryLog:
 
     _COMPACT_AT = 4096
 
-    # append may be given a codec.FrameBlock (see IMessageLog.takes_blocks).
+    # append may be given a codec.FrameBlock (see IMessageLog.append).
     takes_blocks = True
 
     def __init__(self, timestamp_at: int, retains: bool = True) -> None:
