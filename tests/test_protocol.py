@@ -1329,9 +1329,15 @@ class ReadsPerUnitTests(RealSocketTestCase):
         protocol.dataReceived(frames(Hello(0)))
         return protocol, transport, server, client
 
-    def publish_reads(self, topics: List[str], reads: int):
-        """C{reads} full reads of rid-0 publishes round the topics; the first handed over as the reactor would."""
+    def publish_reads(self, topics: List[str], reads: int, asked: Optional[List[int]] = None):
+        """
+        C{reads} full reads of rid-0 publishes round the topics; the first
+        handed over as the reactor would.  C{asked}: a list to which each
+        read on's requested size is added.
+        """
         protocol, transport, server, client = self.publisher_socket()
+        if asked is not None:
+            transport.socket = _AskedSocket(server, asked)
         size = transport.bufferSize
         data = b""
         i = 0
@@ -1365,16 +1371,21 @@ class ReadsPerUnitTests(RealSocketTestCase):
         self.assertEqual(sorted(int(m.value) for m in got), list(range(expected)))
 
     def test_reads_on_take_up_to_read_on(self) -> None:
-        """A read on takes up to READ_ON bytes, more than the first read's size: 3 reads, 5 reads' worth."""
+        """A read on asks for READ_ON bytes, more than the first read's size, and all of it is delivered at once."""
         self.patch(tcp_edge, "READ_ON", 2 * tcp_edge.READ_MIN)
         self.patch(tcp_edge, "READS_PER_UNIT", 3)
         topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
         _, _, counting, client = self.subscriber(*topics)
-        data, server = self.publish_reads(topics, 5)
+        asked: List[int] = []
+        data, server = self.publish_reads(topics, 5, asked)
         consumed = len(data) - len(rest_of(server))
-        # (The kernel may hand over less than asked: more than three reads
-        # of the first one's size, not necessarily all.)
-        self.assertGreater(consumed, 3 * tcp_edge.READ_MIN)
+        # How much the kernel hands over at a time varies (a read may be
+        # short, and a short one ends the unit), what is asked for does not:
+        # found in CI, where a read on came back 1 KiB short of READ_ON.
+        self.assertTrue(asked)
+        self.assertEqual(set(asked), {tcp_edge.READ_ON})
+        self.assertLessEqual(len(asked), 2)
+        self.assertGreater(consumed, tcp_edge.READ_MIN)
         self.assertEqual(len(counting.sends), 1)
         expected = consumed // len(frames(Publish(0, "t00", b"000000")))
         self.assertEqual(sorted(int(m.value) for m in read_frames(client, expected)), list(range(expected)))
@@ -1403,6 +1414,21 @@ class ReadsPerUnitTests(RealSocketTestCase):
         self.subscriber(*topics)
         data, server = self.publish_reads(topics, 2)
         self.assertEqual(len(rest_of(server)), len(data) // 2)
+
+
+class _AskedSocket:
+    """A socket that notes the size each C{recv} asks for (and is otherwise the socket)."""
+
+    def __init__(self, sock: socket.socket, asked: List[int]) -> None:
+        self._sock = sock
+        self._asked = asked
+
+    def recv(self, size: int) -> bytes:
+        self._asked.append(size)
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
 
 
 def rest_of(server: socket.socket) -> bytes:
