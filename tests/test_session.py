@@ -10,7 +10,7 @@ L{zaichik.codec.decode_reply} after their length prefix is stripped.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -263,6 +263,38 @@ class FireAndForgetTests(SessionCase):
         self.assertError(c.new(), 7, ErrorCode.BAD_TOPIC)
         # A malformed body is left to the general decoder, which says what is wrong.
         self.assertIs(c.session.publish_frame(Publish(0, "t", b"v").encode()[:-1]), False)
+
+
+class WatchedAppendTests(SessionCase):
+    """
+    A fire-and-forget publish's reply waits on its append (to tell a
+    failure, and to keep later replies behind it) only where the append may
+    fail after its unit of work: in memory nothing is queued.
+    """
+
+    def queued(self, fails_later: Optional[bool] = None) -> list:
+        c = self.conn()
+        c.send(CreateTopic(1, "t", 0, 0))
+        topic = self.service.topics["t"]
+        if fails_later is not None:
+            topic.fails_later = fails_later  # (as a log that says so would make it)
+        with self.service.work:
+            c.session.publish_frame(Publish(0, "t", b"one").encode())
+            c.session.publish_run({"t": [(None, b"two"), (None, b"three")]}, 2)
+            queued = list(c.session._queue or ())
+        self.assertEqual(topic.next_offset, 3)
+        self.assertEqual(c.new(), [])
+        self.assertFalse(c.session._queue)
+        return queued
+
+    def test_in_memory_nothing_is_watched(self):
+        self.assertEqual(self.queued(), [])
+        self.assertFalse(self.service.topics["t"].fails_later)
+
+    def test_a_log_that_may_fail_later_is_watched_once_an_append(self):
+        queued = self.queued(True)
+        self.assertEqual(len(queued), 1, queued)
+        self.assertEqual(queued[0][0].rid, 0)
 
 
 class HelloTests(SessionCase):

@@ -156,6 +156,8 @@ class OffsetTests(TopicCase):
 class FailingLog:
     """Wraps a log; while C{broken}, appends fail as a full disk's would."""
 
+    stores_at_once = False  # (its appends may fail: not the wrapped log's promise)
+
     def __init__(self, log) -> None:
         self._log = log
         self.broken = False
@@ -170,6 +172,47 @@ class FailingLog:
         if self.broken:
             return fail(StorageError("no space left on device", full=True))
         return self._log.append(first, frames)
+
+
+class StoresAtOnceTests(TopicCase):
+    """A log that stores when add returns (in memory) is given its appends without a Deferred."""
+
+    def calls(self, log_class) -> list:
+        calls: list = []
+
+        class Log(log_class):  # type: ignore[misc, valid-type]
+            def add(self, first, frames):
+                calls.append(("add", first, list(frames)))
+                super().add(first, frames)
+
+            def append(self, first, frames):
+                calls.append(("append", first, list(frames)))
+                return super().append(first, frames)
+
+        log = Log(codec.message_frame_offsets("t")[1], False)
+        topic = Topic("t", log, self.clock, 0, 0)
+        recorder = Recorder()
+        topic.subscribe(recorder)
+        topic.publish(None, b"a")
+        topic.publish_all([(None, b"b"), (None, b"c")])
+        self.assertEqual(recorder.offsets, [0, 1, 2])
+        self.assertTrue(topic.pending.done)
+        return [(name, first, len(frames)) for name, first, frames in calls]
+
+    def test_in_memory(self):
+        from zaichik.storage.memory import MemoryLog
+
+        self.assertEqual(self.calls(MemoryLog), [("add", 0, 1), ("add", 1, 2)])
+
+    def test_a_log_that_may_fail_later(self):
+        from zaichik.storage.memory import MemoryLog
+
+        class Later(MemoryLog):
+            stores_at_once = False
+
+        # (MemoryLog.append adds: both seen, append first.)
+        self.assertEqual(self.calls(Later), [("append", 0, 1), ("add", 0, 1), ("append", 1, 2), ("add", 1, 2)])
+        self.assertTrue(Topic("u", Later(0), self.clock, 0, 0).fails_later)
 
 
 class FailedStoreTests(TopicCase):

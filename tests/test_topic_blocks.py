@@ -30,12 +30,20 @@ class RecordingLog(MemoryLog):
         super().__init__(codec.message_frame_offsets("t")[1], False)
         self.takes_blocks = blocks
         self.async_ = async_
+        self.stores_at_once = not async_  # (a topic then calls add: see IMessageLog.append)
         self.appends = []
         self.ds = []
 
-    def append(self, first, frames):
+    def _record(self, first, frames):
         self.appends.append((first, type(frames).__name__ == "FrameBlock", list(frames)))
+
+    def add(self, first, frames):
+        self._record(first, frames)
+        super().add(first, frames)
+
+    def append(self, first, frames):
         if self.async_:
+            self._record(first, frames)
             d = Deferred()
             self.ds.append(d)
             return d

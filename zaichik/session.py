@@ -241,7 +241,7 @@ class Session:
                 pending = None  # (stored already: topic.waiting(), inline)
             if rid:
                 self._reply(reply, pending)
-            elif pending is not None and not pending.watched:
+            elif pending is not None and not pending.watched and topic.fails_later:
                 # A fire-and-forget publish: only its failure is told, once
                 # per append (the publishes of one read to one topic share
                 # one), however the read's publishes alternate between
@@ -325,7 +325,7 @@ class Session:
                 self.fail(0, ZaichikError(ErrorCode.INTERNAL, "internal error"))
                 continue
             pending = topic.pending
-            if pending is not None and not pending.done and not pending.watched:
+            if pending is not None and not pending.done and not pending.watched and topic.fails_later:
                 pending.watched = True  # (only a failure is told: see _publish)
                 self._reply(codec.Published(0, topic.next_offset - 1, False), pending)
             if topic.blocked and held is None:

@@ -71,7 +71,11 @@ class IMessageLog(Interface):
         stored as the storage's durability policy promises, and only then
         may they be delivered or acknowledged; it fails with
         L{StorageError} if they could not be stored, and then nothing of
-        them is kept.  Appends complete in the order they were made.
+        them is kept.  Appends complete in the order they were made.  A log
+        whose appends cannot fail, and have fired when append returns (in
+        memory), says so with a true C{stores_at_once} attribute, and has
+        C{add(first, frames)}, the same as append without the Deferred: the
+        publishers of its topic then watch no append for a failure.
         """
 
     def read(offset: int, limit: int) -> "Deferred":

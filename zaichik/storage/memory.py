@@ -44,8 +44,10 @@ class MemoryLog:
 
     _COMPACT_AT = 4096
 
-    # append may be given a codec.FrameBlock (see IMessageLog.append).
+    # append may be given a codec.FrameBlock, and its Deferred has fired
+    # with None when it returns (see IMessageLog.append).
     takes_blocks = True
+    stores_at_once = True
 
     def __init__(self, timestamp_at: int, retains: bool = True) -> None:
         self._runs: List[_Run] = []
