@@ -191,21 +191,30 @@ class Behaviour(TestCase):
 
     def test_stdin_is_streamed(self):
         """Each line is published as it is read: the first arrives while the
-        writer (a line every 100 ms) is still writing."""
+        writer is still writing (it waits for the test to see the first
+        published before it writes the rest)."""
         topic = unique("stream")
         subscription = self.client.subscribe(topic, start=Start.LATEST)
         writer = subprocess.Popen([sys.executable, "-c",
-                                   "import sys, time\n"
-                                   "for i in range(10):\n"
-                                   "    print('line', i, flush=True)\n"
-                                   "    time.sleep(0.1)\n"], stdout=subprocess.PIPE)
+                                   "import sys\n"
+                                   "print('line', 0, flush=True)\n"
+                                   "sys.stdin.readline()\n"
+                                   "for i in range(1, 10):\n"
+                                   "    print('line', i, flush=True)\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        go_on = writer.stdin
+        assert go_on is not None
         self.addCleanup(writer.wait)
+        self.addCleanup(go_on.close)  # (the writer ends, if the test did not get that far)
         publisher = subprocess.Popen([*ZAICHIK, "-s", self.broker.address, "pub", topic], stdin=writer.stdout,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         writer.stdout.close()
+        # (A fixed-pace writer made this a race with the command's start-up:
+        # the first line had to arrive within the writer's second.)
         first = subscription.get(timeout=10)
         self.assertEqual(first.value, b"line 0")
         self.assertIsNone(writer.poll(), "the first line arrived only after the writer finished")
+        go_on.write(b"go on\n")
+        go_on.flush()
         rest = [subscription.get(timeout=10).value for _ in range(9)]
         self.assertEqual(rest, [b"line %d" % i for i in range(1, 10)])
         out, err = publisher.communicate(timeout=30)

@@ -191,17 +191,23 @@ class ProcessTests(TestCase):
 class IdleTimeoutTests(BrokerTestCase):
     """The broker closes quiet connections; the client library's keepalive prevents it."""
 
-    broker_options = ("--idle-timeout", "1s")
+    broker_options = ("--idle-timeout", "2s")
 
     @async_test
     async def test_keepalive_keeps_a_listener_connected(self):
         from twisted.internet.task import deferLater
 
-        kept = await self.connect(keepalive=0.3)
+        # The quiet one is waited for, not looked at a fixed 1.6 s after a 1 s
+        # timeout (0.6 s for its close to arrive); the other's PINGs every
+        # 0.2 s keep it open through stalls of up to 1.8 s (were 0.7 s).
+        kept = await self.connect(keepalive=0.2)
         quiet = await self.connect(keepalive=0)
         errors = []
         quiet.on_error = errors.append
-        await deferLater(reactor, 1.6, lambda: None)
+        for _ in range(100):
+            if quiet.closed.called:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
         self.assertTrue(quiet.closed.called)
         self.assertEqual([e.code for e in errors], [ErrorCode.LIMIT])
         self.assertFalse(kept.closed.called)

@@ -6,6 +6,7 @@ own parser.
 
 from __future__ import annotations
 
+import re
 import urllib.request
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,7 +21,7 @@ from zaichik.codec import ErrorCode
 from zaichik.errors import ZaichikError
 from zaichik.metrics import BrokerCollector
 from zaichik.service import BrokerService
-from zaichik.testing import free_port, shared_broker
+from zaichik.testing import shared_broker
 
 
 def samples(text: str) -> dict:
@@ -230,13 +231,15 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "zaichik_pattern_subscriptions", pattern="sensors.>"), 2)
 
 
-METRICS_PORT = free_port()
-
-
 class EndpointTests(TestCase):
     def setUp(self) -> None:
-        self.metrics_port = METRICS_PORT
-        self.broker = shared_broker("--metrics-port", f"tcp:{self.metrics_port}:interface=127.0.0.1")
+        # On a port the kernel picks, read from the broker's log: a free port
+        # picked when the module was imported (at collection) could be another
+        # listener's by the time these tests ran.
+        self.broker = shared_broker("--metrics-port", "tcp:0:interface=127.0.0.1")
+        listening = re.search(r"Serving /metrics.* on 127\.0\.0\.1:(\d+) ", self.broker.log())
+        assert listening is not None, self.broker.log()
+        self.metrics_port = int(listening.group(1))
 
     def fetch(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10) as r:

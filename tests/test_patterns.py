@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -118,7 +118,7 @@ class PatternIndexTests(SynchronousTestCase):
         self.index.remove(a)
         self.assertEqual(self.index.match("a.x"), [b])
 
-    @settings(max_examples=60, deadline=None, database=None)
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.lists(st.one_of(SEGMENTS, st.just("*")), min_size=1, max_size=4)
                     .flatmap(lambda segs: st.sampled_from([segs, segs + [">"]])), max_size=12),
            st.lists(st.lists(SEGMENTS, min_size=1, max_size=5), min_size=1, max_size=8))

@@ -345,7 +345,12 @@ class StartupLogTests(TestCase):
                 break
             except OSError:
                 time.sleep(0.05)
-        time.sleep(0.2)
+        # Until its start-up is logged, all of it (not a fixed 0.2 s after the port opened).
+        while time.monotonic() < deadline and process.poll() is None:
+            with open(log) as f:
+                if "Ready:" in f.read():
+                    break
+            time.sleep(0.05)
         process.terminate()
         process.wait(10)
         with open(log) as f:
