@@ -22,6 +22,22 @@ READ_CHUNK = 1024
 MAX_INFLIGHT = 1 << 20
 
 
+def _one_block(runs: List[Sequence[bytes]], count: int) -> FrameBlock:
+    """Consecutive runs of frames (C{count} in all) as one L{FrameBlock}, a FrameBlock's chunks as they are."""
+    chunks: List[bytes] = []
+    for run in runs:
+        if type(run) is FrameBlock:
+            chunks.extend(run.chunks)  # type: ignore[attr-defined]
+        else:
+            chunks.append(joined(run))
+    return FrameBlock(chunks, count)
+
+
+def _nbytes(frames: Sequence[bytes]) -> int:
+    """The bytes of C{frames} (a FrameBlock's without splitting it)."""
+    return sum(map(len, frames.chunks if type(frames) is FrameBlock else frames))  # type: ignore[attr-defined]
+
+
 class Output:
     """
     A connection's output, shared by its subscriptions: where their frames
@@ -87,7 +103,14 @@ class Subscription:
         self._on_overflow = on_overflow
         self._on_stopped = on_stopped
         self._output = output
-        self._pending: Deque[bytes] = deque()  # frames from offset self.next on
+        # What waits, from offset self.next on: runs of frames as they were
+        # delivered (a FrameBlock stays one bytes a read), _pending_count
+        # frames and pending_bytes bytes in all.  A slow subscriber of a
+        # topic that retains nothing queued a unit's block frame by frame
+        # (split, counted and joined again): 7% of the broker in a 1 -> 1
+        # run whose subscriber fell behind (perf).
+        self._pending: Deque[Sequence[bytes]] = deque()
+        self._pending_count = 0
         self.pending_bytes = 0
         # Set while this subscription holds its topic's publishers back
         # (the "block" policy), until its queue is down to half the limit.
@@ -98,7 +121,7 @@ class Subscription:
 
     def __repr__(self) -> str:
         return (f"<Subscription {self.topic.name} next={self.next} "
-                f"inflight={len(self._inflight)} pending={len(self._pending)}>")
+                f"inflight={len(self._inflight)} pending={self._pending_count}>")
 
     @property
     def inflight(self) -> int:
@@ -108,7 +131,7 @@ class Subscription:
     @property
     def pending(self) -> int:
         """How many messages wait in this subscription's own queue."""
-        return len(self._pending)
+        return self._pending_count
 
     def _room(self) -> int:
         if self._output.paused or not self.active:
@@ -162,8 +185,9 @@ class Subscription:
         if not self._pending and len(frames) <= self._room():
             self._send(first, frames)
             return
-        self._pending.extend(frames)
-        size = sum(map(len, frames))
+        self._pending.append(frames)
+        self._pending_count += len(frames)
+        size = _nbytes(frames)
         self.pending_bytes += size
         self._output.pending_bytes += size
         self.drain()
@@ -197,13 +221,28 @@ class Subscription:
             pending = self._pending
             if not pending:
                 return
-            first = self.next
-            take = min(room, len(pending), READ_CHUNK)
-            frames = [pending.popleft() for _ in range(take)]
-            size = sum(map(len, frames))
+            # Whole runs while the window has room for them (the one that
+            # does not fit is cut), up to READ_CHUNK frames a write unless
+            # one run has more: each write may pause the connection.
+            runs: List[Sequence[bytes]] = []
+            count = size = 0
+            while pending and count < room and count < READ_CHUNK:
+                run = pending[0]
+                n = len(run)
+                if count + n > room:
+                    cut = room - count
+                    pending[0] = run[cut:]
+                    run = run[:cut]
+                    n = cut
+                else:
+                    pending.popleft()
+                runs.append(run)
+                count += n
+                size += _nbytes(run)
+            self._pending_count -= count
             self.pending_bytes -= size
             self._output.pending_bytes -= size
-            self._send(first, frames)
+            self._send(self.next, runs[0] if len(runs) == 1 else _one_block(runs, count))
             if self.blocking and self.pending_bytes <= self.max_pending_bytes // 2:
                 # After the send: unblocking lets publishers run (and deliver
                 # to us) at once, and they must find our position current.
@@ -260,6 +299,7 @@ class Subscription:
         self.active = False
         self.topic.unsubscribe(self)
         self._pending.clear()
+        self._pending_count = 0
         self._output.pending_bytes -= self.pending_bytes
         self.pending_bytes = 0
         self._inflight.clear()

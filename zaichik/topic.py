@@ -40,7 +40,8 @@ class ISubscriber(Interface):
         """
         New messages, as encoded MESSAGE frames with consecutive offsets from
         C{first_offset}: a list, or a L{codec.FrameBlock} (whose C{data} is
-        them all, ready to write; see L{codec.joined}).  May return a
+        them all, ready to write; see L{codec.joined}), which nothing changes
+        afterwards (a subscriber may keep it).  May return a
         Deferred; a failure (raised or as a Deferred) removes the subscriber
         from the topic, and then L{stopped} is called.
         """
