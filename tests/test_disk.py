@@ -278,6 +278,75 @@ class SegmentTests(DiskTestCase):
         service = self.start(segment_bytes=2_000)
         self.assertEqual(service.topics["t"].next_offset, 100)
 
+    def held_deletions(self):
+        """
+        A broker (--fsync never) whose blocking work waits in C{held} until
+        the test runs it, and a topic with segments to expire.
+        """
+        held: list = []
+
+        def later(f, *args):
+            d: Deferred = Deferred()
+            held.append((d, f, args))
+            return d
+
+        self.stop()
+        self.storage = DiskStorage(self.dir, fsync="never", clock=self.clock, run_blocking=later,
+                                   call_from_thread=lambda f: f(), segment_bytes=2_000)
+        self.service = service = BrokerService(storage=self.storage, clock=self.clock)
+        service.startService()
+        topic = service.create_topic("t", 1_000, 0)
+        for _ in range(10):
+            topic.publish_many([(None, b"x" * 100)] * 5)
+            self.storage.writer.wait()
+            self.clock.advance(0.1)
+        return service, topic, held
+
+    def test_expired_segments_are_deleted_off_the_reactor(self):
+        """The unlink (which frees the segment's cached pages) runs as blocking work, not in expire."""
+        service, topic, held = self.held_deletions()
+        log = self.storage._logs["t"]
+        directory = os.path.dirname(log.segments[-1].path)
+        before = sorted(os.listdir(directory))
+        self.assertGreater(len(log.segments), 2)
+        self.clock.advance(2)  # (the sweep expires them)
+        topic.expire()
+        self.assertEqual(len(log.segments), 1)
+        self.assertEqual(sorted(os.listdir(directory)), before)  # (not yet)
+        deletions = [(d, f, args) for d, f, args in held if f is disk._unlink_all]
+        self.assertEqual(len(deletions), len([n for n in before if n.endswith(".seg")]) - 1)
+        for d, f, args in deletions:
+            d.callback(f(*args))
+        left = sorted(os.listdir(directory))
+        self.assertEqual([n for n in left if n.endswith(".seg")], [os.path.basename(log.segments[0].path)])
+
+    def test_a_close_waits_for_deletions(self):
+        service, topic, held = self.held_deletions()
+        self.clock.advance(2)
+        self.assertTrue(held)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.service = None
+        while held:
+            d, f, args = held.pop(0)
+            d.callback(f(*args))
+        self.successResultOf(stopped)
+
+    def test_what_could_not_be_deleted_is_logged(self):
+        gone = os.path.join(self.dir, "gone")
+        directory = os.path.join(self.dir, "a directory")
+        os.mkdir(directory)
+        failed = disk._unlink_all([gone, directory])
+        self.assertEqual([path for path, _ in failed], [directory])  # (one already gone is no failure)
+        self.storage = DiskStorage(self.dir, fsync="never", clock=self.clock, run_blocking=run_now)
+        logged: list = []
+        from twisted.logger import globalLogPublisher
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.storage.delete(directory)
+        self.assertTrue(any(e.get("path") == directory for e in logged))
+        self.assertEqual(self.storage._deleting, 0)
+
 
 class FsyncTests(DiskTestCase):
     def test_always_syncs_once_per_unit_of_work(self):
