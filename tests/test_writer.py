@@ -147,13 +147,28 @@ class WriterTests(SynchronousTestCase):
         self.assertEqual(len(self.log.booked), 5)
 
 
+def fail_writes(test: SynchronousTestCase, count: int) -> List[int]:
+    """The writer thread's next C{count} writes fail (ENOSPC); the list's one item counts down what is left."""
+    real = writer_module.write_all
+    left = [count]
+
+    def write_all(fd, data):
+        if left[0]:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    test.patch(writer_module, "write_all", write_all)
+    return left
+
+
 class DiskLogWriterTests(SynchronousTestCase):
     """
     The disk log with the writer thread, where the reactor (the test) books
     a failed write while the writes queued behind it are still out (found
     by a review: the next write was booked where it was not written, and a
     later failed write cut the file at the wrong place).  The thread is held
-    after its first write until the test has booked it.
+    after its second write (the first opens the segment) until the test has booked it.
     """
 
     def setUp(self) -> None:
@@ -166,7 +181,7 @@ class DiskLogWriterTests(SynchronousTestCase):
 
         def call_from_thread(f) -> None:
             calls[0] += 1
-            if calls[0] == 1:
+            if calls[0] == 2:  # (after the write that opens the segment)
                 self.first_done.set()
                 self.gate.wait(10)
 
@@ -187,22 +202,14 @@ class DiskLogWriterTests(SynchronousTestCase):
             self.storage = None
 
     def fail_writes(self, count: int) -> List[int]:
-        real = writer_module.write_all
-        left = [count]
-
-        def write_all(fd, data):
-            if left[0]:
-                left[0] -= 1
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real(fd, data)
-
-        self.patch(writer_module, "write_all", write_all)
-        return left
+        return fail_writes(self, count)
 
     def test_an_append_made_while_failed_writes_are_out_fails_with_them(self) -> None:
         log = self.log
-        self.successResultOf(log.append(0, [frame("t", 0, b"zero")]))  # (opens the segment: written here)
         writer = self.storage.writer
+        d0 = log.append(0, [frame("t", 0, b"zero")])  # (opens the segment, written by the thread too)
+        writer.wait()
+        self.successResultOf(d0)
         left = self.fail_writes(1)
         d1 = log.append(1, [frame("t", 1, b"one fails")])
         d2 = log.append(2, [frame("t", 2, b"two, queued behind it")])
@@ -238,6 +245,80 @@ class DiskLogWriterTests(SynchronousTestCase):
                          [(0, b"zero"), (1, b"one"), (2, b"two")])
 
 
+class ReservationsByTheWriterTests(SynchronousTestCase):
+    """
+    Under --fsync never the writer thread writes every batch: those that
+    open a segment or renew the offsets' reservation too, with their
+    reservation marker (they had been written on the reactor, half of the
+    writes at full speed).  A failed one gives its reservation back.
+    """
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="zaichik-writer-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.threads: List[str] = []
+        real = writer_module.write_all
+
+        def write_all(fd, data):
+            self.threads.append(threading.current_thread().name)
+            return real(fd, data)
+
+        from zaichik.storage import disk
+
+        self.patch(writer_module, "write_all", write_all)
+        self.patch(disk, "write_all", write_all)
+        self.storage = self.open()
+        self.addCleanup(lambda: self.storage is not None and self.successResultOf(self.storage.close()))
+
+    def open(self) -> DiskStorage:
+        storage = DiskStorage(self.dir, fsync="never", clock=Clock(), run_blocking=run_now,
+                              call_from_thread=lambda f: None)
+        storage.reserve = 10  # (renewed every few appends)
+        self.successResultOf(storage.open())
+        return storage
+
+    def append(self, log, first: int, count: int) -> Deferred:
+        return log.append(first, [frame("t", first + i, b"v%d" % (first + i)) for i in range(count)])
+
+    def test_renewals_and_a_new_segments_first_batch_are_the_threads(self) -> None:
+        log = self.storage.open_log("t", DAY, 0)
+        done = [self.append(log, first, 3) for first in range(0, 30, 3)]
+        self.storage.writer.wait()
+        for d in done:
+            self.successResultOf(d)
+        self.assertGreaterEqual(len(self.threads), 10 + 3)  # (each batch, and the markers)
+        self.assertEqual(set(self.threads), {"zaichik-writer"})
+        self.assertEqual(log._reserved, 27 + 10)  # (last renewed by the batch ending at 27, past 31 - 10 // 2)
+        self.assertEqual(log.segments[-1].reserved, log._reserved)
+        self.assertEqual(log.segments[-1].size, os.path.getsize(log.segments[-1].path))
+        # A crash (no clean close): the broker goes on from the reservation on disk.
+        self.storage.writer.stop()
+        os.close(log._fd)
+        log._fd = None
+        self.storage._lock.close()
+        self.storage = self.open()
+        self.assertEqual(self.storage.open_log("t", DAY, 0).next_offset, log._reserved)
+
+    def test_a_failed_renewal_gives_its_reservation_back(self) -> None:
+        log = self.storage.open_log("t", DAY, 0)
+        self.successResultOf(self.settled(self.append(log, 0, 3)))
+        before = log._reserved
+        fail_writes(self, 1)
+        d = self.append(log, 3, 6)  # (ends at 9, past half the reservation of 13: renews it)
+        self.assertGreater(log._reserved, before)  # (reserved for what follows, meanwhile)
+        self.storage.writer.wait()
+        self.assertEqual(self.failureResultOf(d).value.code, codec.ErrorCode.LIMIT)
+        self.assertEqual(log._reserved, before)
+        self.assertEqual(log.segments[-1].size, os.path.getsize(log.segments[-1].path))
+        d = self.append(log, 3, 6)
+        self.successResultOf(self.settled(d))
+        self.assertGreater(log._reserved, before)
+
+    def settled(self, d: Deferred) -> Deferred:
+        self.storage.writer.wait()
+        return d
+
+
 class AppendWhileClosingTests(SynchronousTestCase):
     """
     The storage's close stops the writer thread, then (--fsync interval)
@@ -261,9 +342,10 @@ class AppendWhileClosingTests(SynchronousTestCase):
                               call_from_thread=lambda f: None)
         self.successResultOf(storage.open())
         log = storage.open_log("t", DAY, 0)
-        self.successResultOf(log.append(0, [frame("t", 0, b"zero")]))
+        d0 = log.append(0, [frame("t", 0, b"zero")])
         d1 = log.append(1, [frame("t", 1, b"one")])
         storage.writer.wait()
+        self.successResultOf(d0)
         self.successResultOf(d1)
         clock.advance(0.1)  # the interval's fsync starts
         self.assertEqual(len(fsyncs), 1)

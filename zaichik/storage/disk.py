@@ -622,17 +622,17 @@ class DiskLog:
             queued = self._queue_write(writer, first, frames)
             if queued is not None:
                 return queued
-            if self._inflight:
-                # A segment to roll or a reservation to renew: here, once
-                # the queued writes are booked (and refused if one of them
-                # was: this append's offsets follow theirs).
+            if self._inflight and (self._fd is None or self._planned >= self._storage.segment_bytes):
+                # A segment to roll: here, once the queued writes are booked
+                # (and refused if one of them was: this append's offsets
+                # follow theirs), for the full one's index.
                 gen = self.gen
                 writer.wait()
                 if self.gen != gen:
                     return self._refused_with_queued()
             if self.broken:
                 return fail(StorageError(f"storage failed: {self.broken}"))
-        return self._append_now(first, frames)
+        return self._append_now(first, frames, writer)
 
     def _refused_with_queued(self) -> Deferred:
         """An append refused because a write queued before it failed (its offsets follow that one's)."""
@@ -667,17 +667,21 @@ class DiskLog:
         if write.gen != self.gen:
             self._stale -= 1  # (queued behind a failed write: failed unwritten)
         if write.error is None:
-            self._book(write.first, write.frames, write.pos, write.data, 0)
+            self._book(write.first, write.frames, write.pos, write.data,
+                       write.pos + len(write.data) if write.marker else 0)
+            if write.marker:
+                self.segments[-1].reserved = write.reserved
             self._storage.written(self, write.first + len(write.frames), write.pos)
             write.done.callback(None)
             return
         if write.gen == self.gen:
             # The file is cut back to this write: what is queued from now on
             # is written from there, and the writes still out (queued behind
-            # this one) fail.
+            # this one) fail; what they reserved is not.
             self.gen += 1
             self._planned = write.pos
             self._stale = self._inflight
+            self._reserved = write.reserved_before
         write.done.errback(_storage_error(write.error, f"writing {self.topic}"))
 
     def cut_failed_write(self, fd: int, pos: int) -> None:
@@ -688,28 +692,45 @@ class DiskLog:
             self.broken = f"could not cut a failed write off {self.topic}'s newest segment: {e}"
             _log.critical("{why}: refusing writes to {topic} until restarted", why=self.broken, topic=self.topic)
 
-    def _append_now(self, first: int, frames: Sequence[bytes]) -> Deferred:
-        """L{append}, written on this thread."""
+    def _append_now(self, first: int, frames: Sequence[bytes], writer: Optional[Writer] = None) -> Deferred:
+        """
+        L{append} where the segment is chosen on this thread (a new one, a
+        roll) or a reservation is renewed: written here, or by C{writer}
+        (the batch and its reservation marker: the renewals and each new
+        segment's first batch had been written on the reactor, half of
+        the writes under --fsync never at full speed, perf).
+        """
         data = fmt.encode_batch(first, _encodable(frames), self._skip)
         end = first + len(frames)
         reserve = self._storage.reserve
         try:
             segment = self._segment_for(first)
-            pos = segment.size
-            if reserve and (end > self._reserved - reserve // 2 or segment.size == fmt.SEGMENT_HEADER):
+            pos = self._planned if self._inflight else segment.size
+            if reserve and (end > self._reserved - reserve // 2 or pos == fmt.SEGMENT_HEADER):
                 # Renew the reservation (and start each segment with one).
                 reserved = max(self._reserved, end + reserve)
                 marker = fmt.encode_reservation(reserved)
-                self._write(data + marker, pos)
-                self._reserved = reserved
-                segment.reserved = reserved
-                marker_at = pos + len(data)
             else:
-                self._write(data, pos)
-                marker_at = 0
+                reserved, marker = 0, b""
+            if writer is not None:
+                # (Reserved from now on for what follows; given back if the
+                # write fails: see written.)
+                fd = self._fd
+                assert fd is not None  # (the segment chosen: see _segment_for)
+                write = Write(self, fd, data, pos, first, frames, self.gen, marker, reserved,
+                              self._reserved)
+                if reserved:
+                    self._reserved = reserved
+                self._planned = pos + len(data) + len(marker)
+                self._inflight += 1
+                writer.submit(write)
+                return write.done
+            self._write(data + marker if marker else data, pos)
+            if reserved:
+                self._reserved = segment.reserved = reserved
         except OSError as e:
             return fail(_storage_error(e, f"writing {self.topic}"))
-        self._book(first, frames, pos, data, marker_at)
+        self._book(first, frames, pos, data, pos + len(data) if marker else 0)
         return self._storage.written(self, end, pos)
 
     def _book(self, first: int, frames: Sequence[bytes], pos: int, data: bytes, marker_at: int) -> None:

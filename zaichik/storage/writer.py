@@ -31,11 +31,18 @@ from twisted.internet.defer import Deferred
 
 
 class Write:
-    """One batch for one log's newest segment, and its outcome."""
+    """
+    One batch for one log's newest segment, and its outcome; with a
+    C{marker} (a reservation, written right after the batch) the offsets it
+    reserves once written, and what was reserved before it (see
+    L{zaichik.storage.disk.DiskLog.append}).
+    """
 
-    __slots__ = ("log", "fd", "data", "pos", "first", "frames", "gen", "error", "done")
+    __slots__ = ("log", "fd", "data", "pos", "first", "frames", "gen", "error", "done", "marker", "reserved",
+                 "reserved_before")
 
-    def __init__(self, log, fd: int, data: bytes, pos: int, first: int, frames: Sequence[bytes], gen: int) -> None:
+    def __init__(self, log, fd: int, data: bytes, pos: int, first: int, frames: Sequence[bytes], gen: int,
+                 marker: bytes = b"", reserved: int = 0, reserved_before: int = 0) -> None:
         self.log = log
         self.fd = fd
         self.data = data
@@ -43,6 +50,9 @@ class Write:
         self.first = first
         self.frames = frames
         self.gen = gen  # the log's write generation when it was queued (see DiskLog.append)
+        self.marker = marker
+        self.reserved = reserved
+        self.reserved_before = reserved_before
         self.error: Optional[OSError] = None
         self.done: Deferred = Deferred()
 
@@ -54,6 +64,8 @@ class Write:
             return
         try:
             write_all(self.fd, self.data)
+            if self.marker:
+                write_all(self.fd, self.marker)
         except OSError as e:
             log.cut_failed_write(self.fd, self.pos)
             log.failure = e
