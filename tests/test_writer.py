@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from zaichik import codec
+from zaichik.storage import segment as fmt
 from zaichik.storage import writer as writer_module
 from zaichik.storage.disk import DiskStorage
 from zaichik.storage.writer import Write, Writer
@@ -288,7 +289,7 @@ class ReservationsByTheWriterTests(SynchronousTestCase):
             self.successResultOf(d)
         self.assertGreaterEqual(len(self.threads), 10 + 3)  # (each batch, and the markers)
         self.assertEqual(set(self.threads), {"zaichik-writer"})
-        self.assertEqual(log._reserved, 27 + 10)  # (last renewed by the batch ending at 27, past 31 - 10 // 2)
+        self.assertEqual(log._reserved, 30 + 10)  # (last renewed by the batch ending at 30, past 34 - 10 // 2)
         self.assertEqual(log.segments[-1].reserved, log._reserved)
         self.assertEqual(log.segments[-1].size, os.path.getsize(log.segments[-1].path))
         # A crash (no clean close): the broker goes on from the reservation on disk.
@@ -304,7 +305,7 @@ class ReservationsByTheWriterTests(SynchronousTestCase):
         self.successResultOf(self.settled(self.append(log, 0, 3)))
         before = log._reserved
         fail_writes(self, 1)
-        d = self.append(log, 3, 6)  # (ends at 9, past half the reservation of 13: renews it)
+        d = self.append(log, 3, 6)  # (ends at 9, past half the reservation of 10: renews it)
         self.assertGreater(log._reserved, before)  # (reserved for what follows, meanwhile)
         self.storage.writer.wait()
         self.assertEqual(self.failureResultOf(d).value.code, codec.ErrorCode.LIMIT)
@@ -313,6 +314,27 @@ class ReservationsByTheWriterTests(SynchronousTestCase):
         d = self.append(log, 3, 6)
         self.successResultOf(self.settled(d))
         self.assertGreater(log._reserved, before)
+
+    def test_a_failed_write_that_renews_nothing_keeps_the_reservation(self) -> None:
+        """
+        A failed write without a marker gives back only what was reserved
+        after it: the reservation written before it holds (a review: it
+        fell to 0, and the next append wrote a marker again).
+        """
+        log = self.storage.open_log("t", DAY, 0)
+        self.successResultOf(self.settled(self.append(log, 0, 3)))  # (opens the segment: reserves 10)
+        before = log._reserved
+        fail_writes(self, 1)
+        d = self.append(log, 3, 1)  # (ends at 4, well inside the reservation: no marker)
+        self.storage.writer.wait()
+        self.assertEqual(self.failureResultOf(d).value.code, codec.ErrorCode.LIMIT)
+        self.assertEqual(log._reserved, before)
+        segment = log.segments[-1]
+        size = segment.size
+        self.successResultOf(self.settled(self.append(log, 3, 1)))
+        self.assertEqual(log._reserved, before)  # (written without a marker)
+        self.assertEqual(segment.size - size, len(fmt.encode_batch(3, [frame("t", 3, b"v3")], log._skip)))
+        self.assertEqual(segment.size, os.path.getsize(segment.path))
 
     def settled(self, d: Deferred) -> Deferred:
         self.storage.writer.wait()

@@ -655,7 +655,8 @@ class DiskLog:
                 or reserve and end > self._reserved - reserve // 2):
             return None
         data = fmt.encode_batch(first, _encodable(frames), self._skip)
-        write = Write(self, fd, data, pos, first, frames, self.gen)
+        # (A failure gives back what was reserved after it: see written.)
+        write = Write(self, fd, data, pos, first, frames, self.gen, reserved_before=self._reserved)
         self._planned = pos + len(data)
         self._inflight += 1
         writer.submit(write)
@@ -793,8 +794,17 @@ class DiskLog:
     def _new_segment(self, first: int) -> Segment:
         path = os.path.join(self.directory, f"{first:020d}.seg")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        reserve = self._storage.reserve
+        reserved = max(self._reserved, first + reserve) if reserve else 0
         try:
             header = fmt.encode_segment_header(first)
+            if reserved:
+                # The segment begins with the offsets' reservation, durable
+                # with its header: a start reads the newest segment's only,
+                # and a power loss before the first batch's fsync (the next
+                # tick under interval) gave again the offsets delivered from
+                # it (a review).
+                header += fmt.encode_reservation(reserved)
             if os.write(fd, header) != len(header):
                 raise OSError(errno.ENOSPC, "No space left on device")
             if self._storage.fsync_policy != "never":
@@ -808,6 +818,9 @@ class DiskLog:
                 pass
             raise
         segment = Segment(first, path)
+        if reserved:
+            segment.size = len(header)
+            segment.reserved = self._reserved = reserved
         if self.segments and self.segments[-1].base == first:
             self.segments[-1] = segment  # an empty one of the same name, replaced
         else:
