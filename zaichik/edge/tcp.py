@@ -105,6 +105,21 @@ def _untune(transport) -> None:
     transport.__dict__.pop("_isSendBufferFull", None)
 
 
+def read_size(transport: Any, data: bytes) -> int:
+    """
+    The size C{data} was read with (a tcp.Connection's bufferSize); the next
+    read's is doubled when it filled that, up to READ_MAX, and halved when it
+    was small (see READ_MIN above).  The TCP and WebSocket framers' reads.
+    """
+    size = getattr(transport, "bufferSize", READ_MIN)
+    if len(data) >= size:
+        if size < READ_MAX:
+            transport.bufferSize = size * 2
+    elif data and len(data) < size >> 3 and size > READ_MIN:  # (b"": a released hold, not a read)
+        transport.bufferSize = size >> 1
+    return size
+
+
 class BrokerProtocol(BrokerConnection):
     """Length-prefixed frames over a stream (see L{BrokerConnection} for the policy)."""
 
@@ -115,12 +130,7 @@ class BrokerProtocol(BrokerConnection):
         when the few reads after it are (L{SPREAD}).
         """
         transport: Any = self.transport  # (a tcp.Connection's bufferSize: see READ_MAX)
-        size = getattr(transport, "bufferSize", READ_MIN)
-        if len(data) >= size:
-            if size < READ_MAX:
-                transport.bufferSize = size * 2
-        elif data and len(data) < size >> 3 and size > READ_MIN:  # (b"": a released hold, not a read)
-            transport.bufferSize = size >> 1
+        size = read_size(transport, data)
         with self.service.work:
             spread = self._frames(data)
             reads = 1
