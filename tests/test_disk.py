@@ -359,6 +359,18 @@ class SegmentTests(DiskTestCase):
         left = sorted(os.listdir(directory))
         self.assertEqual([n for n in left if n.endswith(".seg")], [os.path.basename(log.segments[0].path)])
 
+    def test_an_index_goes_before_its_segment(self):
+        """(A review: a stop between the two unlinks left an index no segment would ever take away.)"""
+        service, topic, held = self.held_deletions()
+        self.clock.advance(2)
+        deletions = [args[0] for d, f, args in held if f is disk._unlink_all]
+        self.assertTrue(deletions)
+        for paths in deletions:
+            self.assertEqual([p[-4:] for p in paths], [".idx", ".seg"])
+        while held:  # (so that the broker's stop is not left waiting for them)
+            d, f, args = held.pop(0)
+            d.callback(f(*args))
+
     def test_a_close_waits_for_deletions(self):
         service, topic, held = self.held_deletions()
         self.clock.advance(2)

@@ -976,7 +976,10 @@ class DiskLog:
         fd = self._read_fds.pop(segment.path, None)
         if fd is not None:
             os.close(fd)
-        self._storage.delete(segment.path, segment.path[:-4] + ".idx")
+        # (The index first: a stop between the two leaves a segment without
+        # one, read whole at the next start and deleted again, not an index
+        # that no segment will ever take away.)
+        self._storage.delete(segment.path[:-4] + ".idx", segment.path)
 
     def disk_bytes(self) -> int:
         return sum(s.size for s in self.segments)
