@@ -130,6 +130,36 @@ class QueuedRunsTests(SynchronousTestCase):
         self.assertEqual([m.value for m in s.messages()], [b"0", b"1", b"2", b"3", b"4"])
         self.assertEqual((s.subscription.pending, s.subscription.pending_bytes), (0, 0))
 
+    def test_a_window_does_not_copy_the_rest_of_a_run_each_time(self):
+        """
+        A window that opens a few messages at a time takes them from the
+        front of a queued run without copying what is left of it each time:
+        with max_inflight 1, a run of N messages cost N copies of the rest
+        (N * N / 2 frames copied: 80,000 messages acked one by one took 4 s,
+        against 0.1 s when the queue held single frames).  The run is a list
+        whose slices say how many frames they copied.
+        """
+        copied = [0]
+
+        class Frames(list):
+            def __getitem__(self, index):
+                got = super().__getitem__(index)
+                if type(index) is slice:
+                    copied[0] += len(got)
+                    return Frames(got)
+                return got
+
+        s = Setup(max_inflight=1)
+        frames = [codec.frame(codec.Message("t", i, T0, b"%d" % i).encode()) for i in range(200)]
+        s.pause()
+        s.subscription.deliver(0, Frames(frames))
+        s.resume()
+        for offset in range(200):
+            s.subscription.acknowledge(offset)
+        self.assertEqual([m.offset for m in s.messages()], list(range(200)))
+        self.assertEqual((s.subscription.pending, s.subscription.pending_bytes, s.output.pending_bytes), (0, 0, 0))
+        self.assertLessEqual(copied[0], 2 * 200)  # (each frame copied once or so, not 200 * 200 / 2)
+
     def test_cancel_forgets_the_runs(self):
         s = Setup()
         s.pause()

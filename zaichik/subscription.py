@@ -110,6 +110,7 @@ class Subscription:
         # (split, counted and joined again): 7% of the broker in a 1 -> 1
         # run whose subscriber fell behind (perf).
         self._pending: Deque[Sequence[bytes]] = deque()
+        self._head = 0  # frames of _pending[0] sent already (a window cut it)
         self._pending_count = 0
         self.pending_bytes = 0
         # Set while this subscription holds its topic's publishers back
@@ -226,16 +227,23 @@ class Subscription:
             # one run has more: each write may pause the connection.
             runs: List[Sequence[bytes]] = []
             count = size = 0
+            # (A cut run stays whole in the queue, _head frames of it sent:
+            # copying the rest of it at each cut cost a run of N frames
+            # N * N / 2 copies under a window that opens one at a time.)
             while pending and count < room and count < READ_CHUNK:
                 run = pending[0]
-                n = len(run)
+                head = self._head
+                n = len(run) - head
                 if count + n > room:
                     cut = room - count
-                    pending[0] = run[cut:]
-                    run = run[:cut]
+                    self._head = head + cut
+                    run = run[head:head + cut]
                     n = cut
                 else:
                     pending.popleft()
+                    self._head = 0
+                    if head:
+                        run = run[head:]
                 runs.append(run)
                 count += n
                 size += _nbytes(run)
@@ -299,6 +307,7 @@ class Subscription:
         self.active = False
         self.topic.unsubscribe(self)
         self._pending.clear()
+        self._head = 0
         self._pending_count = 0
         self._output.pending_bytes -= self.pending_bytes
         self.pending_bytes = 0
