@@ -31,7 +31,7 @@ A batch with count 0 is a marker, by its first timestamp:
     out.  Without C{--fsync always}, messages are delivered before they are
     on disk; a power loss can take the newest of them, and their offsets
     must not go to new messages.  The broker writes a reservation ahead of
-    the offsets it gives (a million at a time, renewed half-way, and at the
+    the offsets it gives (16 million at a time, renewed half-way, and at the
     start of every new segment), and after a start that was not clean (the
     newest segment has no index) it goes on from the reservation.
 
