@@ -469,13 +469,10 @@ class Topic:
             # without its Deferred, a fifth of a delivery's cost when each
             # read publishes to thousands of topics).
             self._log.add(first, frames)  # type: ignore[attr-defined]  # (stores_at_once: it has add)
-            try:
-                self._appended(None, first, frames, pending)
-            except Exception:  # (as below)
-                _log.failure("Delivering on {topic} failed", topic=self.name)
-            return
-        d = self._log.append(first, frames)
-        if d.called and d.result is None:
+            d = None
+        else:
+            d = self._log.append(first, frames)
+        if d is None or d.called and d.result is None:
             # Stored already (in memory, or on disk without --fsync always):
             # straight on, without the callback machinery, which costs as
             # much as the delivery when each read publishes to many topics.

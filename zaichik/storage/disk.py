@@ -628,9 +628,6 @@ class DiskLog:
                 # with them (and the topic gives all their offsets again).
                 writer.wait()
                 return self._refused_with_queued()
-            queued = self._queue_write(writer, first, frames)
-            if queued is not None:
-                return queued
             if self._inflight and (self._fd is None or self._planned >= self._storage.segment_bytes):
                 # A segment to roll: here, once the queued writes are booked
                 # (and refused if one of them was: this append's offsets
@@ -646,30 +643,6 @@ class DiskLog:
     def _refused_with_queued(self) -> Deferred:
         """An append refused because a write queued before it failed (its offsets follow that one's)."""
         return fail(_storage_error(self.failure or OSError("write failed"), f"writing {self.topic}"))
-
-    def _queue_write(self, writer: Writer, first: int, frames: Sequence[bytes]) -> Optional[Deferred]:
-        """
-        The append as a write for the writer thread (its Deferred fires once
-        it is written and booked), or None where it must be made here: a
-        segment to roll, a reservation to renew (L{_append_now}).
-        """
-        fd = self._fd
-        if fd is None:
-            return None
-        segment = self.segments[-1]
-        pos = self._planned if self._inflight else segment.size
-        reserve = self._storage.reserve
-        end = first + len(frames)
-        if (pos >= self._storage.segment_bytes or pos == fmt.SEGMENT_HEADER
-                or reserve and end > self._reserved - reserve // 2):
-            return None
-        data = fmt.encode_batch(first, _encodable(frames), self._skip)
-        # (A failure gives back what was reserved after it: see written.)
-        write = Write(self, fd, data, pos, first, frames, self.gen, reserved_before=self._reserved)
-        self._planned = pos + len(data)
-        self._inflight += 1
-        writer.submit(write)
-        return write.done
 
     def written(self, write: Write) -> None:
         """A queued write is done (on the reactor thread, in order): book it, or refuse it."""
@@ -704,11 +677,11 @@ class DiskLog:
 
     def _append_now(self, first: int, frames: Sequence[bytes], writer: Optional[Writer] = None) -> Deferred:
         """
-        L{append} where the segment is chosen on this thread (a new one, a
-        roll) or a reservation is renewed: written here, or by C{writer}
-        (the batch and its reservation marker: the renewals and each new
-        segment's first batch had been written on the reactor, half of
-        the writes under --fsync never at full speed, perf).
+        L{append}, the segment chosen (a new one, a roll) and the reservation
+        renewed where due on this thread: written here, or queued for
+        C{writer} (the batch and its reservation marker: the renewals and
+        each new segment's first batch had been written on the reactor, half
+        of the writes under --fsync never at full speed, perf).
         """
         data = fmt.encode_batch(first, _encodable(frames), self._skip)
         end = first + len(frames)
