@@ -72,14 +72,13 @@ INDEX_EVERY = 64 * 1024  # bytes of segment between two sparse index entries
 READ_BYTES = 256 * 1024  # bytes read from a segment at a time
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024
 # Offsets a reservation covers ahead of the newest (renewed half-way).
-# Under --fsync interval a renewal is durable only at the next tick, and
-# meanwhile messages past the durable one may be delivered: half of RESERVE
-# must outlast what a topic takes between two completed fsyncs.  At 12
-# million msgs/s on one topic a 100 ms tick took 1.2 million, more than the
-# 500,000 a RESERVE of a million left (a review); 16 million leaves 8
-# million, about 0.7 s at that rate.  That narrows the window (an fsync
-# slower than that still opens it), it does not close it.  The price: after
-# a stop that was not clean, up to this many offsets of a topic are skipped.
+# Under --fsync interval a renewal is durable only at the next tick; an
+# append past the durable reservation waits for that fsync before it is
+# delivered (DiskStorage.written), so half of RESERVE is what a topic may
+# take between two completed fsyncs without waiting: at 12 million msgs/s
+# on one topic a 100 ms tick took 1.2 million, and 16 million leaves 8
+# million, about 0.7 s at that rate.  The price: after a stop that was not
+# clean, up to this many offsets of a topic are skipped.
 RESERVE = 16_000_000
 FSYNC_POLICIES = ("always", "interval", "never")
 FSYNC_INTERVAL = 0.1
@@ -241,6 +240,9 @@ class DiskLog:
         self.broken: Optional[str] = None
         self._unclean = False  # the newest segment had no index at start (a crash)
         self._reserved = 0  # offsets below this may be given without writing a reservation
+        # Offsets below this are covered by a reservation an fsync has made
+        # durable (none at start: what was read may not be on the disk yet).
+        self.durable_reserved = 0
         # Writes queued for the writer thread (zaichik.storage.writer): how
         # many, where the segment will end after them, the generation they
         # belong to (a failed write ends one) and, in the writer thread, the
@@ -654,8 +656,7 @@ class DiskLog:
                        write.pos + len(write.data) if write.marker else 0)
             if write.marker:
                 self.segments[-1].reserved = write.reserved
-            self._storage.written(self, write.first + len(write.frames), write.pos)
-            write.done.callback(None)
+            self._storage.written(self, write.first + len(write.frames), write.pos, write.done)
             return
         if write.gen == self.gen:
             # The file is cut back to this write: what is queued from now on
@@ -803,6 +804,8 @@ class DiskLog:
         if reserved:
             segment.size = len(header)
             segment.reserved = self._reserved = reserved
+            if self._storage.fsync_policy != "never":
+                self.durable_reserved = reserved
         if self.segments and self.segments[-1].base == first:
             self.segments[-1] = segment  # an empty one of the same name, replaced
         else:
@@ -1063,6 +1066,9 @@ class DiskStorage:
         self._retired: List[int] = []  # fds of rolled segments, closed once no fsync uses them
         self._deleting = 0  # deletions of expired segments under way (see delete)
         self._dirty: set = set()  # interval: logs written since the last fsync
+        # interval: appends past their log's durable reservation, waiting for
+        # an fsync before they are delivered (see written).
+        self._held: List[Tuple[DiskLog, int, Deferred]] = []
         self._ticker: Optional[LoopingCall] = None
         self._cache_lru: "OrderedDict[DiskLog, int]" = OrderedDict()
         self._cache_total = 0
@@ -1401,17 +1407,31 @@ class DiskStorage:
 
     # -- durability -----------------------------------------------------------------
 
-    def written(self, log: DiskLog, end: int, pos: int) -> Deferred:
+    def written(self, log: DiskLog, end: int, pos: int, d: Optional[Deferred] = None) -> Deferred:
         """
         C{log} wrote up to offset C{end}, from byte C{pos} of its newest
-        segment: fires once that is as durable as the policy says.
+        segment: fires (C{d}, if given) once that is as durable as the policy
+        says.  Under C{interval} that is at once, unless the offsets pass the
+        reservation an fsync has made durable: then at the next fsync (one
+        is started at the end of the unit), or a power loss could give the
+        offsets delivered again after the restart.
         """
-        if self.fsync_policy != "always":
-            log.visible_end = end
-            if self.fsync_policy == "interval":
+        policy = self.fsync_policy
+        if policy != "always":
+            if policy == "interval":
                 self._dirty.add(log)
-            return succeed(None)
-        d: Deferred = Deferred()
+                if end > log.durable_reserved:
+                    if d is None:
+                        d = Deferred()
+                    self._held.append((log, end, d))
+                    return d
+            log.visible_end = end
+            if d is None:
+                return succeed(None)
+            d.callback(None)
+            return d
+        if d is None:
+            d = Deferred()
         self._unsynced.append((log, end, d, pos))
         return d
 
@@ -1435,6 +1455,8 @@ class DiskStorage:
             self._commits_dirty = True
         for d in waiting:
             d.callback(None)
+        if self._held:
+            self._tick()  # (an fsync now for appends past the durable reservation)
 
     _commits_dirty = False
 
@@ -1541,6 +1563,8 @@ class DiskStorage:
         if self._syncing or not (self._dirty or self._commits_dirty):
             return
         fds = [log.sync_fd() for log in self._dirty if log.sync_fd() is not None]
+        # The reservations written so far: durable once this fsync is done.
+        reserved = [(log, log.segments[-1].reserved) for log in self._dirty if log.segments]
         if self._commits_dirty:
             fds.append(self._commits_fd)
         self._dirty = set()
@@ -1552,9 +1576,36 @@ class DiskStorage:
             self._close_retired()
             if isinstance(result, Failure):
                 self._fsync_failed(result.value)
+            else:
+                for log, at in reserved:
+                    if at > log.durable_reserved:
+                        log.durable_reserved = at
+            if self._held:
+                self._release_held(result)
             self._idle()
 
-        self._run_blocking(_fsync_all, fds).addBoth(done)
+        self._run_blocking(_fsync_all, fds).addBoth(lambda result: self._in_unit(done, result))
+
+    def _release_held(self, result) -> None:
+        """
+        After an fsync (C{interval}): appends now covered by a durable
+        reservation are delivered, in order; after a failed one every held
+        append fails (the broker refuses writes until restarted; what was
+        written stays, as the appends delivered since the last good fsync).
+        """
+        held, self._held = self._held, []
+        for log, end, d in held:
+            if isinstance(result, Failure) or log.broken:
+                d.errback(StorageError(f"storage failed: {log.broken or result.value}"))
+            elif end <= log.durable_reserved:
+                if end > log.visible_end:
+                    log.visible_end = end
+                d.callback(None)
+            else:
+                self._held.append((log, end, d))
+                self._dirty.add(log)
+        if self._held:
+            self._tick()
 
     # -- closing --------------------------------------------------------------------
 

@@ -32,8 +32,10 @@ A batch with count 0 is a marker, by its first timestamp:
     on disk; a power loss can take the newest of them, and their offsets
     must not go to new messages.  The broker writes a reservation ahead of
     the offsets it gives (16 million at a time, renewed half-way, and at the
-    start of every new segment), and after a start that was not clean (the
-    newest segment has no index) it goes on from the reservation.
+    start of every new segment; a message past the reservation an fsync
+    has made durable waits for the next fsync before it is delivered), and
+    after a start that was not clean (the newest segment has no index) it
+    goes on from the reservation.
 
 All integers are big-endian.  A record holds no topic name: the broker
 makes a MESSAGE frame from it by putting the topic in front.
