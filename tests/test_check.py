@@ -545,7 +545,7 @@ class OutputTests(CheckTestCase):
         self.assertEqual(topic["settings"], {"name": "t", "retention_ttl": HOUR, "compaction_window": 0})
         segment = topic["segments"][1]
         self.assertEqual(sorted(segment), ["base", "bytes", "end_offset", "findings", "first_offset", "format",
-                                           "last_offset", "messages", "path"])
+                                           "last_offset", "messages", "not_kept", "path"])
         self.assertEqual(segment["findings"][0], {
             "severity": "damage", "kind": "damage", "path": f"topics/74/{os.path.basename(self.segments()[1])}",
             "message": segment["findings"][0]["message"], "at": hit.pos, "length": hit.end - hit.pos,

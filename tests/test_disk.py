@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zaichik import codec
 from zaichik.storage import disk
-from zaichik.storage import segment
+from zaichik.storage import check, segment
 from zaichik.codec import Start
 from zaichik.storage.disk import DataDirLocked, DiskStorage
 from zaichik.service import BrokerService
@@ -717,11 +717,15 @@ class UnitOfWorkTests(DiskTestCase):
 
 
 class FrameBlockTests(DiskTestCase):
-    """A topic that retains nothing gives its log blocks of frames (codec.FrameBlock): the same batches on disk."""
+    """
+    A topic that retains nothing gives its log blocks of frames
+    (codec.FrameBlock): the same batches on disk where it keeps records (a
+    compaction window), only markers where it keeps nothing.
+    """
 
     def test_blocks_written_as_the_frames_would_be(self):
         service = self.start(fsync="never")
-        topic = service.create_topic("t", 0, 0)
+        topic = service.create_topic("t", 0, 60_000)
         with service.work:
             topic.publish_all([(None, b"a" * 10), (None, b"b" * 20)])
             topic.publish_all([(None, b"c" * 30)])
@@ -749,6 +753,46 @@ class FrameBlockTests(DiskTestCase):
         self.assertEqual(log.next_offset, 4)
         service = self.start(fsync="never")
         self.assertEqual(service.topics["t"].next_offset, 4)
+
+    def test_a_topic_that_keeps_nothing_writes_markers_not_records(self):
+        """
+        Its records are never read back (nothing retained, no keys to know
+        after a restart): each append is one marker of the offsets it took
+        and its newest time, and the offsets and times go on from there.
+        """
+        for fsync in ("never", "interval", "always"):
+            service = self.start(fsync=fsync)
+            now = round(self.clock.seconds() * 1000)
+            topic = service.create_topic(fsync, 0, 0)
+            reader, written = self.follow(service, fsync)
+            with service.work:
+                topic.publish_all([(None, b"a" * 10), (None, b"b" * 20)])  # (a block)
+                topic.publish_all([(b"k", b"c" * 30)])  # (keyed: frames)
+            self.clock.advance(0.005)
+            with service.work:
+                topic.publish_all([(None, b"d" * 40)])
+            self.assertEqual(offsets_of(written), [0, 1, 2, 3])
+            self.stop()
+            log = self.storage._logs[fsync]
+            with open(log.segments[-1].path, "rb") as f:
+                data = f.read()
+            for value in (b"a" * 10, b"c" * 30, b"d" * 40):
+                self.assertNotIn(value, data)
+            markers = [(b.first, b.last_ts) for b in segment.scan(data, 0).batches if b.is_passed]
+            self.assertEqual(markers, [(3, now), (4, now + 5)])
+            self.assertEqual([b for b in segment.scan(data, 0).batches if b.count], [])
+            self.clock.advance(-1)  # (the clock went back while the broker was down)
+            service = self.start(fsync=fsync)
+            topic = service.topics[fsync]
+            self.assertEqual(topic.next_offset, 4)
+            _, written = self.follow(service, fsync)
+            topic.publish(None, b"e")
+            self.assertEqual(parse_frames(b"".join(written))[0].timestamp, now + 5)
+            self.stop()
+            report = check.check(self.dir)
+            [topic_report] = [t for t in report.topics if t.name == fsync]
+            self.assertEqual(list(report.all_findings()), [])  # (no NOTE per marker)
+            self.assertEqual(sum(s.not_kept for s in topic_report.segments), 5)
 
 
 class ByteBoundTests(DiskTestCase):

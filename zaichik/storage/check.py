@@ -99,13 +99,15 @@ class SegmentReport:
     last_offset: Optional[int] = None
     end_offset: Optional[int] = None  # one past the newest offset used (messages and gap markers)
     reserved: int = 0  # the newest reservation in it (where a broker goes on after an unclean stop)
+    not_kept: int = 0  # offsets that went to messages not kept (a topic that retains nothing)
     findings: List[Finding] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
             "path": self.path, "base": self.base, "bytes": self.bytes, "format": self.format,
             "messages": self.messages, "first_offset": self.first_offset, "last_offset": self.last_offset,
-            "end_offset": self.end_offset, "findings": [f.to_json() for f in self.findings],
+            "end_offset": self.end_offset, "not_kept": self.not_kept,
+            "findings": [f.to_json() for f in self.findings],
         }
 
 
@@ -567,6 +569,8 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
         start = damage_before.get(batch.pos)
         if start is not None:
             _damaged_range(report, data, start, batch, expected)
+        elif batch.is_passed:
+            report.not_kept += batch.first - expected  # (not a finding: what the topic's settings ask)
         elif batch.first > expected:
             what = "a gap marker uses them up" if not batch.count else "a write that failed, or a gap"
             add(Finding(NOTE, "skipped", rel, f"offsets {expected} to {batch.first - 1} are not used ({what}; "
@@ -827,6 +831,8 @@ def _summary(batches: List[fmt.Batch], base: Optional[int]):
             continue
         if not batch.count:
             end = max(end, batch.first)
+            if batch.is_passed:
+                last_ts = batch.last_ts
             continue
         if first is None:
             first, first_ts, first_pos = batch.first, batch.first_ts, batch.pos
@@ -979,6 +985,8 @@ def render_text(report: Report, quiet: bool = False) -> str:
             kind = " (release 0.1.0's format)" if s.format == 1 else ""
             held = (f"{_plural(s.messages, 'message')}, offsets {s.first_offset}..{s.last_offset}"
                     if s.messages and s.first_offset is not None else _plural(s.messages, "message"))
+            if s.not_kept:
+                held += f" ({s.not_kept:,} more not kept: the topic retains nothing)"
             out.append(f"  {os.path.basename(s.path)}{kind}: {held}, {_plural(s.bytes, 'byte')}")
             show(s.findings, "    ", s.path)
     if report.commit_lines is not None:

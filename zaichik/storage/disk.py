@@ -148,6 +148,8 @@ class Segment:
                 self.reserved = max(self.reserved, batch.first)
             else:
                 self.end = max(self.end, batch.first)
+                if batch.is_passed:
+                    self.last_ts = batch.last_ts
             self.size = batch.end
             return
         if self.first is None:
@@ -223,6 +225,11 @@ class DiskLog:
         self.retention_ttl = retention_ttl
         self.compaction_window = compaction_window
         self.retains = retention_ttl > 0
+        # A topic that retains and compacts nothing never reads a record back:
+        # its appends are written as markers of the offsets they took
+        # (segment.encode_passed), not as records.  In memory it keeps nothing
+        # either; writing them cost --fsync never most of its gap to memory.
+        self.keeps_records = self.retains or compaction_window > 0
         prefix = codec.topic_prefix(topic)
         self._prefix = prefix
         self._skip = 4 + len(prefix)  # a frame's bytes before its record body
@@ -684,8 +691,11 @@ class DiskLog:
         each new segment's first batch had been written on the reactor, half
         of the writes under --fsync never at full speed, perf).
         """
-        data = fmt.encode_batch(first, _encodable(frames), self._skip)
         end = first + len(frames)
+        if self.keeps_records:
+            data = fmt.encode_batch(first, _encodable(frames), self._skip)
+        else:
+            data = fmt.encode_passed(end, self._newest_time(frames))
         reserve = self._storage.reserve
         try:
             segment = self._segment_for(first)
@@ -717,13 +727,21 @@ class DiskLog:
         self._book(first, frames, pos, data, pos + len(data) if marker else 0)
         return self._storage.written(self, end, pos)
 
+    def _newest_time(self, frames: Sequence[bytes]) -> int:
+        """The newest of C{frames}' timestamps; of a L{codec.FrameBlock} not split, its last chunk's first."""
+        last = frames.chunks[-1] if type(frames) is codec.FrameBlock else frames[-1]
+        return fmt.u64.unpack_from(last, self._skip + 8)[0]
+
     def _book(self, first: int, frames: Sequence[bytes], pos: int, data: bytes, marker_at: int) -> None:
-        """The batch C{data} (of C{frames}) is written at C{pos} of the newest segment: keep its account."""
+        """
+        The batch C{data} (of C{frames}, or its marker: see keeps_records)
+        is written at C{pos} of the newest segment: keep its account.
+        """
         segment = self.segments[-1]
         # (Its timestamps from its header, not the frames: a FrameBlock's
         # frames would be split for them.)
-        _, _, _, _, _, first_ts, last_ts = fmt.batch_header.unpack_from(data)
-        batch = fmt.Batch(pos, first, len(frames), first_ts, last_ts, pos + len(data))
+        _, _, _, at, count, first_ts, last_ts = fmt.batch_header.unpack_from(data)
+        batch = fmt.Batch(pos, at, count, first_ts, last_ts, pos + len(data))
         segment.add(batch)
         if marker_at:
             segment.size = marker_at + fmt.BATCH_HEADER

@@ -35,7 +35,13 @@ A batch with count 0 is a marker, by its first timestamp:
     start of every new segment; a message past the reservation an fsync
     has made durable waits for the next fsync before it is delivered), and
     after a start that was not clean (the newest segment has no index) it
-    goes on from the reservation.
+    goes on from the reservation;
+  - 2, messages not kept: a topic that retains and compacts nothing never
+    reads its records back, so each of its appends is written as this
+    marker alone (offsets below its first offset went to messages), with
+    its last timestamp the newest message's time (or one at most a unit of
+    work older), where the topic's timestamps go on from after a restart.
+    Brokers before this kind take it as a gap marker.
 
 All integers are big-endian.  A record holds no topic name: the broker
 makes a MESSAGE frame from it by putting the topic in front.
@@ -119,17 +125,27 @@ def sizes_struct(count: int) -> struct.Struct:
 
 GAP = 0
 RESERVATION = 1
+PASSED = 2
 
 
-def encode_gap(first: int, kind: int = GAP) -> bytes:
+def encode_gap(first: int, kind: int = GAP, last_ts: Optional[int] = None) -> bytes:
     """A gap marker (every offset below C{first} is used), or with C{kind} RESERVATION a reservation."""
-    rest = _batch_rest.pack(first, 0, kind, kind)
+    rest = _batch_rest.pack(first, 0, kind, kind if last_ts is None else last_ts)
     return b"".join((BATCH_MAGIC, u32.pack(len(rest)), u32.pack(crc(rest)), rest))
 
 
 def encode_reservation(first: int) -> bytes:
     """A reservation: offsets below C{first} may have been given out (see the module docstring)."""
     return encode_gap(first, RESERVATION)
+
+
+def encode_passed(first: int, last_ts: int) -> bytes:
+    """
+    A gap marker for messages not kept: offsets below C{first} went to
+    messages of a topic that retains and compacts nothing, the newest of
+    them at about C{last_ts} (see the module docstring).
+    """
+    return encode_gap(first, PASSED, last_ts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +164,10 @@ class Batch:
     @property
     def is_reservation(self) -> bool:
         return not self.count and self.first_ts == RESERVATION
+
+    @property
+    def is_passed(self) -> bool:
+        return not self.count and self.first_ts == PASSED
 
 
 
