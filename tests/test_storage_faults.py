@@ -528,6 +528,36 @@ class FailingWriteTests(DiskTestCase):
         self.assertEqual(type(reply), codec.Published)
         self.assertGreaterEqual(reply.offset, 3)
 
+    def test_failed_fsync_at_a_roll(self):
+        """
+        Rolling a full segment fsyncs it (under interval too).  When that
+        fails the broker refuses writes until restarted; the append that
+        rolled had gone on into the new segment and was delivered (a
+        review's doubt).  It is refused like the ones after it.
+        """
+        service, publisher, follower = self.setup_topic("interval", segment_bytes=2_000)
+        log = self.storage._logs["t"]
+        real = os.fsync
+        full = set()
+
+        def fsync(fd):
+            if fd in full:
+                full.discard(fd)  # (once: a new segment may get the same fd number)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd)
+
+        self.patch(os, "fsync", fsync)
+        for rid in range(100, 200):
+            full.add(log._fd)  # (the newest segment's fsync fails when it is rolled)
+            reply = publisher.request(codec.Publish(rid, "t", b"v%d" % rid * 40))
+            if len(log.segments) > 1:
+                break
+            self.assertEqual(type(reply), codec.Published)
+        self.assertEqual((type(reply), reply.rid), (codec.Error, rid), reply)
+        self.assertNotIn(b"v%d" % rid * 40, [m.value for m in follower.messages()])
+        reply = publisher.request(codec.Publish(rid + 1, "t", b"after"))
+        self.assertEqual(type(reply), codec.Error)
+
 
 # -- b. a full disk: a real (small) filesystem -------------------------------------------------
 

@@ -699,6 +699,10 @@ class DiskLog:
         reserve = self._storage.reserve
         try:
             segment = self._segment_for(first)
+            if self.broken:
+                # (The fsync of the segment it rolled failed: refused, as
+                # every write after it until a restart.)
+                return fail(StorageError(f"storage failed: {self.broken}"))
             pos = self._planned if self._inflight else segment.size
             if reserve and (end > self._reserved - reserve // 2 or pos == fmt.SEGMENT_HEADER):
                 # Renew the reservation (and start each segment with one).
