@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from zaichik import codec, speedups  # noqa: E402
-from zaichik.testing import BrokerProcess, free_port  # noqa: E402
+from zaichik.testing import BrokerProcess, start_on_free_port  # noqa: E402
 
 PAYLOAD = 100
 _u32 = struct.Struct(">I")
@@ -50,17 +50,6 @@ _q = struct.Struct(">Q")
 
 
 # --- servers -------------------------------------------------------------------
-
-
-def _wait_for_port(port: int, name: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} did not start")
 
 
 class Server:
@@ -121,10 +110,10 @@ class Baseline(Server):
     wire = staticmethod(lambda topic_len, payload: ZaichikWire())
 
     def __init__(self, options: Sequence[str] = ()) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), str(self.port)])
+        # (on another port if the free one is taken before it listens)
+        self.process, self.port = start_on_free_port(
+            lambda port: subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), str(port)]), self.name)
         self.pid = self.process.pid
-        _wait_for_port(self.port, self.name)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -252,11 +241,11 @@ class Peer(Server):
     """A real broker found on PATH, on its own loopback port, stopped by its pid."""
 
     def __init__(self, options: Sequence[str] = ()) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        # (on another port if the free one is taken before it listens)
+        self.process, self.port = start_on_free_port(
+            lambda port: subprocess.Popen(self.argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            self.name)
         self.pid = self.process.pid
-        _wait_for_port(self.port, self.name)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -43,7 +43,7 @@ from zaichik.codec import ErrorCode, Start
 from zaichik.errors import ZaichikError
 from zaichik.protocol import BrokerFactory
 from zaichik.service import BrokerService
-from zaichik.testing import BrokerProcess, free_port
+from zaichik.testing import BrokerProcess, FreePort
 
 # Cheap scrypt parameters for the tests' own hashes (the broker reads them
 # from each hash, so any valid parameters work).
@@ -304,10 +304,10 @@ def tls_broker():
         auth = os.path.join(files.dir, "credentials")
         with open(auth, "w") as f:
             f.write(credentials_text(TOKENS))
-        tls_port = free_port()
-        broker = BrokerProcess("--auth", auth, "--port",
-                               f"ssl:{tls_port}:privateKey={files.key}:certKey={files.cert}:interface=127.0.0.1")
+        tls = FreePort(f"ssl:{{port}}:privateKey={files.key}:certKey={files.cert}:interface=127.0.0.1")
+        broker = BrokerProcess("--auth", auth, "--port", tls)
         broker.start()
+        tls_port = tls.port
         import atexit
 
         atexit.register(broker.cleanup)

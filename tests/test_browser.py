@@ -56,8 +56,9 @@ class BrowserTestCase(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.data_dir, True)
         self.broker = BrokerProcess("--data-dir", self.data_dir, "--websocket-origin", self.page_origin,
                                     "--idle-timeout", self.idle_timeout, websocket=True, http=True)
-        # (the console comes from the broker's own HTTP port: listed too)
-        self.broker.options += ["--websocket-origin", f"http://127.0.0.1:{self.broker.http_port}"]
+        # (the console comes from the broker's own HTTP port: listed too; read at the start, as that
+        # port is chosen again if it is taken)
+        self.broker.options += ["--websocket-origin", lambda: f"http://127.0.0.1:{self.broker.http_port}"]
         self.broker.start()
         self.addCleanup(self.broker.cleanup)
         self.browser = Browser()

@@ -23,17 +23,15 @@ import threading
 import unittest
 import uuid
 from typing import Any, Callable, List, Optional
-from unittest import mock
 
 from twisted.internet import error as twisted_error
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase as TrialTestCase
 
-import zaichik.testing
 from zaichik.client import core as client_core
 from zaichik.codec import ErrorCode, Start
 from zaichik.errors import ZaichikError
-from zaichik.testing import BrokerProcess, free_port, shared_broker
+from zaichik.testing import BrokerProcess, FreePort, free_port, shared_broker
 
 try:
     import uvloop
@@ -61,10 +59,9 @@ class Silent:
 class FixedPortBroker(BrokerProcess):
     """A broker that comes back on the same port when started again."""
 
-    def start(self, timeout: float = 15.0) -> "FixedPortBroker":
-        port = self.port or free_port()
-        with mock.patch.object(zaichik.testing, "free_port", lambda: port):
-            return super().start(timeout)
+    def start(self, timeout: float = 15.0, port: int = 0) -> "FixedPortBroker":
+        super().start(timeout, port or self.port)  # a free port the first time, then that one
+        return self
 
 
 # --- drivers: one per client ----------------------------------------------------------
@@ -995,12 +992,11 @@ def tls_broker():
         import atexit
 
         files = TLSFiles()
-        port = free_port()
-        broker = BrokerProcess("--port", f"ssl:{port}:privateKey={files.key}:certKey={files.cert}"
-                                         ":interface=127.0.0.1").start()
+        tls = FreePort(f"ssl:{{port}}:privateKey={files.key}:certKey={files.cert}:interface=127.0.0.1")
+        broker = BrokerProcess("--port", tls).start()
         atexit.register(broker.cleanup)
         atexit.register(shutil.rmtree, files.dir, True)
-        _tls.update(broker=broker, address=f"localhost:{port}", files=files)
+        _tls.update(broker=broker, address=f"localhost:{tls.port}", files=files)
     return _tls["broker"], _tls["address"], _tls["files"]
 
 

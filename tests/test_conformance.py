@@ -68,6 +68,7 @@ R19. Timing: a message not acknowledged is expected again no earlier than
 """
 
 import atexit
+import errno
 import os
 import random
 import shutil
@@ -96,10 +97,28 @@ def free_port():
         s.close()
 
 
+class PortTaken(RuntimeError):
+    """The broker could not listen: its port was in use."""
+
+
 class Broker(object):
     """A real ``twistd -n zaichik`` process on a free loopback port."""
 
+    # free_port() holds nothing: another listener (or a connection's local
+    # end) may take the port before the broker binds it.  Then the broker
+    # exits saying so, and starts again on another port, up to this often.
+    TRIES = 5
+
     def __init__(self, *options):
+        for attempt in range(self.TRIES):
+            try:
+                self._start(options)
+                return
+            except PortTaken:
+                if attempt == self.TRIES - 1:
+                    raise
+
+    def _start(self, options):
         self.port = free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -114,13 +133,16 @@ class Broker(object):
         deadline = time.monotonic() + 10.0
         while True:
             if self.proc.poll() is not None:
+                log = self.stop()
+                # "cannot listen on --port tcp:PORT:...: Address already in use"
+                if "tcp:%d:" % self.port in log and os.strerror(errno.EADDRINUSE) in log:
+                    raise PortTaken(log)
                 raise RuntimeError("broker exited with %s:\n%s"
-                                   % (self.proc.returncode, self.log()))
+                                   % (self.proc.returncode, log))
             if self._answers_ping():
                 return
             if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("broker did not answer within 10 s:\n%s" % self.log())
+                raise RuntimeError("broker did not answer within 10 s:\n%s" % self.stop())
             time.sleep(0.05)
 
     def _answers_ping(self):

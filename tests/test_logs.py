@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from datetime import datetime
 
@@ -19,9 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zaichik import logs
-from zaichik.testing import TWISTD, free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from zaichik.testing import BrokerProcess
 
 
 class Thing:
@@ -143,24 +140,20 @@ class DestinationTests(SynchronousTestCase):
 class TwistdTests(TestCase):
     def test_json_to_a_logfile(self):
         """twistd -n zaichik --log-format json --logfile F: every line of F is one JSON object."""
-        import signal
         import time
 
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "broker.log")
-        port = free_port()
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        process = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "--logfile", path, "zaichik", "--log-format",
-                                             "json", "--port", str(port)], cwd=ROOT, env=env)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        # --port PORT, bare; returns once the broker answers a PING (its stdout is BrokerProcess's log).
+        broker = BrokerProcess("--log-format", "json", twistd_options=["--logfile", path], listen="{port}").start()
+        self.addCleanup(broker.cleanup)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if os.path.exists(path) and "Ready" in open(path).read():
                 break
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        process.wait(10)
+        broker.stop()  # SIGTERM
         with open(path, encoding="utf-8") as f:
             text = f.read()
         self.assertNotIn("\x1e", text)

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 import zaichik
 from zaichik import tap
-from zaichik.testing import TWISTD, BrokerProcess, free_port
+from zaichik.testing import TWISTD, BrokerProcess, FreePort, Option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -261,7 +261,7 @@ class StartupErrorTests(TestCase):
 class StartupLogTests(TestCase):
     """What the start-up log says, read from --log-format json."""
 
-    def events(self, *options: str) -> list:
+    def events(self, *options: Option) -> list:
         broker = BrokerProcess("--log-format", "json", *options).start()
         self.addCleanup(broker.cleanup)
         broker.stop()
@@ -322,7 +322,7 @@ class StartupLogTests(TestCase):
     def test_with_auth_every_interface(self):
         # The test broker listens on an explicit loopback description; the
         # metrics port is bare, so --auth makes it listen on every interface.
-        events = self.events("--auth", credentials_file(self), "--metrics-port", str(free_port()))
+        events = self.events("--auth", credentials_file(self), "--metrics-port", FreePort())
         metrics = [e for e in events if e.get("namespace") == "zaichik.tap" and e.get("option") == "--metrics-port"]
         self.assertEqual(len(metrics), 1, events)
         self.assertNotIn("interface=", metrics[0]["listener"])
@@ -331,33 +331,19 @@ class StartupLogTests(TestCase):
         """A bare --port without --auth: the text log says it is local only, and how to change that."""
         import time
 
-        port = free_port()
-        fd, log = tempfile.mkstemp(prefix="zaichik-tap-log-")
-        self.addCleanup(os.unlink, log)
-        process = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "zaichik", "--port", str(port)], cwd=ROOT,
-                                   env=ENV, stdout=fd, stderr=subprocess.STDOUT)
-        os.close(fd)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        broker = BrokerProcess(listen="{port}").start()  # --port PORT, bare (returns once it answers a PING)
+        self.addCleanup(broker.cleanup)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         # Until its start-up is logged, all of it (not a fixed 0.2 s after the port opened).
-        while time.monotonic() < deadline and process.poll() is None:
-            with open(log) as f:
-                if "Ready:" in f.read():
-                    break
+        while time.monotonic() < deadline and broker.process is not None and broker.process.poll() is None:
+            if "Ready:" in broker.log():
+                break
             time.sleep(0.05)
-        process.terminate()
-        process.wait(10)
-        with open(log) as f:
-            lines = f.read().splitlines()
+        broker.stop()
+        lines = broker.log().splitlines()
         said = [line for line in lines if "local" in line]
         self.assertEqual(len(said), 1, lines)
-        self.assertIn(f"127.0.0.1:{port}", said[0])
+        self.assertIn(f"127.0.0.1:{broker.port}", said[0])
         self.assertIn("--auth", said[0])
 
 

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zaichik import codec
 from zaichik.auth import hash_secret
 from zaichik.codec import ErrorCode
-from zaichik.testing import BrokerProcess, WebSocketClient, free_port
+from zaichik.testing import BrokerProcess, FreePort, WebSocketClient
 
 from tests.test_auth import TLSFiles
 
@@ -29,10 +29,10 @@ def secure_broker():
         credentials = os.path.join(files.dir, "credentials")
         with open(credentials, "w") as f:
             f.write(f"writer {hash_secret('s3cret', n=2, r=1, p=1)} publish=ws/# subscribe=ws/# create=ws/#\n")
-        port = free_port()
-        broker = BrokerProcess("--auth", credentials, "--websocket-port",
-                               f"ssl:{port}:privateKey={files.key}:certKey={files.cert}:interface=127.0.0.1")
+        wss = FreePort(f"ssl:{{port}}:privateKey={files.key}:certKey={files.cert}:interface=127.0.0.1")
+        broker = BrokerProcess("--auth", credentials, "--websocket-port", wss)
         broker.start()
+        port = wss.port
         import atexit
 
         atexit.register(broker.cleanup)

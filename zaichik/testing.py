@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import errno
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from zaichik import codec
 
@@ -42,9 +43,154 @@ def parse_frames(data: bytes) -> list:
 
 
 def free_port() -> int:
+    """
+    A loopback port no socket uses now.  Nothing holds it: until a process
+    listens on it, another listener, or the local end of a connection, may
+    take it.  A process started on it should be started with
+    L{retry_in_use} (L{BrokerProcess} and L{RedisServer} are).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# How twistd zaichik, Twisted, redis-server (and most programs) say that a
+# port is taken: strerror(EADDRINUSE).
+IN_USE = os.strerror(errno.EADDRINUSE)
+
+PORT_TRIES = 5  # starts on fresh ports, at most, when a free_port() was taken
+KEPT_PORT_WAIT = 5.0  # seconds a port that must be kept (a restart) is tried again while taken
+
+_T = TypeVar("_T")
+
+
+class PortInUse(RuntimeError):
+    """
+    A process could not listen: its port was in use.  C{renewable}: the
+    port was a free_port() that starting again replaces with another (else
+    it must be kept: a restart on the port clients reconnect to).
+    """
+
+    def __init__(self, message: str, renewable: bool) -> None:
+        super().__init__(message)
+        self.renewable = renewable
+
+
+def retry_in_use(start: Callable[[], _T], tries: int = PORT_TRIES, wait: float = KEPT_PORT_WAIT) -> _T:
+    """
+    C{start()}, called again while it raises L{PortInUse}: at once when the
+    error is renewable (C{start} chooses another port), up to C{tries} starts
+    in all; after a pause when it is not (a kept port may be freed soon:
+    the local end of a short connection), for up to C{wait} seconds.  Then
+    the last L{PortInUse} is raised.
+    """
+    starts = 0
+    deadline: Optional[float] = None
+    while True:
+        try:
+            return start()
+        except PortInUse as e:
+            starts += 1
+            if e.renewable:
+                if starts >= tries:
+                    raise
+            else:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + wait
+                if now >= deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def port_taken(port: int) -> bool:
+    """
+    Whether a listener that sets SO_REUSEADDR (Twisted's, redis-server's)
+    could not bind 127.0.0.1:C{port} now: another listener, or a socket
+    bound without SO_REUSEADDR (a connection's local end), holds it.  For a
+    process that exited before it listened: was its port taken?
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+        return False
+
+
+def start_on_free_port(start: Callable[[int], subprocess.Popen], name: str,
+                       timeout: float = 10.0) -> Tuple[subprocess.Popen, int]:
+    """
+    A server process, C{start(port)}, on a L{free_port}: returned with its
+    port once the port accepts a connection.  Started again on another port
+    if it exits with its port taken (L{retry_in_use}).
+    """
+
+    def attempt() -> Tuple[subprocess.Popen, int]:
+        port = free_port()
+        process = start(port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                if port_taken(port):
+                    raise PortInUse(f"{name} could not listen on {port}: taken", renewable=True)
+                raise RuntimeError(f"{name} exited with {process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return process, port
+            except OSError:
+                time.sleep(0.05)
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"{name} did not listen within {timeout} s")
+
+    return retry_in_use(attempt)
+
+
+class FreePort:
+    """
+    An endpoint description on a port chosen when a L{BrokerProcess}
+    starts: C{template} with C{{port}} replaced by the port, e.g.
+    C{FreePort("ssl:{port}:privateKey=k:certKey=c:interface=127.0.0.1")}
+    as the value of a C{--port} or C{--websocket-port} option.  The port is
+    a L{free_port}, chosen again if the broker's first start finds it taken,
+    then kept (across L{BrokerProcess.restart}); read it as C{port} once the
+    broker has started.
+    """
+
+    def __init__(self, template: str = "{port}", port: int = 0) -> None:
+        self.template = template
+        self.port = port
+        self.kept = False  # a broker has listened on it: never chosen again
+
+    def __str__(self) -> str:
+        return self.template.replace("{port}", str(self.port))
+
+    def __repr__(self) -> str:
+        return f"FreePort({str(self)!r})"
+
+
+# An option of a BrokerProcess: a string; a FreePort; or a function giving
+# the string when the broker starts (e.g. a URL naming a FreePort's port).
+Option = Union[str, FreePort, Callable[[], str]]
+LOOPBACK = "tcp:{port}:interface=127.0.0.1"
+
+
+def _taken_ports(log: str) -> List[int]:
+    """
+    The ports twistd zaichik said were in use: its one line is "cannot
+    listen on --port DESCRIPTION: Address already in use", the description
+    as given or completed (a bare port as tcp:PORT:interface=127.0.0.1).
+    """
+    ports = []
+    for line in log.splitlines():
+        said, found, _ = line.partition(f": {IN_USE}")
+        if found and "cannot listen on " in said:
+            description = said.split("cannot listen on ", 1)[1].split(" ", 1)[-1]
+            ports += [int(field) for field in description.split(":") if field.isdigit()]
+    return ports
 
 
 class BrokerProcess:
@@ -54,48 +200,105 @@ class BrokerProcess:
     The directory holding this C{zaichik} package goes first on
     C{PYTHONPATH}, so the broker is the same code as the caller's (its plugin
     is found in C{twisted/plugins/} beside it, in a checkout or an install).
+
+    Its ports are L{free_port}s: if one is taken before the broker listens
+    on it (by another listener, or a connection's local end), the first
+    start chooses another and starts again; a restart keeps its ports (the
+    clients reconnect to them) and waits a little for a taken one.
     """
 
-    def __init__(self, *options: str, twistd_options: Sequence[str] = (), websocket: bool = False,
-                 http: bool = False) -> None:
+    def __init__(self, *options: Option, twistd_options: Sequence[str] = (), websocket: bool = False,
+                 http: bool = False, listen: str = LOOPBACK) -> None:
         """
+        @param options: after "zaichik": strings, L{FreePort}s (e.g. the
+            value of another C{--port}), or functions giving a string at
+            each start.
         @param twistd_options: before "zaichik": e.g. C{["-r", "asyncio"]}.
         @param websocket: listen for WebSocket clients too, on
             C{websocket_port} (kept across L{restart}).
         @param http: serve /metrics, the console and zaichik.js on
-            C{http_port} (kept across L{restart}).
+            C{http_port} (kept across L{restart}).  Both are chosen now, and
+            again if the first start finds one taken: an option naming one
+            is a function, read at the start.
+        @param listen: the C{--port} description, C{{port}} for the port
+            (which must take a PING on 127.0.0.1): e.g. C{"{port}"}, a bare port.
         """
-        self.options = list(options)
+        self.options: List[Option] = list(options)
         self.twistd_options = list(twistd_options)  # before "zaichik": e.g. ["-r", "asyncio"]
-        self.port = 0
         self.process: Optional[subprocess.Popen] = None
         self.log_path = ""
-        self.websocket_port = free_port() if websocket else 0
-        self.http_port = free_port() if http else 0
+        self._discard_log = False  # log_path is a start that found its port taken
+        self._listener = FreePort(listen)
+        # Chosen now (they may be read before the start), chosen again if taken.
+        self._websocket = FreePort(LOOPBACK, free_port()) if websocket else None
+        self._http = FreePort(LOOPBACK, free_port()) if http else None
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    @property
+    def websocket_port(self) -> int:
+        return self._websocket.port if self._websocket else 0
+
+    @property
+    def http_port(self) -> int:
+        return self._http.port if self._http else 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _ports(self) -> List[FreePort]:
+        return [p for p in [self._listener, self._websocket, self._http, *self.options] if isinstance(p, FreePort)]
+
     def start(self, timeout: float = 15.0, port: int = 0) -> "BrokerProcess":
-        self.port = port or free_port()
+        """
+        Start the broker; return once it answers a PING (within C{timeout}
+        seconds).  It listens on C{port} (kept: waited for if taken), or on a
+        free port.
+        """
+        self._listener.port, self._listener.kept = port, bool(port)
+        retry_in_use(lambda: self._start(timeout))
+        for p in self._ports():
+            p.kept = True
+        return self
+
+    def _start(self, timeout: float) -> None:
+        if self._discard_log:
+            os.unlink(self.log_path)
+            self._discard_log = False
+        ports = self._ports()
+        for p in ports:
+            p.port = p.port or free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
         argv: List[str] = TWISTD + self.twistd_options + ["-n", "--pidfile=", "zaichik",
-                                   "--port", f"tcp:{self.port}:interface=127.0.0.1"] + self.options
-        if self.websocket_port:
-            argv += ["--websocket-port", f"tcp:{self.websocket_port}:interface=127.0.0.1"]
-        if self.http_port:
-            argv += ["--metrics-port", f"tcp:{self.http_port}:interface=127.0.0.1"]
+                                                            "--port", str(self._listener)]
+        argv += [o() if callable(o) else str(o) for o in self.options]
+        if self._websocket:
+            argv += ["--websocket-port", str(self._websocket)]
+        if self._http:
+            argv += ["--metrics-port", str(self._http)]
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
         os.close(fd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.process.returncode}:\n{self.log()}")
+                log = self.log()
+                taken = [p for p in ports if p.port in _taken_ports(log)]
+                if taken:
+                    error = PortInUse(f"broker could not listen, port taken: {', '.join(map(str, taken))}:\n{log}",
+                                      renewable=not any(p.kept for p in taken))
+                    self._discard_log = True
+                    for p in taken:
+                        if not p.kept:
+                            p.port = 0  # another at the next start
+                    raise error
+                raise RuntimeError(f"broker exited with {self.process.returncode}:\n{log}")
             if self._answers_ping():
-                return self
+                return
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"broker did not listen within {timeout} s:\n{self.log()}")
@@ -280,6 +483,7 @@ class RedisServer:
         self.persistent = persistent
         self.cluster = cluster
         self.port = port
+        self._kept = bool(port)  # a port given, or listened on: never chosen again
         self.dir = tempfile.mkdtemp(prefix="zaichik-redis-")
         self.process: Optional[subprocess.Popen] = None
 
@@ -288,6 +492,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
+        """
+        Start it; return once it answers PING.  A port it chose (a
+        L{free_port}) found taken at its first start is chosen again; a port
+        given, or kept across L{restart}, is waited for a little.
+        """
+        retry_in_use(lambda: self._start(timeout))
+        self._kept = True
+        atexit.register(self.cleanup)
+        return self
+
+    def _start(self, timeout: float) -> None:
         if not self.port:
             self.port = _free_cluster_port() if self.cluster else free_port()
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
@@ -300,22 +515,30 @@ class RedisServer:
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0"]
+        logged = len(self.log())  # the log is appended to across restarts: this start's part follows
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log()}")
-            if self.command("PING") == "PONG":
-                atexit.register(self.cleanup)
-                return self
+                log = self.log()
+                if IN_USE in log[logged:]:  # "Could not create server TCP listening socket ...: bind: ..."
+                    error = PortInUse(f"redis-server could not listen on {self.port}, taken:\n{log}",
+                                      renewable=not self._kept)
+                    if not self._kept:
+                        self.port = 0  # another at the next start
+                    raise error
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{log}")
+            # (a short wait: another listener that took the port may never answer)
+            if self.command("PING", timeout=2) == "PONG":
+                return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server did not answer within {timeout} s:\n{self.log()}")
 
-    def command(self, *args: str) -> str:
+    def command(self, *args: str, timeout: float = 10) -> str:
         """Run one command with redis-cli; its output ('' if the server does not answer)."""
         try:
             return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
+                                  text=True, timeout=timeout).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
