@@ -569,8 +569,14 @@ def _check_segment(data_dir: str, path: str, base: int, newest: bool, following:
         start = damage_before.get(batch.pos)
         if start is not None:
             _damaged_range(report, data, start, batch, expected)
-        elif batch.is_passed:
+        elif batch.is_passed and not expected < report.reserved < batch.first:
             report.not_kept += batch.first - expected  # (not a finding: what the topic's settings ask)
+        elif batch.is_passed:
+            # After a stop that was not clean the topic went on from its reservation.
+            add(Finding(NOTE, "skipped", rel, f"offsets {expected} to {report.reserved - 1} are not used (reserved "
+                        "before a stop that was not clean; nothing lost)", at=batch.pos,
+                        offsets=(expected, report.reserved - 1)))
+            report.not_kept += batch.first - report.reserved
         elif batch.first > expected:
             what = "a gap marker uses them up" if not batch.count else "a write that failed, or a gap"
             add(Finding(NOTE, "skipped", rel, f"offsets {expected} to {batch.first - 1} are not used ({what}; "

@@ -39,8 +39,13 @@ fails: nothing of it is kept or delivered.  Durability follows C{--fsync}:
   - C{always}: appends are acknowledged and delivered only after an fsync;
     the fsyncs of every unit that ended while one was running are done
     together (group commit), in a thread;
-  - C{interval}: fsync every 100 ms, in a thread;
+  - C{interval}: fsync every 100 ms, in a thread; an append past the
+    offsets reservation that an fsync made durable waits for the next one
+    (see RESERVE);
   - C{never}: when the kernel pleases.
+
+A topic that retains and compacts nothing writes a marker of the offsets
+each append took, not its records (see segment.PASSED).
 """
 
 from __future__ import annotations
@@ -250,6 +255,7 @@ class DiskLog:
         # Offsets below this are covered by a reservation an fsync has made
         # durable (none at start: what was read may not be on the disk yet).
         self.durable_reserved = 0
+        self.held = 0  # of its appends, how many wait in DiskStorage._held
         # Writes queued for the writer thread (zaichik.storage.writer): how
         # many, where the segment will end after them, the generation they
         # belong to (a failed write ends one) and, in the writer thread, the
@@ -346,7 +352,7 @@ class DiskLog:
         segment.size = len(data)
         for start, end in result.damage:
             gap = fmt.batch_at(data, end)
-            if gap is not None and not gap.count:
+            if gap is not None and not gap.count and gap.first_ts == fmt.GAP:
                 # A torn tail found at an earlier start, with the gap marker
                 # written after it: known, not new damage.
                 segment.damaged.append((start, end))
@@ -1090,7 +1096,7 @@ class DiskStorage:
         self._dirty: set = set()  # interval: logs written since the last fsync
         # interval: appends past their log's durable reservation, waiting for
         # an fsync before they are delivered (see written).
-        self._held: List[Tuple[DiskLog, int, Deferred]] = []
+        self._held: List[Tuple[DiskLog, int, Deferred, int]] = []  # (log, end, d, pos)
         self._ticker: Optional[LoopingCall] = None
         self._cache_lru: "OrderedDict[DiskLog, int]" = OrderedDict()
         self._cache_total = 0
@@ -1434,18 +1440,22 @@ class DiskStorage:
         C{log} wrote up to offset C{end}, from byte C{pos} of its newest
         segment: fires (C{d}, if given) once that is as durable as the policy
         says.  Under C{interval} that is at once, unless the offsets pass the
-        reservation an fsync has made durable: then at the next fsync (one
-        is started at the end of the unit), or a power loss could give the
-        offsets delivered again after the restart.
+        reservation an fsync has made durable: then after the next fsync
+        (one is started at the end of the unit, or when the one under way
+        ends), or a power loss could give the offsets delivered again after
+        the restart.  Behind a held append of the same log (a roll makes the
+        new segment's reservation durable at once), and after a failed
+        fsync, an append is held too: in order, and cut back if refused.
         """
         policy = self.fsync_policy
         if policy != "always":
             if policy == "interval":
                 self._dirty.add(log)
-                if end > log.durable_reserved:
+                if end > log.durable_reserved or log.held or log.broken:
                     if d is None:
                         d = Deferred()
-                    self._held.append((log, end, d))
+                    self._held.append((log, end, d, pos))
+                    log.held += 1
                     return d
             log.visible_end = end
             if d is None:
@@ -1459,6 +1469,8 @@ class DiskStorage:
 
     def sync(self) -> None:
         """The end of a unit of work: write its commits; with C{always}, fsync the unit."""
+        if self._shut:
+            return  # (a unit that closed the storage, ending: see close)
         waiting, self._commit_waiting = self._commit_waiting, []
         error = self._write_commits() if self._commits_fd is not None else None
         if error is None and self._commit_lines_on_disk > 2 * self._live_positions + 10_000:
@@ -1611,20 +1623,34 @@ class DiskStorage:
     def _release_held(self, result) -> None:
         """
         After an fsync (C{interval}): appends now covered by a durable
-        reservation are delivered, in order; after a failed one every held
-        append fails (the broker refuses writes until restarted; what was
-        written stays, as the appends delivered since the last good fsync).
+        reservation are delivered, in order.  After a failed one the broker
+        refuses writes until restarted: the held appends of a broken log
+        fail, cut back off its segment (as under C{always}: a restart must
+        not serve what was refused), with the writes still queued for the
+        writer thread (waited for: they follow the held ones).  The appends
+        delivered since the last good fsync stay.
         """
+        failed = isinstance(result, Failure)
+        if self.writer is not None and (failed or any(log.broken for log, _, _, _ in self._held)):
+            self.writer.wait()
         held, self._held = self._held, []
-        for log, end, d in held:
-            if isinstance(result, Failure) or log.broken:
+        cut: Dict[DiskLog, int] = {}
+        for log, _, _, pos in held:
+            if failed or log.broken:
+                cut[log] = min(pos, cut.get(log, pos))
+        for log, pos in cut.items():
+            log.cut_back(pos)
+        for log, end, d, pos in held:
+            if log in cut:
+                log.held -= 1
                 d.errback(StorageError(f"storage failed: {log.broken or result.value}"))
             elif end <= log.durable_reserved:
+                log.held -= 1
                 if end > log.visible_end:
                     log.visible_end = end
                 d.callback(None)
             else:
-                self._held.append((log, end, d))
+                self._held.append((log, end, d, pos))
                 self._dirty.add(log)
         if self._held:
             self._tick()
@@ -1632,6 +1658,7 @@ class DiskStorage:
     # -- closing --------------------------------------------------------------------
 
     _closed = False
+    _shut = False  # closed, files and all
 
     def close(self) -> Deferred:
         if self._closed or not self._opened:
@@ -1668,6 +1695,7 @@ class DiskStorage:
             log.close()
         for fd in fds:
             os.close(fd)
+        self._shut = True
         if self._lock is not None:
             self._lock.close()
 
