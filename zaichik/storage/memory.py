@@ -6,7 +6,8 @@ disk backend's cache of a topic's newest messages.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
 from typing import Dict, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -88,14 +89,17 @@ class MemoryLog:
         self.add(first, frames)
         return succeed(None)
 
-    def _drop_front(self, count: int) -> None:
-        """Drop the C{count} oldest frames."""
+    def _drop_front(self, count: int, nbytes: Optional[int] = None) -> None:
+        """Drop the C{count} oldest frames (C{nbytes} of them, if known)."""
         runs = self._runs
+        if nbytes is not None:
+            self.nbytes -= nbytes
         while count and runs:
             run = runs[0]
             take = min(count, len(run.frames) - run.head)
             frames = run.frames
-            self.nbytes -= sum(map(len, frames[run.head : run.head + take]))
+            if nbytes is None:
+                self.nbytes -= sum(map(len, frames[run.head : run.head + take]))
             run.head += take
             self._count -= take
             count -= take
@@ -138,20 +142,36 @@ class MemoryLog:
                 break
         return dropped
 
+    _TRIM_STEP = 4096
+
     def trim(self, max_bytes: int) -> int:
+        """
+        Drop the oldest frames until at most C{max_bytes} are kept.  The
+        sizes are summed in C a slice at a time (accumulate, bisect), not a
+        Python step per frame: the disk cache trims a quarter of
+        --cache-size at a time, and the loop per frame had been a third of
+        the reactor's time under a retaining topic on disk (cProfile).
+        """
         excess = self.nbytes - max_bytes
-        count = 0
+        if excess <= 0:
+            return 0
+        count = freed = 0
+        step = self._TRIM_STEP
         for run in self._runs:
             frames = run.frames
             i = run.head
-            while excess > 0 and i < len(frames):
-                excess -= len(frames[i])
-                i += 1
+            while i < len(frames):
+                sizes = list(accumulate(map(len, frames[i : i + step])))
+                if sizes[-1] >= excess:
+                    n = bisect_left(sizes, excess) + 1
+                    count += i + n - run.head
+                    self._drop_front(count, freed + sizes[n - 1])
+                    return count
+                excess -= sizes[-1]
+                freed += sizes[-1]
+                i += len(sizes)
             count += i - run.head
-            if excess <= 0:
-                break
-        if count:
-            self._drop_front(count)
+        self._drop_front(count, freed)
         return count
 
     def get(self, offset: int, limit: int):
