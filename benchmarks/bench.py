@@ -609,6 +609,12 @@ def scenarios(quick: bool) -> List[Scenario]:
         Scenario("1->1 retention 60s + compaction", n, retention=60_000, compaction=10_000, keyed=True,
                  baseline=False, ratio_to=FORWARDER),
         Scenario("1->1 --fsync never", steady, options=FSYNC_NEVER, baseline=False, ratio_to=ONE_TOPIC),
+        # Beside it (not a target): a topic that retains writes its records
+        # (one that keeps nothing writes a marker an append: see
+        # zaichik.storage.segment.PASSED), against the same in memory.
+        Scenario("1->1 retention 60s", n, retention=60_000, baseline=False, ratio_to=FORWARDER),
+        Scenario("1->1 retention 60s, --fsync never", n, retention=60_000, options=FSYNC_NEVER, baseline=False,
+                 ratio_to=("1->1 retention 60s", "zaichik")),
         Scenario("acked 1000, --fsync always", n // 2, mode="acked", options=FSYNC_ALWAYS, baseline=False,
                  ratio_to=("1->1 acked, 1000 in flight", "zaichik")),
         *[Scenario(f"1->1 {label} values", _by_bytes(quick, size, n), payload=size, peers=True)
