@@ -455,6 +455,21 @@ class FailingWriteTests(DiskTestCase):
         self.assertEqual([(type(r), r.rid, r.code) for r in publisher.replies[before:]],
                          [(codec.Error, 30, ErrorCode.LIMIT), (codec.Error, 0, ErrorCode.LIMIT)])
 
+    def test_failed_fire_and_forget_batch_is_told(self):
+        """The same for PUBLISH_BATCH with rid 0 (which makes no reply of its own): one ERROR, rid 0."""
+        service, publisher, follower = self.setup_topic()
+        log = self.storage._logs["t"]
+        patch, failed = self.fail_writes(lambda fd: fd == log._fd)
+        before = len(publisher.replies)
+        with service.work:
+            publisher.session.handle(codec.PublishBatch(0, "t", [(None, b"a"), (None, b"b")]))
+            publisher.session.handle(codec.PublishBatch(0, "t", [(None, b"c")]))
+        patch.restore()
+        self.assertEqual([(type(r), r.rid, r.code) for r in publisher.replies[before:]],
+                         [(codec.Error, 0, ErrorCode.LIMIT)])
+        self.assertEqual(publisher.request(codec.PublishBatch(31, "t", [(None, b"d")])),
+                         codec.PublishedBatch(31, [(3, False)]))
+
     def test_failed_write_of_a_new_segment(self):
         """The write that fails is the new segment's header: no empty segment left, the offset given again."""
         service, publisher, follower = self.setup_topic(segment_bytes=200)
