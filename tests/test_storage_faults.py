@@ -32,7 +32,7 @@ from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import wire
-from tests.test_disk import DiskTestCase, WaitingDiskStorage
+from tests.test_disk import DiskTestCase, WaitingDiskStorage, offsets_of, run_all, run_now, slow_fsyncs
 from zaichik import codec
 from zaichik.codec import ErrorCode, Start
 from zaichik.session import Session
@@ -552,16 +552,7 @@ class FailingWriteTests(DiskTestCase):
         """
         service, publisher, follower = self.setup_topic("interval", segment_bytes=2_000)
         log = self.storage._logs["t"]
-        real = os.fsync
-        full = set()
-
-        def fsync(fd):
-            if fd in full:
-                full.discard(fd)  # (once: a new segment may get the same fd number)
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            real(fd)
-
-        self.patch(os, "fsync", fsync)
+        full = fail_fsync_once(self)
         for rid in range(100, 200):
             full.add(log._fd)  # (the newest segment's fsync fails when it is rolled)
             reply = publisher.request(codec.Publish(rid, "t", b"v%d" % rid * 40))
@@ -572,6 +563,171 @@ class FailingWriteTests(DiskTestCase):
         self.assertNotIn(b"v%d" % rid * 40, [m.value for m in follower.messages()])
         reply = publisher.request(codec.Publish(rid + 1, "t", b"after"))
         self.assertEqual(type(reply), codec.Error)
+
+
+EIO = OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def fail_fsync_once(test) -> set:
+    """os.fsync fails (EIO) once for each fd put in the set returned (a new segment may get the same number)."""
+    real = os.fsync
+    failing: set = set()
+
+    def fsync(fd):
+        if fd in failing:
+            failing.discard(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    test.patch(os, "fsync", fsync)
+    return failing
+
+
+def topic_with_slow_fsyncs(test, service):
+    """Topic "t" on a broker whose fsyncs wait (see slow_fsyncs): its log, the held fsyncs, a publisher."""
+    service.create_topic("t", 60_000, 0)
+    held = slow_fsyncs(test.storage)
+    replies: list = []
+    publisher = Session(service, replies.append, lambda b: None, lambda: None)
+    return test.storage._logs["t"], held, replies, publisher
+
+
+def refused_offsets(replies, batches) -> set:
+    """Offsets of the batches (rid -> offsets) that got an ERROR."""
+    return {o for r in replies if type(r) is codec.Error for o in batches.get(r.rid, ())}
+
+
+class HeldAcrossARollTests(DiskTestCase):
+    """
+    Held appends (past the durable reservation, --fsync interval) in the
+    segment before a roll, then the append that rolled (held behind them,
+    DiskLog.held), then a failed fsync: every held append is refused and
+    cut off the segment it is in (a review: only the newest segment was
+    cut, at a position of the old one, which could grow it with zeros).
+    """
+
+    def fill_and_roll(self, service):
+        self.storage.reserve = 100
+        log, held, replies, publisher = topic_with_slow_fsyncs(self, service)
+        batches = {}
+        rid, first = 10, 0
+        while len(log.segments) < 2:
+            with service.work:
+                publisher.handle(codec.PublishBatch(rid, "t", [(None, b"x")] * 40))
+            batches[rid] = range(first, first + 40)
+            rid += 1
+            first += 40
+        return log, held, replies, batches
+
+    def test_refused_held_appends_before_the_roll_are_not_served_after_a_restart(self):
+        service = self.start(fsync="interval", segment_bytes=4_000)
+        log, held, replies, batches = self.fill_and_roll(service)
+        d, f, args = held.pop(0)  # the tick's fsync under way since the first held append
+        with service.work:
+            d.errback(EIO)
+        refused = refused_offsets(replies, batches)
+        self.assertTrue(refused)
+        self.storage._run_blocking = run_now
+        held.clear()
+        service = self.start(fsync="interval")
+        _, written = self.follow(service, "t")
+        served = set(offsets_of(written))
+        # Refused (ERROR) yet served after the restart: still in the rolled segment.
+        self.assertEqual(sorted(served & refused), [])
+
+    def test_a_failed_roll_fsync_does_not_cut_the_new_segment_at_an_old_position(self):
+        """
+        6cfb29c: the roll's fsync fails (every log broken, the append that
+        rolled refused); the next tick's _release_held cuts the held
+        appends of the old segment with their positions applied to the
+        new one: ftruncate past its end grows it with zeros, which the next
+        start takes for a torn write.
+        """
+        service = self.start(fsync="interval", segment_bytes=4_000)
+        self.storage.reserve = 100
+        log, held, replies, publisher = topic_with_slow_fsyncs(self, service)
+        failing = fail_fsync_once(self)
+        batches = {}
+        rid, first = 10, 0
+        while len(log.segments) < 2:
+            failing.clear()
+            failing.add(log._fd)  # (the roll's fsync of this segment fails)
+            with service.work:
+                publisher.handle(codec.PublishBatch(rid, "t", [(None, b"x")] * 40))
+            batches[rid] = range(first, first + 40)
+            rid += 1
+            first += 40
+        failing.clear()
+        self.assertTrue(log.broken)
+        self.assertTrue(self.storage._held)  # (appends of the old segment still held)
+        new_path = log.segments[-1].path
+        size = os.path.getsize(new_path)
+        self.storage._run_blocking = run_now
+        run_all(held)  # (the tick's fsync ends well: the held appends of the broken log are refused)
+        self.assertFalse(self.storage._held)
+        self.assertLessEqual(os.path.getsize(new_path), size)  # not grown by a cut "back"
+        refused = refused_offsets(replies, batches)
+        service = self.start(fsync="interval")
+        self.assertEqual(self.storage.torn, 0)
+        _, written = self.follow(service, "t")
+        self.assertEqual(sorted(set(offsets_of(written)) & refused), [])
+
+
+class HeldAcrossARollWriterTests(HeldAcrossARollTests):
+    storage_class = WaitingDiskStorage
+
+
+class AlwaysRollFsyncTests(DiskTestCase):
+    """
+    --fsync always: appends waiting for the next group fsync (one is under
+    way) in a segment whose roll fsync then fails (6cfb29c refuses the
+    append that rolled).  Their group's fsync takes log.sync_fd(), the
+    *new* segment, succeeds, and they are acknowledged: never fsynced.
+    """
+
+    def test_appends_before_a_failed_roll_fsync_are_not_acknowledged(self):
+        service = self.start(fsync="always", segment_bytes=2_000)
+        log, held, replies, publisher = topic_with_slow_fsyncs(self, service)
+        failing = fail_fsync_once(self)
+        publisher.handle(codec.Publish(5, "t", b"first"))  # (its group's fsync under way)
+        rid = 10
+        while len(log.segments) < 2:
+            failing.clear()
+            failing.add(log._fd)  # (the roll's fsync of this segment fails)
+            publisher.handle(codec.Publish(rid, "t", b"v" * 300))
+            rid += 1
+        failing.clear()
+        rolled = rid - 1
+        self.assertTrue(log.broken)
+        run_all(held)
+        got = {r.rid: type(r) for r in replies}
+        self.assertEqual(got[rolled], codec.Error)
+        # Written to the rolled segment, whose only fsync since failed.
+        self.assertEqual({r: got[r] for r in range(10, rolled)}, {r: codec.Error for r in range(10, rolled)})
+
+    def test_a_failed_group_fsync_spanning_a_roll_cuts_the_rolled_segment_too(self):
+        """
+        The same cut (_synced, --fsync always; before these commits): a
+        group with appends before and after a roll fails; the ones in the
+        rolled segment get an ERROR but stay in it, and a restart serves them.
+        """
+        service = self.start(fsync="always", segment_bytes=2_000)
+        log, held, replies, publisher = topic_with_slow_fsyncs(self, service)
+        publisher.handle(codec.Publish(5, "t", b"first"))  # (its group's fsync under way)
+        rid = 10
+        while len(log.segments) < 2:
+            publisher.handle(codec.Publish(rid, "t", b"v%d" % rid + b"v" * 300))
+            rid += 1
+        d, f, args = held.pop(0)
+        d.errback(EIO)
+        refused = [r.rid for r in replies if type(r) is codec.Error]
+        self.assertEqual(refused, [5] + list(range(10, rid)))
+        self.storage._run_blocking = run_now
+        held.clear()
+        service = self.start(fsync="always")
+        _, written = self.follow(service, "t")
+        values = {m.value for m in messages_in(written)}
+        self.assertEqual(sorted(r for r in range(10, rid) if b"v%d" % r + b"v" * 300 in values), [])
 
 
 # -- b. a full disk: a real (small) filesystem -------------------------------------------------

@@ -56,7 +56,7 @@ import json
 import os
 from bisect import bisect_right
 from collections import OrderedDict
-from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
@@ -841,15 +841,31 @@ class DiskLog:
         self._fd = fd
         return segment
 
-    def cut_back(self, pos: int) -> None:
-        """Cut the newest segment back to byte C{pos} (appends that were refused)."""
-        if self._fd is None:
-            return
+    def cut_back(self, pos: int, segment: Optional[Segment] = None) -> None:
+        """
+        Cut C{segment} (the newest by default) back to byte C{pos}: appends
+        that were refused.  A rolled one is cut by its path and loses its
+        index (written at the roll: the next start reads it whole).  Never
+        grows a file (a position of another segment).
+        """
+        newest = segment is None or (bool(self.segments) and segment is self.segments[-1])
         try:
-            os.ftruncate(self._fd, pos)
+            if newest:
+                if self._fd is None or os.fstat(self._fd).st_size <= pos:
+                    return
+                os.ftruncate(self._fd, pos)
+            else:
+                assert segment is not None
+                if os.path.getsize(segment.path) <= pos:
+                    return
+                os.truncate(segment.path, pos)
+                try:
+                    os.unlink(segment.path[:-4] + ".idx")
+                except FileNotFoundError:
+                    pass
         except OSError as e:
-            _log.error("Could not cut {path} back to byte {pos}: {error}", path=self.segments[-1].path,
-                       pos=pos, error=e)
+            path = self.segments[-1].path if segment is None else segment.path
+            _log.error("Could not cut {path} back to byte {pos}: {error}", path=path, pos=pos, error=e)
 
     def sync_fd(self) -> Optional[int]:
         return self._fd
@@ -1008,6 +1024,19 @@ class DiskLog:
         self._read_fds.clear()
 
 
+def _cut_refused(entries: Iterable[Tuple[DiskLog, Tuple[Segment, int]]]) -> None:
+    """
+    Cut refused appends, C{(log, (segment, pos))}, off their segments: each
+    segment back to its first refused one (they may span a roll).
+    """
+    cut: Dict[Tuple[DiskLog, Segment], int] = {}
+    for log, (segment, pos) in entries:
+        key = (log, segment)
+        cut[key] = min(pos, cut.get(key, pos))
+    for (log, segment), pos in cut.items():
+        log.cut_back(pos, segment)
+
+
 def _run_now(f, *args) -> Deferred:
     return maybeDeferred(f, *args)
 
@@ -1089,14 +1118,15 @@ class DiskStorage:
         self._opened = False
         # Group commit (fsync always): appends waiting for the next fsync,
         # and whether one is running.
-        self._unsynced: List[Tuple[Optional[DiskLog], int, Deferred, int]] = []
+        # (log, end, d, (segment, pos)), None for a commits' fsync.
+        self._unsynced: List[Tuple[Optional[DiskLog], int, Deferred, Tuple[Optional[Segment], int]]] = []
         self._syncing = False
         self._retired: List[int] = []  # fds of rolled segments, closed once no fsync uses them
         self._deleting = 0  # deletions of expired segments under way (see delete)
         self._dirty: set = set()  # interval: logs written since the last fsync
         # interval: appends past their log's durable reservation, waiting for
         # an fsync before they are delivered (see written).
-        self._held: List[Tuple[DiskLog, int, Deferred, int]] = []  # (log, end, d, pos)
+        self._held: List[Tuple[DiskLog, int, Deferred, Tuple[Segment, int]]] = []  # (log, end, d, (segment, pos))
         self._ticker: Optional[LoopingCall] = None
         self._cache_lru: "OrderedDict[DiskLog, int]" = OrderedDict()
         self._cache_total = 0
@@ -1454,7 +1484,7 @@ class DiskStorage:
                 if end > log.durable_reserved or log.held or log.broken:
                     if d is None:
                         d = Deferred()
-                    self._held.append((log, end, d, pos))
+                    self._held.append((log, end, d, (log.segments[-1], pos)))
                     log.held += 1
                     return d
             log.visible_end = end
@@ -1464,7 +1494,7 @@ class DiskStorage:
             return d
         if d is None:
             d = Deferred()
-        self._unsynced.append((log, end, d, pos))
+        self._unsynced.append((log, end, d, (log.segments[-1], pos)))
         return d
 
     def sync(self) -> None:
@@ -1481,7 +1511,7 @@ class DiskStorage:
                 d.errback(error)
             waiting = []
         if self.fsync_policy == "always":
-            self._unsynced.extend((None, 0, d, 0) for d in waiting)
+            self._unsynced.extend((None, 0, d, (None, 0)) for d in waiting)
             if self._unsynced and not self._syncing:
                 self._fsync_group()
             return
@@ -1513,16 +1543,19 @@ class DiskStorage:
             # for an fsync fails.
             group = group + self._unsynced
             self._unsynced = []
-            cut: Dict[DiskLog, int] = {}
-            for log, _, _, pos in group:
-                if log is not None:
-                    cut[log] = min(pos, cut.get(log, pos))
-            for log, pos in cut.items():
-                log.cut_back(pos)
+            _cut_refused([(log, at) for log, _, _, at in group if log is not None])
             for _, _, d, _ in group:
                 d.errback(StorageError(f"storage failed: fsync: {error}"))
         else:
+            # A log broken meanwhile (a roll's fsync of the segment these
+            # appends are in failed): its appends are refused and cut, not
+            # acknowledged by this fsync of its new segment (a review).
+            broken = [(log, at) for log, _, _, at in group if log is not None and log.broken]
+            _cut_refused(broken)
             for log, end, d, _ in group:
+                if log is not None and log.broken:
+                    d.errback(StorageError(f"storage failed: {log.broken}"))
+                    continue
                 if log is not None and end > log.visible_end:
                     log.visible_end = end
                 d.callback(None)
@@ -1634,12 +1667,8 @@ class DiskStorage:
         if self.writer is not None and (failed or any(log.broken for log, _, _, _ in self._held)):
             self.writer.wait()
         held, self._held = self._held, []
-        cut: Dict[DiskLog, int] = {}
-        for log, _, _, pos in held:
-            if failed or log.broken:
-                cut[log] = min(pos, cut.get(log, pos))
-        for log, pos in cut.items():
-            log.cut_back(pos)
+        cut = {log for log, _, _, _ in held if failed or log.broken}
+        _cut_refused([(log, at) for log, _, _, at in held if log in cut])
         for log, end, d, pos in held:
             if log in cut:
                 log.held -= 1
