@@ -543,6 +543,16 @@ class FailingWriteTests(DiskTestCase):
         self.assertEqual(type(reply), codec.Published)
         self.assertGreaterEqual(reply.offset, 3)
 
+    def test_a_topic_made_after_a_failed_fsync_refuses_writes_too(self):
+        """Writes are refused until a restart: a new topic's as well (a review's doubt)."""
+        service, publisher, follower = self.setup_topic()
+        self.storage._run_blocking = lambda f, *args: fail(OSError(errno.EIO, os.strerror(errno.EIO)))
+        self.assertEqual(type(publisher.request(codec.Publish(50, "t", b"not durable"))), codec.Error)
+        self.storage._run_blocking = run_now
+        reply = publisher.request(codec.Publish(51, "new", b"after the failure"))
+        self.assertEqual(type(reply), codec.Error, reply)
+        self.assertIn("fsync failed", reply.message)
+
     def test_failed_fsync_at_a_roll(self):
         """
         Rolling a full segment fsyncs it (under interval too).  When that

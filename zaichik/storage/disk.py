@@ -1258,6 +1258,7 @@ class DiskStorage:
         except OSError as e:
             raise _storage_error(e, f"creating topic {name}") from None
         log = DiskLog(self, directory, name, retention_ttl, compaction_window)
+        log.broken = self.broken
         log.recover(0)
         self._logs[name] = log
         return log
@@ -1606,8 +1607,9 @@ class DiskStorage:
         write until the broker is restarted and reads back what is there.
         """
         _log.critical("fsync failed ({error}): refusing writes until restarted", error=error)
+        self.broken = f"fsync failed: {error}"  # (topics made from now on too)
         for log in self._logs.values():
-            log.broken = f"fsync failed: {error}"
+            log.broken = self.broken
 
     def retire_fd(self, fd: int) -> None:
         """A rolled segment's fd: fsynced (unless never), closed once no fsync in flight uses it."""
@@ -1688,6 +1690,7 @@ class DiskStorage:
 
     _closed = False
     _shut = False  # closed, files and all
+    broken: Optional[str] = None  # why every write is refused until a restart (a failed fsync)
 
     def close(self) -> Deferred:
         if self._closed or not self._opened:
