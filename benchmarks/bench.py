@@ -338,6 +338,29 @@ def subscriber_main(port, topics, subs_per_topic, expected, wire, measure_latenc
                  "cpu": cpu.user + cpu.system})
 
 
+def _publish_acked(s: socket.socket, frame: bytes, per_frame: int, reply_size: int, window: int, count: int) -> None:
+    """
+    Send C{frame} (C{per_frame} messages, answered by one reply of
+    C{reply_size} bytes) with C{window} in flight, each reply read letting
+    one more go, until C{count} messages are acknowledged.
+    """
+    s.sendall(frame * window)
+    sent = per_frame * window
+    acked = pending = 0
+    while acked < count:
+        data = s.recv(1 << 20)
+        if not data:
+            break
+        pending += len(data)
+        new = pending // reply_size
+        pending -= new * reply_size
+        acked += new * per_frame
+        more = min(new, (count - sent + per_frame - 1) // per_frame)
+        if more > 0:
+            s.sendall(frame * more)
+            sent += more * per_frame
+
+
 def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results, payload=PAYLOAD):
     """Publish C{count} messages round-robin over C{topics}."""
     s = _connect(port)
@@ -383,26 +406,13 @@ def publisher_main(port, topics, count, mode, batch, rate, keyed, wire, results,
             s.sendall(chunks[topics[i % len(topics)]] * 10)
             sent += batch * 10
             i += 1
+    elif mode == "batch-acked":
+        # Acknowledged batches (as the client libraries send them), ten in flight.
+        frame = codec.frame(codec.PublishBatch(1, topics[0], [(None, _payload(0, payload))] * batch).encode())
+        _publish_acked(s, frame, batch, 4 + 1 + 4 + 4 + 9 * batch, 10, count)
     elif mode == "acked":
-        window = 1000
-        reply_size = 18  # PUBLISHED: 4-byte length + 14-byte body
         frame = codec.frame(codec.Publish(1, topics[0], _payload(0, payload)).encode())
-        s.sendall(frame * window)
-        sent = window
-        acked = 0
-        pending = 0
-        while acked < count:
-            data = s.recv(1 << 20)
-            if not data:
-                break
-            pending += len(data)
-            new = pending // reply_size
-            pending -= new * reply_size
-            acked += new
-            more = min(new, count - sent)
-            if more > 0:
-                s.sendall(frame * more)
-                sent += more
+        _publish_acked(s, frame, 1, 18, 1000, count)  # (PUBLISHED: 4-byte length + 14-byte body)
     else:
         sent = 0
         if keyed:
@@ -605,6 +615,7 @@ def scenarios(quick: bool) -> List[Scenario]:
     return [
         Scenario("1->1 PUBLISH", steady, peers=True),
         Scenario("1->1 PUBLISH_BATCH x100", n * 2, mode="batch", baseline=False, ratio_to=FORWARDER),
+        Scenario("1->1 PUBLISH_BATCH x100 acked", n * 2, mode="batch-acked", baseline=False, ratio_to=FORWARDER),
         Scenario("1->1 acked, 1000 in flight", n // 2, mode="acked", baseline=False, ratio_to=FORWARDER),
         Scenario("1->1 retention 60s + compaction", n, retention=60_000, compaction=10_000, keyed=True,
                  baseline=False, ratio_to=FORWARDER),

@@ -619,6 +619,32 @@ class RoundTripTests(SynchronousTestCase):
         self._reply(rep)
 
 
+class OffsetRunTests(SynchronousTestCase):
+    """A PUBLISHED_BATCH's results as OffsetRun: the same pairs, the same bytes, as the plain list."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(rids, st.integers(0, U64_MAX), st.integers(0, 300))
+    def test_same_as_the_list(self, rid, first, size):
+        size = min(size, U64_MAX + 1 - first)  # (offsets are u64s)
+        run = codec.OffsetRun(first, size)
+        plain = [(first + i, False) for i in range(size)]
+        self.assertEqual(run, plain)
+        self.assertEqual(plain, run)
+        self.assertEqual((len(run), list(run), run[:3]), (size, plain, plain[:3]))
+        if size:
+            self.assertEqual((run[0], run[-1], run[size // 2]), (plain[0], plain[-1], plain[size // 2]))
+        self.assertRaises(IndexError, run.__getitem__, size)
+        encoded = PublishedBatch(rid, run).encode()
+        self.assertEqual(encoded, PublishedBatch(rid, plain).encode())
+        self.assertEqual(codec.decode_reply(encoded), PublishedBatch(rid, plain))
+
+    def test_not_equal_to_other_pairs(self):
+        self.assertNotEqual(codec.OffsetRun(5, 2), [(5, False), (6, True)])
+        self.assertNotEqual(codec.OffsetRun(5, 2), codec.OffsetRun(5, 3))
+        self.assertNotEqual(codec.OffsetRun(5, 0), None)
+        self.assertEqual(codec.OffsetRun(5, 0), codec.OffsetRun(9, 0))
+
+
 class RejectionTests(SynchronousTestCase):
     """Malformed request bodies raise DecodeError with the right code and rid."""
 

@@ -19,6 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import chain, repeat
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from zaichik import speedups
@@ -769,13 +770,90 @@ class PublishedBatch:
     """C{results} is a list of C{(offset, duplicate)} pairs, in publish order."""
 
     rid: int
-    results: List[Tuple[int, bool]] = field(default_factory=list)
+    results: Sequence[Tuple[int, bool]] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        parts = [_op_rid.pack(Opcode.PUBLISHED_BATCH, self.rid), _u32.pack(len(self.results))]
-        pack = _offset_dup.pack
-        parts.extend(pack(offset, 1 if dup else 0) for offset, dup in self.results)
-        return b"".join(parts)
+        # (An acknowledged batch of 100 spent more on its reply, a tuple and
+        # a struct call a message, than on its messages: see OffsetRun.)
+        results = self.results
+        if type(results) is OffsetRun:
+            pairs = results.encode()
+        else:
+            pairs = _pairs_struct(len(results)).pack(*chain.from_iterable(results))
+        return b"".join((_op_rid.pack(Opcode.PUBLISHED_BATCH, self.rid), _u32.pack(len(results)), pairs))
+
+
+class OffsetRun(Sequence[Tuple[int, bool]]):
+    """
+    The results C{(offset, False)} of C{size} messages stored from offset
+    C{first} on, in order, none a duplicate: what nearly every
+    PUBLISHED_BATCH says, kept as two numbers (no tuple a message) and
+    encoded at once (L{encode}).  Equal to the list of the same pairs.
+    """
+
+    __slots__ = ("first", "size")
+
+    def __init__(self, first: int, size: int) -> None:
+        self.first = first
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[Tuple[int, bool]]:
+        return zip(range(self.first, self.first + self.size), repeat(False))
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return list(self)[index]
+        if not -self.size <= index < self.size:
+            raise IndexError(index)
+        return (self.first + index % self.size, False)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OffsetRun):
+            return list(self) == list(other)
+        return isinstance(other, (list, tuple)) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OffsetRun({self.first}, {self.size})"
+
+    def encode(self) -> bytes:
+        """
+        The C{size} pairs (u64 offset, u8 0) as PUBLISHED_BATCH carries
+        them, by big-integer arithmetic: the pairs of offsets 0.. plus
+        C{first} times the pairs of offsets all 1 (no field carries into the
+        next: offsets stay below 2**64).  0.8 us for 100, against 5 us a
+        struct call for all of them and 3 us more for their tuples.
+        """
+        count = self.size
+        if self.first + count > 1 << 64:
+            return _pairs_struct(count).pack(*chain.from_iterable(self))  # (a field would carry: struct.error)
+        found = _runs.get(count)
+        if found is None:
+            pack = _pairs_struct(count).pack
+            found = (int.from_bytes(pack(*chain.from_iterable(zip(range(count), repeat(0)))), "big"),
+                     int.from_bytes(pack(*chain.from_iterable(zip(repeat(1, count), repeat(0)))), "big"))
+            if len(_runs) < 256:
+                _runs[count] = found
+        base, ones = found
+        return (base + self.first * ones).to_bytes(_offset_dup.size * count, "big")
+
+
+_pairs: Dict[int, struct.Struct] = {}
+_runs: Dict[int, Tuple[int, int]] = {}  # count -> (pairs of offsets 0.., pairs of offsets all 1) as integers
+
+
+def _pairs_struct(count: int) -> struct.Struct:
+    """The C{struct} of C{count} (offset, duplicate) pairs (cached: batches repeat their sizes)."""
+    found = _pairs.get(count)
+    if found is None:
+        found = struct.Struct(">" + "QB" * count)
+        if len(_pairs) < 1024:
+            _pairs[count] = found
+    return found
 
 
 Reply = Union[Ok, Error, Message, Published, Topics, PublishedBatch]

@@ -9,6 +9,7 @@ drive it with L{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from operator import itemgetter
 from typing import Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -240,7 +241,10 @@ class Topic:
 
     def published_batch(self, rid: int, entries: Iterable[Tuple[Optional[bytes], bytes]]):
         """L{publish_many}, answered: the PUBLISHED_BATCH reply for request C{rid}."""
-        return codec.PublishedBatch(rid, self.publish_many(entries))
+        first = self.next_offset
+        results = self.publish_all(entries)
+        return codec.PublishedBatch(rid, codec.OffsetRun(first, self.next_offset - first) if results is None
+                                    else results)
 
     def publish_many(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> List[Tuple[int, bool]]:
         """
@@ -252,7 +256,7 @@ class Topic:
         """
         first = self.next_offset
         results = self.publish_all(entries)
-        return results if results is not None else [(offset, False) for offset in range(first, self.next_offset)]
+        return results if results is not None else list(zip(range(first, self.next_offset), repeat(False)))
 
     def publish_all(self, entries: Iterable[Tuple[Optional[bytes], bytes]]) -> Optional[List[Tuple[int, bool]]]:
         """
