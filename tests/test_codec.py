@@ -865,6 +865,14 @@ class RejectionTests(SynchronousTestCase):
             self.assertEqual((e.code, e.rid), (ErrorCode.BAD_FRAME, 7))
         self.assertEqual(offsets_read, [])
 
+    def test_published_batch_flag_neither_0_nor_1_fails(self):
+        for flags in ((2,), (0, 0, 7), (1, 255)):
+            body = H("85 00000007") + struct.pack(">I", len(flags)) + b"".join(
+                struct.pack(">QB", i, flag) for i, flag in enumerate(flags))
+            e = self.assertRaises(DecodeError, decode_reply, body)
+            self.assertEqual((e.code, e.rid), (ErrorCode.BAD_FRAME, 7))
+            self.assertIn("neither 0 nor 1", str(e))
+
     def test_topics_hostile_count_fails(self):
         """A TOPICS count larger than its entries fails once the body runs out."""
         body = H("84 00000007 ffffffff") + b"\x00" * 1000
