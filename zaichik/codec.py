@@ -787,8 +787,10 @@ class OffsetRun(Sequence[Tuple[int, bool]]):
     """
     The results C{(offset, False)} of C{size} messages stored from offset
     C{first} on, in order, none a duplicate: what nearly every
-    PUBLISHED_BATCH says, kept as two numbers (no tuple a message) and
-    encoded at once (L{encode}).  Equal to the list of the same pairs.
+    PUBLISHED_BATCH says (and a Redis script's results when none was a
+    duplicate), kept as two numbers (no tuple a message, each made only if
+    asked for) and encoded at once (L{encode}).  Equal to the list of the
+    same pairs.
     """
 
     __slots__ = ("first", "size")
@@ -805,7 +807,7 @@ class OffsetRun(Sequence[Tuple[int, bool]]):
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
-            return list(self)[index]
+            return [(self.first + i, False) for i in range(*index.indices(self.size))]
         if not -self.size <= index < self.size:
             raise IndexError(index)
         return (self.first + index % self.size, False)

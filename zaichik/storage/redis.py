@@ -297,38 +297,6 @@ if speedups.compiled is not None:
     decode_records = speedups.compiled.decode_records
 
 
-class Consecutive(Sequence):
-    """
-    C{(offset, False)} for C{n} offsets from C{first}: a script's results
-    when none was a duplicate, each made only if a reply asks for it (a
-    run of fire-and-forget publishes asks for none; a list of them cost
-    the publishing broker as much as the rest of its work per message).
-    """
-
-    __slots__ = ("first", "n")
-
-    def __init__(self, first: int, n: int) -> None:
-        self.first = first
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [(self.first + j, False) for j in range(*i.indices(self.n))]
-        if i < 0:
-            i += self.n
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return (self.first + i, False)
-
-    def __eq__(self, other) -> bool:
-        return list(self) == list(other) if isinstance(other, (list, Consecutive)) else NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-
 @implementer(ISharedLog)
 class RedisLog:
     """
@@ -516,7 +484,7 @@ class RedisLog:
         if results:
             answered: Sequence[Tuple[int, bool]] = [(r, False) if r >= 0 else (-1 - r, True) for r in results]
         else:
-            answered = Consecutive(first, n)
+            answered = codec.OffsetRun(first, n)
         return first, now, answered, count
 
     @staticmethod
