@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from time import perf_counter
-from typing import Any
+from typing import Any, Tuple
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Factory, connectionDone
@@ -157,12 +157,47 @@ class BrokerProtocol(BrokerConnection):
         The frames of one read (after what was kept of the last): returns the
         number of topics of the largest run of fire-and-forget publishes.
         """
+        unpack = _length.unpack_from
+        kept = self._unprocessed
+        at = 0
+        if len(kept) >= 4 and len(data) > READ_MIN and not self._waiting_for and not self.paused:
+            # The last read ended inside a frame whose length it tells
+            # (checked against the limit then): complete that frame from the
+            # head of this read and go on from there, rather than copy the
+            # whole read behind the few bytes kept (54 us for a 3 MiB read).
+            at = 4 + unpack(kept, 0)[0] - len(kept)
+            if at <= len(data):
+                self._unprocessed = b""
+            else:
+                at = 0  # (nor does this read complete it: joined, as below)
         joined = self.buffered(data)
         if joined is None:
             return 0
-        data = joined
+        spread = 0
+        if at:
+            # Like any other frame: a PUBLISH there goes into its topic's
+            # block with the rest of the run (one handled alone would stage
+            # its topic frame by frame for the rest of the unit).
+            spread = self._handle(kept + data[:at], 0)[1]
+        else:
+            data = joined
+        at, found = self._handle(data, at)
+        if at < 0:
+            return 0
+        # Before the batch ends: its delivery may release a hold, whose
+        # dataReceived must find only the frames not yet handled.
+        rest = data[at:] if at else data
+        needed = 4 + unpack(rest, 0)[0] if len(rest) >= 4 and not self.paused else 0
+        self.keep(rest, needed, at > 0)
+        return max(spread, found)
+
+    def _handle(self, data: bytes, at: int) -> Tuple[int, int]:
+        """
+        Handle the whole frames of C{data} from C{at} on: returns where the
+        first one not handled starts (-1 after a frame too large) and the
+        number of topics of the largest run of fire-and-forget publishes.
+        """
         end = len(data)
-        at = 0
         limit = self.MAX_LENGTH
         unpack = _length.unpack_from
         handle = self.frameReceived
@@ -175,7 +210,7 @@ class BrokerProtocol(BrokerConnection):
             if length > limit:
                 self._unprocessed = b""
                 self.frameTooLarge(length)
-                return 0
+                return -1, 0
             start = at + 4
             if runs and at >= no_run_before and length and start + length <= end and data[start] == PUBLISH:
                 # Fire-and-forget PUBLISHes, one after another: the
@@ -192,12 +227,7 @@ class BrokerProtocol(BrokerConnection):
                 at = start - 4
                 break
             handle(data[start:at])
-        # Before the batch ends: its delivery may release a hold, whose
-        # dataReceived must find only the frames not yet handled.
-        rest = data[at:] if at else data
-        needed = 4 + unpack(rest, 0)[0] if len(rest) >= 4 and not self.paused else 0
-        self.keep(rest, needed, at > 0)
-        return spread
+        return at, spread
 
     def connectionMade(self) -> None:
         _tune(self.transport)
