@@ -162,6 +162,18 @@ class ProcessTests(TestCase):
         self.assertEqual(broker.stop(), -signal.SIGTERM)
         self.assertIn("Server Shut Down", broker.log())
 
+    def test_restart_keeps_one_log(self):
+        """A restart writes after the last start's log, in the same file (not a new one left behind)."""
+        broker = BrokerProcess().start()
+        self.addCleanup(broker.cleanup)
+        first = broker.log_path
+        broker.restart()
+        self.assertEqual(broker.log_path, first)
+        broker.stop()
+        self.assertEqual(broker.log().count("Server Shut Down"), 2)
+        broker.cleanup()
+        self.assertFalse(os.path.exists(first))
+
     def test_json_logs(self):
         """--log-format json: one JSON event a line, with its structured fields."""
         import json

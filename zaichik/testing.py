@@ -267,13 +267,16 @@ class BrokerProcess:
     def _start(self, timeout: float) -> None:
         if self._discard_log:
             os.unlink(self.log_path)
-            self._discard_log = False
+            self.log_path, self._discard_log = "", False
         ports = self._ports()
         for p in ports:
             p.port = p.port or free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
+        if self.log_path:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)  # (a restart: one log, each start after the last)
+        else:
+            fd, self.log_path = tempfile.mkstemp(prefix="zaichik-broker-", suffix=".log")
         argv: List[str] = TWISTD + self.twistd_options + ["-n", "--pidfile=", "zaichik",
                                                             "--port", str(self._listener)]
         argv += [o() if callable(o) else str(o) for o in self.options]
