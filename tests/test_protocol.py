@@ -1470,12 +1470,13 @@ class ReadsPerUnitTests(RealSocketTestCase):
         if asked is not None:
             transport.socket = _AskedSocket(server, asked)
         size = transport.bufferSize
-        data = b""
-        i = 0
-        while len(data) < size * reads:
-            data += frames(Publish(0, topics[i % len(topics)], b"%06d" % i))
+        parts: List[bytes] = []
+        i = length = 0
+        while length < size * reads:
+            parts.append(frames(Publish(0, topics[i % len(topics)], b"%06d" % i)))
+            length += len(parts[-1])
             i += 1
-        data = data[: size * reads]
+        data = b"".join(parts)[: size * reads]
         client.sendall(data)
         client.shutdown(socket.SHUT_WR)  # (so that rest_of knows the end)
         first = b""
@@ -1534,6 +1535,45 @@ class ReadsPerUnitTests(RealSocketTestCase):
         consumed = len(data) - len(rest_of(server))
         self.assertGreater(consumed, tcp_edge.READ_MIN)
         self.assertLessEqual(consumed, tcp_edge.UNIT_BYTES)
+
+    def test_a_unit_fits_the_output_buffer(self) -> None:
+        """
+        What a unit reads, a subscriber of all its topics is given at once
+        (MESSAGE frames, up to 5/3 the size of the PUBLISHes): no more than
+        the output mark and --max-output-buffer hold, so one that reads is
+        not dropped as a slow consumer by one unit's burst.  (With a small
+        --max-output-buffer, 8 MiB units dropped it.)  Here all three
+        sizes are 64 KiB and the socket takes 1 KiB a send.
+        """
+        small = tcp_edge.READ_MIN
+        self.patch(tcp_edge, "OUTPUT_HIGH", small)
+        self.patch(tcp_edge, "READ_ON", small)
+        self.patch(connection_edge, "SEND_LIMIT", small)
+        self.setUpBroker(limits=Limits(max_output_buffer=small))
+        self.assertLessEqual(tcp_edge.unit_bytes(small) * 5 // 3, 2 * small)
+        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
+        _, transport, _, client = self.subscriber(*topics, take=1024)
+        data, server = self.publish_reads(topics, 8)
+        consumed = len(data) - len(rest_of(server))
+        self.assertGreater(consumed, small)  # (it read on)
+        self.assertEqual(self.service.stats.slow_consumer_disconnects, 0)
+        self.assertFalse(transport.disconnecting)
+        # And what it was given arrives as it reads.
+        expected = consumed // len(frames(Publish(0, "t00", b"000000")))
+        got: list = []
+        client.setblocking(False)
+        buffered = b""
+        for _ in range(1000):
+            transport.doWrite()
+            try:
+                buffered += client.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if len(buffered) >= expected * len(frames(Message("t00", 0, NOW, b"000000"))):
+                break
+        client.setblocking(True)
+        got = read_frames(client, expected, buffered)
+        self.assertEqual(sorted(int(m.value) for m in got), list(range(expected)))
 
     def test_no_more_reads_past_the_unit_time(self) -> None:
         """A unit that has taken UNIT_TIME reads no more: the other connections wait no longer."""

@@ -69,14 +69,26 @@ READS_PER_UNIT = 8
 # reads a unit were slower again (6.0M): the unit's blocks and output no
 # longer stay in the caches.
 READ_ON = 3 << 20
-# ... and no more than UNIT_BYTES in all: what a unit reads it delivers at
-# its end, in one burst, and a subscriber of all those topics is given
-# about 1.5x that as MESSAGE frames at once, which must stay under
-# --max-output-buffer (16 MiB by default) plus the output mark, or a
-# subscriber that keeps up is dropped as a slow consumer (a review found
-# 1 + 7 x 3 MiB did that).  8 MiB: as much as 8 reads of READ_MAX took
-# before READ_ON.
-UNIT_BYTES = 8 << 20
+# ... and no more than unit_bytes() in all: what a unit reads it delivers
+# at its end, in one burst, and a subscriber of all those topics is given
+# up to 5/3 of it as MESSAGE frames at once (a MESSAGE is its PUBLISH and
+# 12 bytes: 18 -> 30 for an empty value on a one-letter topic), which the
+# output mark and --max-output-buffer must hold, or a subscriber that keeps
+# up is dropped as a slow consumer (a review found 1 + 7 x 3 MiB did that at
+# the default 16 MiB; under a smaller --max-output-buffer, 8 MiB units did,
+# tests/test_protocol.py).  So 12 MiB at the default, and UNIT_BYTES at
+# most: 100 topics x 1 subscriber, long.py x2 alternating, broker CPU for
+# 10M messages with 8 MiB units 1.06/1.18/1.13 s, 16 MiB 0.92/0.99/1.06 s.
+UNIT_BYTES = 16 << 20
+
+
+def unit_bytes(max_output_buffer: int) -> int:
+    """How much one unit may read, under C{--max-output-buffer} (0: no bound)."""
+    if not max_output_buffer:
+        return UNIT_BYTES
+    return min(UNIT_BYTES, (OUTPUT_HIGH + max_output_buffer) * 3 // 5)
+
+
 # ... and none once the unit has taken UNIT_TIME seconds: with 10,000
 # topics over 10,000 connections a 1 MiB read can take tens of ms (a write
 # to a subscriber for nearly every message), and every other connection
@@ -135,15 +147,16 @@ class BrokerProtocol(BrokerConnection):
             spread = self._frames(data)
             reads = 1
             taken = len(data)
+            budget = unit_bytes(self.service.limits.max_output_buffer)
             until = perf_counter() + UNIT_TIME
-            while (spread >= SPREAD and len(data) >= size and reads < READS_PER_UNIT and taken < UNIT_BYTES
+            while (spread >= SPREAD and len(data) >= size and reads < READS_PER_UNIT and taken < budget
                    and not self.paused and self._socket is not None and perf_counter() < until):
                 # A full read spread over many topics: more is waiting, and
                 # each topic had a few of its messages.  Read on in the same
                 # unit of work, so that each topic's delivery (and each
                 # subscriber's write) carries the messages of several reads.
                 try:
-                    data = transport.socket.recv(min(READ_ON, UNIT_BYTES - taken))
+                    data = transport.socket.recv(min(READ_ON, budget - taken))
                 except OSError:  # (nothing more yet; or an error, which Twisted's next read meets)
                     break
                 if not data:
