@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from benchmarks.bench import (  # noqa: E402
+    PAYLOAD,
     Redis,
     Row,
     ZaichikWire,
@@ -86,12 +87,16 @@ def run(name: str, server: str, pairs, count: int, rate: int = 0, wire_factory=l
         subs.append(p)
     time.sleep(0.2)  # (the subscription reaches every node)
     cpu0 = sum(n.cpu_seconds() for n in cpu_of)
+    done = ctx.Event()
     for pub_port, _, topic in pairs:
         p = ctx.Process(target=publisher_main, args=(pub_port, [topic], count, "fire", 100, rate, False,
-                                                     wire_factory(len(topic)), results))
+                                                     wire_factory(len(topic)), results, PAYLOAD, done))
         p.start()
         pubs.append(p)
-    got = [results.get(timeout=180) for _ in range(2 * len(pairs))]
+    try:
+        got = [results.get(timeout=180) for _ in range(2 * len(pairs))]
+    finally:
+        done.set()
     for p in pubs + subs:
         p.join()
     starts = [r["start"] for r in got if "start" in r]
