@@ -23,7 +23,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -198,6 +198,22 @@ class BrokerTestCase(SynchronousTestCase):
 
     def connect(self, transport: Optional[StringTransport] = None) -> Connection:
         return Connection(self.factory, transport)
+
+    def blocked_topic(self) -> Tuple[Connection, Connection]:
+        """
+        A broker under the "block" policy whose topic "live" is held: (its
+        subscriber, paused, and the publisher whose PUBLISH (rid 1) filled
+        the subscriber's queue past the bound, which fan-out does at the end
+        of a read).
+        """
+        self.setUpBroker(limits=Limits(max_output_buffer=100, slow_consumer="block"))
+        slow = self.connect()
+        slow.request(Subscribe(1, "live", Start.LATEST))
+        slow.transport.producer.pauseProducing()
+        publisher = self.connect()
+        self.assertEqual(publisher.request(Publish(1, "live", b"x" * 200)), [Published(1, 0, False)])
+        self.assertTrue(self.service.topics["live"].blocked)
+        return slow, publisher
 
     def assertOpen(self, conn: Connection, rid: int = 4242) -> None:
         """The connection is not closing and still answers a PING."""
@@ -682,15 +698,7 @@ class ErrorCodeTests(BrokerTestCase):
     def test_limit_slow_consumer_block(self) -> None:
         """With the "block" policy the publisher's later requests wait until
         the slow subscriber drains, then are answered in order."""
-        self.setUpBroker(limits=Limits(max_output_buffer=100, slow_consumer="block"))
-        slow = self.connect()
-        slow.request(Subscribe(1, "live", Start.LATEST))
-        slow.transport.producer.pauseProducing()
-        publisher = self.connect()
-        # Fan-out happens at the end of a read: this one fills the
-        # subscriber's queue past the bound and blocks the topic...
-        self.assertEqual(publisher.request(Publish(1, "live", b"x" * 200)), [Published(1, 0, False)])
-        self.assertTrue(self.service.topics["live"].blocked)
+        slow, publisher = self.blocked_topic()
         # ... so the next publish is answered, and what follows it waits.
         replies = publisher.request(Publish(2, "live", b"y"), Ping(3))
         self.assertEqual(replies, [Published(2, 1, False)])
@@ -1265,6 +1273,19 @@ class RealSocketTestCase(BrokerTestCase):
         self.publisher = self.connect()
         self.publisher.request(Hello(0))
 
+    def publisher_socket(self):
+        """A publisher on a real socket (after HELLO): (protocol, transport, server socket, client socket)."""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            client = socket.create_connection(listening.getsockname())
+            server, _ = listening.accept()
+        self.addCleanup(server.close)
+        self.addCleanup(client.close)
+        protocol = self.factory.buildProtocol(None)
+        transport = tcp.Server(server, protocol, ("127.0.0.1", 1), None, 1, self.reactor)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(frames(Hello(0)))
+        return protocol, transport, server, client
+
     def subscriber(self, *topics: str, take: Optional[int] = None):
         """A subscriber on a real socket: (protocol, transport, counting socket, client socket)."""
         with socket.create_server(("127.0.0.1", 0)) as listening:
@@ -1448,18 +1469,6 @@ class ReadsPerUnitTests(RealSocketTestCase):
     whose later reads wait in the kernel.
     """
 
-    def publisher_socket(self):
-        with socket.create_server(("127.0.0.1", 0)) as listening:
-            client = socket.create_connection(listening.getsockname())
-            server, _ = listening.accept()
-        self.addCleanup(server.close)
-        self.addCleanup(client.close)
-        protocol = self.factory.buildProtocol(None)
-        transport = tcp.Server(server, protocol, ("127.0.0.1", 1), None, 1, self.reactor)
-        protocol.makeConnection(transport)
-        protocol.dataReceived(frames(Hello(0)))
-        return protocol, transport, server, client
-
     def publish_reads(self, topics: List[str], reads: int, asked: Optional[List[int]] = None):
         """
         C{reads} full reads of rid-0 publishes round the topics; the first
@@ -1535,45 +1544,6 @@ class ReadsPerUnitTests(RealSocketTestCase):
         consumed = len(data) - len(rest_of(server))
         self.assertGreater(consumed, tcp_edge.READ_MIN)
         self.assertLessEqual(consumed, tcp_edge.UNIT_BYTES)
-
-    def test_a_unit_fits_the_output_buffer(self) -> None:
-        """
-        What a unit reads, a subscriber of all its topics is given at once
-        (MESSAGE frames, up to 5/3 the size of the PUBLISHes): no more than
-        the output mark and --max-output-buffer hold, so one that reads is
-        not dropped as a slow consumer by one unit's burst.  (With a small
-        --max-output-buffer, 8 MiB units dropped it.)  Here all three
-        sizes are 64 KiB and the socket takes 1 KiB a send.
-        """
-        small = tcp_edge.READ_MIN
-        self.patch(tcp_edge, "OUTPUT_HIGH", small)
-        self.patch(tcp_edge, "READ_ON", small)
-        self.patch(connection_edge, "SEND_LIMIT", small)
-        self.setUpBroker(limits=Limits(max_output_buffer=small))
-        self.assertLessEqual(tcp_edge.unit_bytes(small) * 5 // 3, 2 * small)
-        topics = ["t%02d" % i for i in range(tcp_edge.SPREAD)]
-        _, transport, _, client = self.subscriber(*topics, take=1024)
-        data, server = self.publish_reads(topics, 8)
-        consumed = len(data) - len(rest_of(server))
-        self.assertGreater(consumed, small)  # (it read on)
-        self.assertEqual(self.service.stats.slow_consumer_disconnects, 0)
-        self.assertFalse(transport.disconnecting)
-        # And what it was given arrives as it reads.
-        expected = consumed // len(frames(Publish(0, "t00", b"000000")))
-        got: list = []
-        client.setblocking(False)
-        buffered = b""
-        for _ in range(1000):
-            transport.doWrite()
-            try:
-                buffered += client.recv(1 << 20)
-            except BlockingIOError:
-                pass
-            if len(buffered) >= expected * len(frames(Message("t00", 0, NOW, b"000000"))):
-                break
-        client.setblocking(True)
-        got = read_frames(client, expected, buffered)
-        self.assertEqual(sorted(int(m.value) for m in got), list(range(expected)))
 
     def test_no_more_reads_past_the_unit_time(self) -> None:
         """A unit that has taken UNIT_TIME reads no more: the other connections wait no longer."""

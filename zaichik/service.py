@@ -6,6 +6,7 @@ retention sweep.  Connections (see L{zaichik.session}) call into it.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -165,6 +166,7 @@ class BrokerService(Service):
         self.topic_names: List[str] = []  # sorted, for LIST_TOPICS
         # Wildcard subscriptions of every connection, told of new topics.
         self.patterns = PatternIndex()
+        self._patterns_held: Counter = Counter()  # patterns a connection holds -> connections
         # Consumer groups, by (topic, group name): made at their first
         # SUBSCRIBE_GROUP (at their recorded position, after a restart).
         self.groups: Dict[Tuple[str, str], Group] = {}
@@ -318,6 +320,22 @@ class BrokerService(Service):
             for pattern in self.patterns.match(name):
                 pattern.topic_created(topic)
         return topic
+
+    # The most wildcard subscriptions one connection holds: a message
+    # reaches a connection once by its topic's name (or group) and once by
+    # each of its patterns that matches (zaichik.edge.tcp.unit_output).
+    most_patterns = 0
+
+    def patterns_held(self, before: int, after: int) -> None:
+        """A connection held C{before} wildcard subscriptions and now holds C{after}."""
+        held = self._patterns_held
+        if before:
+            held[before] -= 1
+            if not held[before]:
+                del held[before]
+        if after:
+            held[after] += 1
+        self.most_patterns = max(held, default=0)
 
     def topics_from(self, prefix: str) -> Iterator[Topic]:
         """The topics whose names start with C{prefix}, in name order."""

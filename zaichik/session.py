@@ -436,6 +436,7 @@ class Session:
         for pattern in self.patterns.values():
             self.service.patterns.remove(pattern)
             pattern.cancel()
+        self.service.patterns_held(len(self.patterns), 0)
         self.patterns.clear()
         members = list(self.groups.values())
         self.groups.clear()
@@ -675,6 +676,7 @@ class Session:
                 pattern.follow(topic, topic.start_offset(request.start, request.offset, self.committed(topic.name)))
         self.service.patterns.add(pattern)
         self.patterns[name] = pattern
+        self.service.patterns_held(len(self.patterns) - 1, len(self.patterns))
         self._reply(codec.Ok(request.rid))
         pattern.drain()
 
@@ -743,6 +745,7 @@ class Session:
             if pattern is None:
                 raise ZaichikError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {name}")
             self.service.work.flush()  # what was published before this request is delivered
+            self.service.patterns_held(len(self.patterns) + 1, len(self.patterns))
             self.service.patterns.remove(pattern)
             pattern.cancel()
             for topic, followed in pattern.subscriptions.items():

@@ -93,6 +93,9 @@ class UnitOfWork:
     def __init__(self, sync: Callable[[], None]) -> None:
         self.depth = 0
         self.now = 0  # the time in ms, read once per unit (see Topic.now)
+        # Bytes of MESSAGE frames staged in this unit (what it will deliver
+        # to each subscription at its end: see zaichik.edge.tcp.unit_output).
+        self.staged = 0
         self._dirty: List = []
         self._writers: List = []
         self._sync = sync
@@ -114,6 +117,7 @@ class UnitOfWork:
     def __enter__(self) -> "UnitOfWork":
         if not self.depth:
             self.now = 0
+            self.staged = 0
         self.depth += 1
         return self
 

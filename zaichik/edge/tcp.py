@@ -69,24 +69,32 @@ READS_PER_UNIT = 8
 # reads a unit were slower again (6.0M): the unit's blocks and output no
 # longer stay in the caches.
 READ_ON = 3 << 20
-# ... and no more than unit_bytes() in all: what a unit reads it delivers
-# at its end, in one burst, and a subscriber of all those topics is given
-# up to 5/3 of it as MESSAGE frames at once (a MESSAGE is its PUBLISH and
-# 12 bytes: 18 -> 30 for an empty value on a one-letter topic), which the
-# output mark and --max-output-buffer must hold, or a subscriber that keeps
-# up is dropped as a slow consumer (a review found 1 + 7 x 3 MiB did that at
-# the default 16 MiB; under a smaller --max-output-buffer, 8 MiB units did,
-# tests/test_protocol.py).  So 12 MiB at the default, and UNIT_BYTES at
-# most: 100 topics x 1 subscriber, long.py x2 alternating, broker CPU for
-# 10M messages with 8 MiB units 1.06/1.18/1.13 s, 16 MiB 0.92/0.99/1.06 s.
+# ... and no more than UNIT_BYTES in all (the unit's reads and blocks stay
+# in the caches: sixteen 3 MiB reads were slower, above) ...
 UNIT_BYTES = 16 << 20
 
 
-def unit_bytes(max_output_buffer: int) -> int:
-    """How much one unit may read, under C{--max-output-buffer} (0: no bound)."""
+def unit_output(max_output_buffer: int, copies: int) -> int:
+    """
+    ... nor more MESSAGE frames than L{unit_output}: what a unit reads it
+    delivers at its end, in one burst, and a subscriber of all its topics
+    is given that at once, C{copies} times over if it holds patterns that
+    match them (a topic by name and by each pattern: see
+    L{zaichik.service.BrokerService.most_patterns}).  The output mark and
+    --max-output-buffer must hold it, or a subscriber that keeps up is
+    dropped as a slow consumer: a review found 1 + 7 x 3 MiB read did that
+    at the default 16 MiB; 8 MiB units did under a smaller
+    --max-output-buffer, and a bound on the bytes read rather than made did
+    for PUBLISH_BATCH entries (6 bytes read make a 30-byte MESSAGE) and for
+    two patterns (tests/test_read_on.py).  So 20 MiB at the defaults, and
+    no bound but UNIT_BYTES with no --max-output-buffer.  Bigger units than
+    the 8 MiB read before: 100 topics x 1 subscriber, long.py x2
+    alternating, broker CPU for 10M messages 1.06/1.18/1.13 s -> (16 MiB)
+    0.92/0.99/1.06 s.
+    """
     if not max_output_buffer:
-        return UNIT_BYTES
-    return min(UNIT_BYTES, (OUTPUT_HIGH + max_output_buffer) * 3 // 5)
+        return 1 << 62
+    return (OUTPUT_HIGH + max_output_buffer) // max(1, copies)
 
 
 # ... and none once the unit has taken UNIT_TIME seconds: with 10,000
@@ -147,16 +155,25 @@ class BrokerProtocol(BrokerConnection):
             spread = self._frames(data)
             reads = 1
             taken = len(data)
-            budget = unit_bytes(self.service.limits.max_output_buffer)
+            service = self.service
+            work = service.work
+            budget = unit_output(service.limits.max_output_buffer, 1 + service.most_patterns)
             until = perf_counter() + UNIT_TIME
-            while (spread >= SPREAD and len(data) >= size and reads < READS_PER_UNIT and taken < budget
+            while (spread >= SPREAD and len(data) >= size and reads < READS_PER_UNIT and taken < UNIT_BYTES
                    and not self.paused and self._socket is not None and perf_counter() < until):
                 # A full read spread over many topics: more is waiting, and
                 # each topic had a few of its messages.  Read on in the same
                 # unit of work, so that each topic's delivery (and each
-                # subscriber's write) carries the messages of several reads.
+                # subscriber's write) carries the messages of several reads:
+                # as much as what is left of unit_output() takes, at the
+                # bytes of MESSAGEs the unit made a byte read so far (5/3 at
+                # least: a PUBLISH's; a PUBLISH_BATCH entry's are more).
+                made = work.staged
+                ask = min(READ_ON, UNIT_BYTES - taken, (budget - made) * taken // max(made, taken * 5 // 3))
+                if ask <= 0:
+                    break
                 try:
-                    data = transport.socket.recv(min(READ_ON, budget - taken))
+                    data = transport.socket.recv(ask)
                 except OSError:  # (nothing more yet; or an error, which Twisted's next read meets)
                     break
                 if not data:
@@ -202,7 +219,10 @@ class BrokerProtocol(BrokerConnection):
         rest = data[at:] if at else data
         needed = 4 + unpack(rest, 0)[0] if len(rest) >= 4 and not self.paused else 0
         self.keep(rest, needed, at > 0)
-        return max(spread, found)
+        # (The completed frame's topic may be one of the run's, counted
+        # twice: a read on one topic early, at worst.  Not counted at all,
+        # a read spread over SPREAD topics did not read on: a review.)
+        return spread + found
 
     def _handle(self, data: bytes, at: int) -> Tuple[int, int]:
         """
