@@ -155,6 +155,8 @@ class Session:
             # is ended, and where storage answers later (--fsync always),
             # the request waits for the replies before it.
             self.service.work.flush()
+            if self.ended:
+                return None  # (ended by that flush: its own subscription overflowed)
             if self._queue:
                 waited: Deferred = Deferred()
                 self._when_sent.append(lambda: waited.callback(None))

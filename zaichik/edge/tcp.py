@@ -165,11 +165,15 @@ class BrokerProtocol(BrokerConnection):
                 # each topic had a few of its messages.  Read on in the same
                 # unit of work, so that each topic's delivery (and each
                 # subscriber's write) carries the messages of several reads:
-                # as much as what is left of unit_output() takes, at the
-                # bytes of MESSAGEs the unit made a byte read so far (5/3 at
-                # least: a PUBLISH's; a PUBLISH_BATCH entry's are more).
+                # as much as half of what is left of unit_output() takes, at
+                # the bytes of MESSAGEs the unit made a byte read so far (5/3
+                # at least: a PUBLISH's; a PUBLISH_BATCH entry's are more).
+                # Half: a read whose messages make twice as much still fits
+                # (a review found a read of batches after one of PUBLISHes
+                # overshooting); one of tiny batch entries on long topic
+                # names (8x and more) may not, as one read alone may not.
                 made = work.staged
-                ask = min(READ_ON, UNIT_BYTES - taken, (budget - made) * taken // max(made, taken * 5 // 3))
+                ask = min(READ_ON, UNIT_BYTES - taken, (budget - made) * taken // (2 * max(made, taken * 5 // 3)))
                 if ask <= 0:
                     break
                 try:
