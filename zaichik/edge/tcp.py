@@ -70,27 +70,28 @@ READS_PER_UNIT = 8
 # longer stay in the caches.
 READ_ON = 3 << 20
 # ... and no more than UNIT_BYTES in all (the unit's reads and blocks stay
-# in the caches: sixteen 3 MiB reads were slower, above) ...
+# in the caches: sixteen 3 MiB reads were slower, above), nor more than its
+# MESSAGE frames fit (unit_output).
 UNIT_BYTES = 16 << 20
 
 
 def unit_output(max_output_buffer: int, copies: int) -> int:
     """
-    ... nor more MESSAGE frames than L{unit_output}: what a unit reads it
-    delivers at its end, in one burst, and a subscriber of all its topics
-    is given that at once, C{copies} times over if it holds patterns that
-    match them (a topic by name and by each pattern: see
-    L{zaichik.service.BrokerService.most_patterns}).  The output mark and
-    --max-output-buffer must hold it, or a subscriber that keeps up is
-    dropped as a slow consumer: a review found 1 + 7 x 3 MiB read did that
-    at the default 16 MiB; 8 MiB units did under a smaller
-    --max-output-buffer, and a bound on the bytes read rather than made did
-    for PUBLISH_BATCH entries (6 bytes read make a 30-byte MESSAGE) and for
-    two patterns (tests/test_read_on.py).  So 20 MiB at the defaults, and
-    no bound but UNIT_BYTES with no --max-output-buffer.  Bigger units than
-    the 8 MiB read before: 100 topics x 1 subscriber, long.py x2
-    alternating, broker CPU for 10M messages 1.06/1.18/1.13 s -> (16 MiB)
-    0.92/0.99/1.06 s.
+    The bytes of MESSAGE frames one unit may make before it reads no more.
+    What a unit reads it delivers at its end, in one burst: a subscriber of
+    all its topics is given all of it at once, C{copies} times over if it
+    holds patterns that match them (a topic by name and by each pattern:
+    L{zaichik.service.BrokerService.most_patterns}), and the output mark and
+    --max-output-buffer must hold that, or a subscriber that keeps up is
+    dropped as a slow consumer.  A review found 1 + 7 x 3 MiB read did that
+    at the default 16 MiB; 8 MiB read did under a smaller
+    --max-output-buffer; a bound on the bytes read rather than made did for
+    PUBLISH_BATCH entries (6 bytes read make a 30-byte MESSAGE) and for two
+    patterns (tests/test_read_on.py).  20 MiB at the defaults; with no
+    --max-output-buffer, no bound but UNIT_BYTES.  Units larger than the
+    8 MiB read before: 100 topics x 1 subscriber (bench.py's scenario with
+    twice its messages, alternating), broker CPU for 10M messages
+    1.06/1.18/1.13 s -> (16 MiB) 0.92/0.99/1.06 s.
     """
     if not max_output_buffer:
         return 1 << 62
