@@ -91,6 +91,13 @@ class DiskTestCase(SynchronousTestCase):
             self.successResultOf(self.service.stopService())
         self.service = None
 
+    def crash_after_five(self) -> None:
+        """Five messages on topic "t", which retains and compacts nothing (markers on disk), then a crash."""
+        topic = self.start(fsync="interval").create_topic("t", 0, 0)
+        for _ in range(5):
+            topic.publish(None, b"m")
+        self.crash()
+
     def crash(self) -> None:
         """The broker dies (kill -9): no clean close, no index for the newest segment."""
         storage = self.storage
@@ -694,11 +701,7 @@ class NotKeptCountTests(DiskTestCase):
     """
 
     def test_offsets_skipped_after_an_unclean_stop_are_not_messages_not_kept(self):
-        service = self.start(fsync="interval")
-        topic = service.create_topic("t", 0, 0)
-        for _ in range(5):
-            topic.publish(None, b"m")
-        self.crash()
+        self.crash_after_five()
         service = self.start(fsync="interval")
         service.topics["t"].publish(None, b"after")
         self.stop()
@@ -717,11 +720,7 @@ class DamageInAKeepsNothingSegmentTests(DiskTestCase):
     """
 
     def test_damage_between_passed_markers_is_counted(self):
-        service = self.start(fsync="interval")
-        topic = service.create_topic("t", 0, 0)
-        for _ in range(5):
-            topic.publish(None, b"m")
-        self.crash()
+        self.crash_after_five()
         log_dir = os.path.join(self.dir, "topics", b"t".hex())
         [name] = [n for n in os.listdir(log_dir) if n.endswith(".seg")]
         path = os.path.join(log_dir, name)

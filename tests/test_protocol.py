@@ -1286,6 +1286,28 @@ class RealSocketTestCase(BrokerTestCase):
         protocol.dataReceived(frames(Hello(0)))
         return protocol, transport, server, client
 
+    def publish_data(self, data: bytes, asked: Optional[List[int]] = None) -> socket.socket:
+        """
+        C{data} sent by a publisher on a real socket, its first full read
+        handed over as the reactor would (the rest waits in the kernel for
+        reads on); returns the broker's socket.  C{asked}: a list to which
+        each read on's requested size is added.
+        """
+        protocol, transport, server, client = self.publisher_socket()
+        if asked is not None:
+            transport.socket = _AskedSocket(server, asked)
+        size = transport.bufferSize
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)  # (so that rest_of knows the end)
+        first = b""
+        while len(first) < size:
+            first += server.recv(size - len(first))
+        # (So that the first read on finds something waiting: what the
+        # kernel moves on after a read may lag it.)
+        select.select([server], [], [], 5)
+        protocol.dataReceived(first)
+        return server
+
     def subscriber(self, *topics: str, take: Optional[int] = None):
         """A subscriber on a real socket: (protocol, transport, counting socket, client socket)."""
         with socket.create_server(("127.0.0.1", 0)) as listening:
@@ -1475,10 +1497,7 @@ class ReadsPerUnitTests(RealSocketTestCase):
         handed over as the reactor would.  C{asked}: a list to which each
         read on's requested size is added.
         """
-        protocol, transport, server, client = self.publisher_socket()
-        if asked is not None:
-            transport.socket = _AskedSocket(server, asked)
-        size = transport.bufferSize
+        size = tcp_edge.READ_MIN  # (a new connection's first read: its bufferSize)
         parts: List[bytes] = []
         i = length = 0
         while length < size * reads:
@@ -1486,16 +1505,7 @@ class ReadsPerUnitTests(RealSocketTestCase):
             length += len(parts[-1])
             i += 1
         data = b"".join(parts)[: size * reads]
-        client.sendall(data)
-        client.shutdown(socket.SHUT_WR)  # (so that rest_of knows the end)
-        first = b""
-        while len(first) < size:
-            first += server.recv(size - len(first))
-        # (So that the first read on finds something waiting: what the
-        # kernel moves on after a read may lag it.)
-        select.select([server], [], [], 5)
-        protocol.dataReceived(first)
-        return data, server
+        return data, self.publish_data(data, asked)
 
     def test_reads_on_when_spread(self) -> None:
         self.patch(tcp_edge, "READ_ON", tcp_edge.READ_MIN)  # (each read on as large as the first)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import select
 import socket
-from typing import List, Optional
+from typing import List
 
 
 from tests.test_protocol import (
@@ -33,21 +33,6 @@ from tests.test_protocol import (
 from zaichik.edge import connection as connection_edge
 from zaichik.edge import tcp as tcp_edge
 from zaichik.service import Limits
-
-
-class _ReadOnCase(RealSocketTestCase):
-    def publish_data(self, data: bytes, first_size: Optional[int] = None):
-        """C{data} through a real socket; its first C{first_size} bytes (a full read) handed over as a reactor would."""
-        protocol, transport, server, client = self.publisher_socket()
-        size = transport.bufferSize if first_size is None else first_size
-        client.sendall(data)
-        client.shutdown(socket.SHUT_WR)
-        first = b""
-        while len(first) < size:
-            first += server.recv(size - len(first))
-        select.select([server], [], [], 5)
-        protocol.dataReceived(first)
-        return server
 
 
 # ---------------------------------------------------------------------------
@@ -77,7 +62,7 @@ def batch_rounds(length: int) -> bytes:
     return b"".join(parts)
 
 
-class UnitOutputTests(_ReadOnCase):
+class UnitOutputTests(RealSocketTestCase):
     """
     A unit reads on while its MESSAGE frames fit tcp.unit_output(): the
     output mark and --max-output-buffer, so that a subscriber of all its
@@ -177,7 +162,7 @@ class UnitOutputTests(_ReadOnCase):
         self.assertFalse(transport.disconnecting)
 
 
-class PatternsHeldTests(_ReadOnCase):
+class PatternsHeldTests(RealSocketTestCase):
     """L{BrokerService.most_patterns}, which L{tcp_edge.unit_output} divides by."""
 
     def test_most_patterns_held(self) -> None:
@@ -202,7 +187,7 @@ class PatternsHeldTests(_ReadOnCase):
 # ---------------------------------------------------------------------------
 
 
-class CompletedFrameSpreadTests(_ReadOnCase):
+class CompletedFrameSpreadTests(RealSocketTestCase):
     """
     The read-on decision counts the topics of the read's largest run of
     fire-and-forget PUBLISHes.  On the join path a PUBLISH completed from
@@ -255,7 +240,7 @@ class CompletedFrameSpreadTests(_ReadOnCase):
         self.assertGreater(self.read_on(10), 0)
 
 
-class CompletedFrameTests(_ReadOnCase):
+class CompletedFrameTests(RealSocketTestCase):
     """What a frame completed from the head of a read leaves as the join path would."""
 
     def test_bytes_in_and_pending_input(self) -> None:

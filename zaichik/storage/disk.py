@@ -1671,7 +1671,7 @@ class DiskStorage:
         held, self._held = self._held, []
         cut = {log for log, _, _, _ in held if failed or log.broken}
         _cut_refused([(log, at) for log, _, _, at in held if log in cut])
-        for log, end, d, pos in held:
+        for log, end, d, at in held:
             if log in cut:
                 log.held -= 1
                 d.errback(StorageError(f"storage failed: {log.broken or result.value}"))
@@ -1681,7 +1681,7 @@ class DiskStorage:
                     log.visible_end = end
                 d.callback(None)
             else:
-                self._held.append((log, end, d, pos))
+                self._held.append((log, end, d, at))
                 self._dirty.add(log)
         if self._held:
             self._tick()
